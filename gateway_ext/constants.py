@@ -1,0 +1,54 @@
+"""Wire constants of RFC 6455: opcodes (section 5.2) and close codes (section 7.4).
+
+Leaf module: imports only the standard library.
+"""
+from enum import IntEnum
+
+
+class Opcode(IntEnum):
+    """Frame opcodes, RFC 6455 section 5.2 (3-7 and 11-15 are reserved)."""
+
+    CONTINUATION = 0x0
+    TEXT = 0x1
+    BINARY = 0x2
+    CLOSE = 0x8
+    PING = 0x9
+    PONG = 0xA
+
+
+class CloseCode(IntEnum):
+    """Close status codes, RFC 6455 section 7.4.1 (and the IANA registry)."""
+
+    NORMAL = 1000
+    GOING_AWAY = 1001
+    PROTOCOL_ERROR = 1002
+    UNSUPPORTED_DATA = 1003
+    NO_STATUS = 1005          # never sent on the wire (section 7.4.1)
+    ABNORMAL = 1006           # never sent on the wire (section 7.4.1)
+    INVALID_DATA = 1007
+    POLICY_VIOLATION = 1008
+    MESSAGE_TOO_BIG = 1009
+    MANDATORY_EXTENSION = 1010
+    INTERNAL_ERROR = 1011
+    SERVICE_RESTART = 1012
+    TRY_AGAIN_LATER = 1013
+    BAD_GATEWAY = 1014
+    TLS_HANDSHAKE = 1015      # never sent on the wire (section 7.4.1)
+
+
+# Largest payload a control frame may carry (RFC 6455 section 5.5).
+MAX_CONTROL_PAYLOAD = 125
+
+
+def is_valid_close_code(code: int) -> bool:
+    """True when a peer may send `code` in a Close frame (RFC 6455 section 7.4).
+
+    1005, 1006 and 1015 are reserved for local use; 1016-2999 are reserved for
+    future RFCs; 3000-4999 belong to libraries and applications.
+    """
+    if 3000 <= code <= 4999:
+        return True
+    return code in _SENDABLE_RFC_CODES
+
+
+_SENDABLE_RFC_CODES = frozenset({1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014})

@@ -7,8 +7,12 @@ already unmasked. Everything that can be judged from a single frame is enforced 
 (RFC 6455 section 5.2): reserved bits, reserved opcodes, control-frame rules
 (section 5.5), client masking (section 5.3), the 63-bit length (section 5.2) and the
 configured size cap. Rules that span frames (fragment sequencing, UTF-8 across
-fragments, message size) belong to the protocol. After a FrameError the parser is dead
-and every later `feed()` raises the same error.
+fragments, message size) belong to the protocol.
+
+Errors: the frames that precede an invalid frame in the same read are still returned (a
+peer's valid messages are handled before the connection is failed, as RFC 6455 section
+7.1.7 expects); the error is then stored in `error`. If no frame precedes it, `feed()`
+raises it at once. Once `error` is set the parser is dead: every later `feed()` raises it.
 
 Imports only the standard library and its sibling twin `_mask_py`.
 """
@@ -21,14 +25,14 @@ _MAX_CONTROL_PAYLOAD = 125
 class FrameParser:
     """Incremental frame parser; see the module docstring for the contract."""
 
-    __slots__ = ("_buf", "max_frame_bytes", "require_mask", "allow_rsv1", "_error")
+    __slots__ = ("_buf", "max_frame_bytes", "require_mask", "allow_rsv1", "error")
 
     def __init__(self, max_frame_bytes: int = 1 << 20, require_mask: bool = True, allow_rsv1: bool = False) -> None:
         self._buf = bytearray()
         self.max_frame_bytes = max_frame_bytes
         self.require_mask = require_mask
         self.allow_rsv1 = allow_rsv1
-        self._error = None
+        self.error = None
 
     @property
     def buffered(self) -> int:
@@ -36,8 +40,8 @@ class FrameParser:
         return len(self._buf)
 
     def feed(self, data) -> list:
-        if self._error is not None:
-            raise self._error
+        if self.error is not None:
+            raise self.error
         buf = self._buf
         buf += data
         frames = []
@@ -79,9 +83,11 @@ class FrameParser:
                 frames.append((opcode, fin, rsv1, payload))
                 pos = start + length
         except FrameError as exc:
-            self._error = exc
+            self.error = exc
             del buf[:]
-            raise
+            if not frames:
+                raise
+            return frames
         if pos:
             del buf[:pos]
         return frames

@@ -1,0 +1,348 @@
+"""Connection: the only glue between a uvloop transport and the sans-I/O pieces.
+
+Data flow of one connection:
+
+    bytes in -> [head] handshake.parse_request -> route: HTTP handler | WebSocket upgrade
+             -> [open] ServerProtocol.receive_data -> messages -> endpoint.on_messages
+             -> frames queued on the protocol -> flush(): ONE transport write per read
+                (or per event-loop pass for frames pushed by the hub, via the Corker)
+
+Write coalescing ("corking") is the point of this module: everything produced while handling
+one read, and every broadcast frame that reaches this connection in one loop pass, leaves in
+a single `write`/`writelines` call, i.e. one syscall instead of one per frame.
+
+Closing (RFC 6455 section 7): when both close frames have crossed the server closes TCP
+first (section 7.1.1); after a protocol failure (section 7.1.7) it half-closes and drains
+until EOF; a close it initiated waits `close_timeout` for the peer's answer, then aborts.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from .errors import HandshakeRejected
+from .handshake import Request, accept, parse_request, reject, response, validate_upgrade
+from .protocol import ServerProtocol
+
+log = logging.getLogger("gateway.connection")
+
+# Life-cycle phases of a Connection: reading the request head, reading an HTTP body,
+# HTTP response sent (ignore the rest), WebSocket open, gone.
+HEAD, BODY, ANSWERED, OPEN, CLOSED = 0, 1, 2, 3, 4
+
+
+class Corker:
+    """Flushes every connection that got frames during one event-loop pass, once, at its end.
+
+    The hub pushes a broadcast frame to thousands of members; each member only appends it
+    to its pending list and registers here. One `call_soon` per pass then flushes them all,
+    so W publications in one pass cost one write per member, not W.
+    """
+
+    __slots__ = ("_loop", "_dirty", "_scheduled")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._dirty: list = []
+        self._scheduled = False
+
+    def schedule(self, conn: "Connection") -> None:
+        self._dirty.append(conn)
+        if not self._scheduled:
+            self._scheduled = True
+            self._loop.call_soon(self._flush_all)
+
+    def _flush_all(self) -> None:
+        dirty = self._dirty
+        self._dirty = []
+        self._scheduled = False
+        for conn in dirty:
+            conn.flush()
+
+
+class Connection(asyncio.Protocol):
+    """One client socket. `gateway` is the process-wide Gateway (see server.py)."""
+
+    __slots__ = (
+        "gateway", "transport", "id", "peer", "phase", "request", "ws", "endpoint",
+        "_head", "_body_needed", "_timer", "_corked", "paused", "last_seen", "pinged",
+        "principal", "state", "_closing",
+    )
+
+    def __init__(self, gateway) -> None:
+        self.gateway = gateway
+        self.transport = None
+        self.id = 0
+        self.peer = ""
+        self.phase = HEAD
+        self.request: Request | None = None
+        self.ws: ServerProtocol | None = None
+        self.endpoint = None
+        self._head = bytearray()
+        self._body_needed = 0
+        self._timer = None
+        self._corked = False
+        self.paused = False
+        self.last_seen = 0
+        self.pinged = False
+        self.principal = None     # who this is (set by auth at the handshake)
+        self.state = None         # per-endpoint state (e.g. the rooms session)
+        self._closing = False
+
+    # -- asyncio callbacks ----------------------------------------------------------------
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        gw = self.gateway
+        self.id = gw.next_connection_id()
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "")
+        gw.stats.accepted += 1
+        # Slowloris guard: the request head (and body) must arrive within the timeout.
+        self._timer = gw.loop.call_later(gw.config.handshake_timeout, self._handshake_timeout)
+
+    def data_received(self, data: bytes) -> None:
+        ws = self.ws
+        if ws is None:
+            self._receive_http(data)
+            return
+        self.last_seen = self.gateway.clock
+        messages = ws.receive_data(data)
+        if messages:
+            self.gateway.stats.messages_in += len(messages)
+            self.endpoint.on_messages(self, messages)
+        if self._corked:
+            return  # the Corker will flush this pass
+        self.flush()
+
+    def eof_received(self):
+        if self.ws is not None:
+            self.ws.receive_eof()
+        return False  # let the transport close
+
+    def connection_lost(self, exc) -> None:
+        if self.phase == CLOSED:
+            return
+        previous, self.phase = self.phase, CLOSED
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        gw = self.gateway
+        if previous == OPEN:
+            ws = self.ws
+            ws.receive_eof()
+            gw.connection_closed(self)
+            try:
+                self.endpoint.on_close(self)
+            except Exception:  # a bug in an endpoint must not leak the connection
+                log.exception("endpoint on_close failed", extra={"conn": self.id})
+            log.info("connection closed", extra={
+                "event": "close", "conn": self.id, "peer": self.peer, "user": self.user,
+                "code": ws.close_code, "reason": ws.close_reason or (str(exc) if exc else ""),
+            })
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        if self.endpoint is not None:
+            self.endpoint.on_writable(self)
+
+    # -- output ---------------------------------------------------------------------------
+
+    def send_frame(self, frame: bytes) -> None:
+        """Queue a pre-encoded frame; it leaves with this loop pass's single write."""
+        self.ws.send_frame(frame)
+        if not self._corked:
+            self._corked = True
+            self.gateway.corker.schedule(self)
+
+    def send(self, opcode: int, payload) -> None:
+        self.ws.send(opcode, payload)
+        if not self._corked:
+            self._corked = True
+            self.gateway.corker.schedule(self)
+
+    def flush(self) -> None:
+        self._corked = False
+        ws = self.ws
+        if ws is None or self.phase == CLOSED:
+            return
+        out = ws.data_to_send()
+        if out:
+            if len(out) == 1:
+                self.transport.write(out[0])
+            else:
+                self.transport.writelines(out)  # uvloop: one writev for all frames
+            self.gateway.stats.frames_out += len(out)
+        if ws.close_sent and not self._closing:
+            self._start_closing()
+        elif self._closing and ws.close_received:
+            self._finish_close()
+
+    def close(self, code: int = 1000, reason: str = "") -> None:
+        """Start the closing handshake (section 7.1.2) and flush it now."""
+        if self.ws is None:
+            self.abort()
+            return
+        self.ws.close(code, reason)
+        self.flush()
+
+    def abort(self) -> None:
+        if self.transport is not None and self.phase != CLOSED:
+            self.transport.abort()
+
+    def _start_closing(self) -> None:
+        self._closing = True
+        ws = self.ws
+        if ws.close_received:
+            self._finish_close()
+            return
+        if ws.failed and self.transport.can_write_eof():
+            # Section 7.1.7: fail the connection. Half-close so our close frame is not lost
+            # to a reset, and drain whatever the peer still sends until its EOF.
+            self.transport.write_eof()
+        self._timer = self.gateway.loop.call_later(self.gateway.config.close_timeout, self.abort)
+
+    def _finish_close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.transport.close()  # flushes the close frame, then FIN (section 7.1.1)
+
+    @property
+    def user(self) -> str:
+        return getattr(self.principal, "user", "") or ""
+
+    # -- HTTP phase -----------------------------------------------------------------------
+
+    def _handshake_timeout(self) -> None:
+        self._timer = None
+        if self.phase in (HEAD, BODY):
+            self.gateway.stats.rejected["timeout"] += 1
+            log.info("handshake timeout", extra={"event": "reject", "conn": self.id, "peer": self.peer, "status": 408})
+            self._respond(response(408, b"request not received in time\n"))
+
+    def _receive_http(self, data: bytes) -> None:
+        if self.phase == BODY:
+            self._head += data
+            if len(self._head) >= self._body_needed:
+                self._dispatch_http(bytes(self._head[:self._body_needed]))
+            return
+        if self.phase != HEAD:
+            return
+        head = self._head
+        head += data
+        try:
+            request = parse_request(head, self.peer)
+        except HandshakeRejected as exc:
+            self._reject(exc)
+            return
+        if request is None:
+            return
+        self.request = request
+        rest = bytes(head[request.head_bytes:])
+        self._head = bytearray()
+        try:
+            self._route(request, rest)
+        except HandshakeRejected as exc:
+            self._reject(exc)
+        except Exception:
+            log.exception("internal error while handling a request", extra={"conn": self.id, "peer": self.peer})
+            self._reject(HandshakeRejected(500, "internal error"))
+
+    def _route(self, request: Request, rest: bytes) -> None:
+        gw = self.gateway
+        endpoint = gw.endpoints.get(request.path)
+        if endpoint is not None:
+            self._upgrade(request, endpoint, rest)
+            return
+        if request.path not in gw.http_routes:
+            raise HandshakeRejected(404, f"no endpoint at {request.path[:100]}")
+        length_text = request.header("content-length", "0") or "0"
+        if not length_text.isdigit():
+            raise HandshakeRejected(400, "invalid Content-Length")
+        if "chunked" in request.tokens("transfer-encoding"):
+            raise HandshakeRejected(411, "chunked request bodies are not supported; send Content-Length")
+        length = int(length_text)
+        if length > gw.config.max_message_bytes:
+            raise HandshakeRejected(413, f"request body larger than {gw.config.max_message_bytes} bytes")
+        if len(rest) >= length:
+            self._dispatch_http(rest[:length])
+        else:
+            self.phase = BODY
+            self._body_needed = length
+            self._head = bytearray(rest)
+
+    def _dispatch_http(self, body: bytes) -> None:
+        self.phase = ANSWERED  # answered; ignore anything else on this socket
+        self._head = bytearray()
+        request = self.request
+        try:
+            result = self.gateway.http_routes[request.path](request, body)
+        except HandshakeRejected as exc:
+            self._reject(exc)
+            return
+        except Exception:
+            log.exception("internal error in HTTP route", extra={"conn": self.id, "path": request.path})
+            self._reject(HandshakeRejected(500, "internal error"))
+            return
+        if asyncio.iscoroutine(result):
+            task = self.gateway.loop.create_task(result)
+            task.add_done_callback(self._http_done)
+        else:
+            self._respond(result)
+
+    def _http_done(self, task: asyncio.Task) -> None:
+        try:
+            self._respond(task.result())
+        except HandshakeRejected as exc:
+            self._reject(exc)
+        except Exception:
+            log.exception("internal error in HTTP route", extra={"conn": self.id})
+            self._reject(HandshakeRejected(500, "internal error"))
+
+    def _upgrade(self, request: Request, endpoint, rest: bytes) -> None:
+        gw = self.gateway
+        key = validate_upgrade(request)
+        if gw.open_connections >= gw.config.max_connections:
+            raise HandshakeRejected(503, "server is at its connection limit; retry later", {"Retry-After": "5"})
+        extra_headers = gw.admit(self, request)   # auth, origin, per-IP limits (may raise)
+        subprotocol = endpoint.select_subprotocol(request)
+        ws = ServerProtocol(gw.config.max_message_bytes)
+        self.transport.write(accept(key, subprotocol, None, extra_headers))
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.ws = ws
+        self.endpoint = endpoint
+        self.phase = OPEN
+        self.last_seen = gw.clock
+        gw.connection_opened(self)
+        log.info("connection opened", extra={
+            "event": "open", "conn": self.id, "peer": self.peer, "user": self.user,
+            "path": request.path, "subprotocol": subprotocol or "",
+        })
+        endpoint.on_open(self, subprotocol)
+        if rest:
+            self.data_received(rest)
+        else:
+            self.flush()
+
+    def _reject(self, exc: HandshakeRejected) -> None:
+        stats = self.gateway.stats
+        stats.rejected[str(exc.status)] += 1
+        log.info("request rejected", extra={
+            "event": "reject", "conn": self.id, "peer": self.peer, "status": exc.status, "reason": exc.reason,
+        })
+        self._respond(reject(exc))
+
+    def _respond(self, data: bytes) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.phase = ANSWERED
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+            self.transport.close()

@@ -1,0 +1,44 @@
+"""Gateway-level errors and the 4xxx close codes a client developer may see.
+
+Leaf module: imports only the standard library.
+"""
+from enum import IntEnum
+
+
+class HandshakeRejected(Exception):
+    """Refuse an HTTP request / WebSocket upgrade with `status` and a one-line `reason`."""
+
+    def __init__(self, status: int, reason: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(status, reason)
+        self.status = status
+        self.reason = reason
+        self.headers = headers or {}
+
+    def __str__(self) -> str:
+        return f"{self.status} {self.reason}"
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; the message says where and why."""
+
+
+class GatewayCloseCode(IntEnum):
+    """Close codes the gateway sends (4000-4999 are private use, RFC 6455 section 7.4.2).
+
+    Each line is what a client developer should read to act on it.
+    """
+
+    SLOW_CONSUMER = 4000        # you did not read fast enough; your queue passed max_queue_bytes
+    TOKEN_EXPIRED = 4001        # your token expired and no {"op":"refresh"} arrived in time
+    RATE_LIMITED = 4002         # you sent messages faster than the per-connection rate limit
+    TOO_MANY_ERRORS = 4003      # too many invalid requests in a row (malformed JSON, unknown ops, ...)
+    POLICY = 4004               # the server's policy closed you (e.g. an operator kicked the user)
+
+
+CLOSE_REASONS = {
+    GatewayCloseCode.SLOW_CONSUMER: "slow consumer: outbound queue limit exceeded",
+    GatewayCloseCode.TOKEN_EXPIRED: "token expired",
+    GatewayCloseCode.RATE_LIMITED: "message rate limit exceeded",
+    GatewayCloseCode.TOO_MANY_ERRORS: "too many invalid requests",
+    GatewayCloseCode.POLICY: "closed by server policy",
+}

@@ -1,0 +1,236 @@
+"""Sans-I/O WebSocket server protocol: bytes in, messages out; frames to send accumulate.
+
+Theory of operation (RFC 6455 sections 5-7):
+
+    receive_data(bytes) -> [ (opcode, payload), ... ]   complete text/binary messages
+    send(opcode, payload) / send_frame(frame_bytes)     queue outgoing frames (corked)
+    data_to_send() -> [bytes, ...]                      everything queued, in order
+    close(code, reason)                                 start the closing handshake
+
+The parser (gateway_ext) cuts frames and enforces per-frame rules; this class enforces
+everything that spans frames: fragment sequencing (section 5.4), UTF-8 across fragments
+(section 8.1), the message size cap, and the closing handshake (sections 5.5.1, 7).
+Pings are answered here (section 5.5.2); the answer joins the same corked write as the
+messages of that read. A protocol failure ("_Fail the WebSocket Connection_", section
+7.1.7) queues a close frame with the matching code and sets `failed`: the connection then
+half-closes the socket and discards what the peer still sends.
+
+State: OPEN -> CLOSING (a close frame was sent or received) -> CLOSED (both were, or the
+transport went away). This module does no I/O and imports only gateway_ext.
+"""
+from __future__ import annotations
+
+from enum import IntEnum
+
+from gateway_ext import FrameError, FrameParser, Utf8Validator, encode_frame, is_valid_close_code, validate_utf8
+
+OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
+
+# Close codes used here (gateway_ext.constants.CloseCode), as plain ints on the hot path.
+NORMAL, PROTOCOL_ERROR, NO_STATUS, ABNORMAL, INVALID_DATA, MESSAGE_TOO_BIG = 1000, 1002, 1005, 1006, 1007, 1009
+
+
+class State(IntEnum):
+    OPEN = 1
+    CLOSING = 2
+    CLOSED = 3
+
+
+def encode_close_payload(code: int, reason: str = "") -> bytes:
+    """Close frame body: 2-byte code + UTF-8 reason, at most 125 bytes (RFC 6455 section 5.5.1)."""
+    if code == NO_STATUS:
+        return b""
+    raw = reason.encode("utf-8")[:123]
+    # Truncating may cut a multi-byte character; drop the partial tail.
+    raw = raw.decode("utf-8", "ignore").encode("utf-8")
+    return code.to_bytes(2, "big") + raw
+
+
+class ServerProtocol:
+    """One WebSocket connection's protocol state; see the module docstring."""
+
+    __slots__ = (
+        "state", "max_message_bytes", "_parser", "_utf8", "_frag_opcode", "_frag_parts",
+        "_frag_size", "_out", "close_code", "close_reason", "close_sent", "close_received",
+        "failed", "pongs_received",
+    )
+
+    def __init__(self, max_message_bytes: int = 1 << 20) -> None:
+        self.state = State.OPEN
+        self.max_message_bytes = max_message_bytes
+        # A single frame can never be larger than the largest message.
+        self._parser = FrameParser(max_message_bytes)
+        self._utf8 = None               # created on the first fragmented text message
+        self._frag_opcode = 0           # opcode of the message being reassembled, 0 if none
+        self._frag_parts: list = []
+        self._frag_size = 0
+        self._out: list = []
+        self.close_code = ABNORMAL      # what the connection ended with (1006 until known)
+        self.close_reason = ""
+        self.close_sent = False
+        self.close_received = False
+        self.failed = False             # we failed the connection (section 7.1.7)
+        self.pongs_received = 0
+
+    # -- receiving ----------------------------------------------------------------------
+
+    def receive_data(self, data) -> list:
+        """Feed bytes from the socket; return the complete messages they finish."""
+        if self.close_received or self.failed or self.state is State.CLOSED:
+            return []  # section 5.5.1: nothing after a close frame is processed
+        parser = self._parser
+        try:
+            frames = parser.feed(data)
+        except FrameError as exc:
+            self._fail(exc.code, exc.reason)
+            return []
+        messages = []
+        for opcode, fin, _rsv1, payload in frames:
+            if opcode == OP_TEXT or opcode == OP_BINARY:
+                if self._frag_opcode:
+                    self._fail(PROTOCOL_ERROR, "new message started before the fragmented one finished")
+                    break
+                if fin:
+                    if opcode == OP_TEXT and not validate_utf8(payload):
+                        self._fail(INVALID_DATA, "text message is not valid UTF-8")
+                        break
+                    if self.close_sent:
+                        continue  # we said goodbye; the peer's late data is discarded
+                    messages.append((opcode, payload))
+                elif not self._start_fragments(opcode, payload):
+                    break
+            elif opcode == OP_CONT:
+                if not self._continue_fragments(fin, payload, messages):
+                    break
+            elif opcode == OP_PING:
+                if not self.close_sent:
+                    self._out.append(encode_frame(OP_PONG, payload))  # section 5.5.2
+            elif opcode == OP_PONG:
+                self.pongs_received += 1
+            else:  # OP_CLOSE
+                self._receive_close(payload)
+                break
+        else:
+            if parser.error is not None:
+                self._fail(parser.error.code, parser.error.reason)
+        return messages
+
+    def _start_fragments(self, opcode: int, payload: bytes) -> bool:
+        if opcode == OP_TEXT:
+            if self._utf8 is None:
+                self._utf8 = Utf8Validator()
+            else:
+                self._utf8.reset()
+            if not self._utf8.feed(payload):
+                self._fail(INVALID_DATA, "text message is not valid UTF-8")
+                return False
+        self._frag_opcode = opcode
+        self._frag_parts = [payload]
+        self._frag_size = len(payload)
+        return True
+
+    def _continue_fragments(self, fin: bool, payload: bytes, messages: list) -> bool:
+        opcode = self._frag_opcode
+        if not opcode:
+            self._fail(PROTOCOL_ERROR, "continuation frame without a message to continue")
+            return False
+        self._frag_size += len(payload)
+        if self._frag_size > self.max_message_bytes:
+            self._fail(MESSAGE_TOO_BIG, f"message exceeds the {self.max_message_bytes}-byte limit")
+            return False
+        if opcode == OP_TEXT and not self._utf8.feed(payload):
+            self._fail(INVALID_DATA, "text message is not valid UTF-8")
+            return False
+        self._frag_parts.append(payload)
+        if fin:
+            if opcode == OP_TEXT and not self._utf8.complete():
+                self._fail(INVALID_DATA, "text message ends inside a UTF-8 sequence")
+                return False
+            data = self._frag_parts[0] if len(self._frag_parts) == 1 else b"".join(self._frag_parts)
+            self._frag_opcode = 0
+            self._frag_parts = []
+            self._frag_size = 0
+            if not self.close_sent:
+                messages.append((opcode, data))
+        return True
+
+    def _receive_close(self, payload: bytes) -> None:
+        # Section 5.5.1: a body, if present, starts with a 2-byte code; a 1-byte body is invalid.
+        self.close_received = True
+        if len(payload) == 0:
+            code, reason = NO_STATUS, ""
+        elif len(payload) == 1:
+            self._fail(PROTOCOL_ERROR, "close frame with a 1-byte payload")
+            return
+        else:
+            code = int.from_bytes(payload[:2], "big")
+            if not is_valid_close_code(code):
+                self._fail(PROTOCOL_ERROR, f"invalid close code {code}")
+                return
+            if not validate_utf8(payload[2:]):
+                self._fail(INVALID_DATA, "close reason is not valid UTF-8")
+                return
+            reason = payload[2:].decode("utf-8")
+        if not self.close_sent:
+            # Section 5.5.1: answer with a close frame, echoing the code we received.
+            self.close_code, self.close_reason = code, reason
+            self._send_close(NORMAL if code == NO_STATUS else code, "")
+        elif self.close_code == ABNORMAL:
+            self.close_code, self.close_reason = code, reason
+        self.state = State.CLOSING
+
+    def receive_eof(self) -> None:
+        """The peer half-closed or the transport ended."""
+        self.state = State.CLOSED
+
+    # -- sending ------------------------------------------------------------------------
+
+    def send(self, opcode: int, payload) -> None:
+        """Queue one unfragmented message (dropped once a close frame was sent, section 5.5.1)."""
+        if not self.close_sent:
+            self._out.append(encode_frame(opcode, payload))
+
+    def send_frame(self, frame: bytes) -> None:
+        """Queue an already encoded frame (the shared bytes of a broadcast)."""
+        if not self.close_sent:
+            self._out.append(frame)
+
+    def ping(self, payload: bytes = b"") -> None:
+        if not self.close_sent:
+            self._out.append(encode_frame(OP_PING, payload))
+
+    def close(self, code: int = NORMAL, reason: str = "") -> None:
+        """Start the closing handshake (section 7.1.2)."""
+        if self.close_sent or self.state is State.CLOSED:
+            return
+        self.close_code, self.close_reason = code, reason
+        self._send_close(code, reason)
+
+    def _send_close(self, code: int, reason: str) -> None:
+        self._out.append(encode_frame(OP_CLOSE, encode_close_payload(code, reason)))
+        self.close_sent = True
+        self.state = State.CLOSING
+
+    def _fail(self, code: int, reason: str) -> None:
+        """Section 7.1.7: send a close frame with `code` (if not done yet) and stop reading."""
+        self.failed = True
+        if not self.close_sent:
+            self.close_code, self.close_reason = code, reason
+            self._send_close(code, reason)
+        self.state = State.CLOSING
+
+    @property
+    def has_output(self) -> bool:
+        return bool(self._out)
+
+    def data_to_send(self) -> list:
+        """Everything queued since the last call, in order."""
+        out = self._out
+        if out:
+            self._out = []
+        return out
+
+    @property
+    def wants_transport_closed(self) -> bool:
+        """Section 7.1.1: once both close frames crossed, the server closes TCP first."""
+        return self.close_sent and self.close_received

@@ -52,7 +52,7 @@ class ServerProtocol:
     __slots__ = (
         "state", "max_message_bytes", "_parser", "_utf8", "_frag_opcode", "_frag_parts",
         "_frag_size", "_out", "close_code", "close_reason", "close_sent", "close_received",
-        "failed", "pongs_received",
+        "failed", "pongs_received", "_pending_close",
     )
 
     def __init__(self, max_message_bytes: int = 1 << 20) -> None:
@@ -71,6 +71,7 @@ class ServerProtocol:
         self.close_received = False
         self.failed = False             # we failed the connection (section 7.1.7)
         self.pongs_received = 0
+        self._pending_close = None      # (code, reason) to send after this read's answers
 
     # -- receiving ----------------------------------------------------------------------
 
@@ -172,9 +173,10 @@ class ServerProtocol:
                 return
             reason = payload[2:].decode("utf-8")
         if not self.close_sent:
-            # Section 5.5.1: answer with a close frame, echoing the code we received.
+            # Section 5.5.1: answer with a close frame, echoing the code we received; it is
+            # queued after the answers to the messages that preceded it (see data_to_send).
             self.close_code, self.close_reason = code, reason
-            self._send_close(NORMAL if code == NO_STATUS else code, "")
+            self._pending_close = (NORMAL if code == NO_STATUS else code, "")
         elif self.close_code == ABNORMAL:
             self.close_code, self.close_reason = code, reason
         self.state = State.CLOSING
@@ -212,19 +214,28 @@ class ServerProtocol:
         self.state = State.CLOSING
 
     def _fail(self, code: int, reason: str) -> None:
-        """Section 7.1.7: send a close frame with `code` (if not done yet) and stop reading."""
+        """Section 7.1.7: close with `code` (if not done yet) and stop reading.
+
+        The close frame is queued by the next `data_to_send()`, after whatever the endpoint
+        sends in answer to the valid messages that preceded the failure in the same read.
+        """
         self.failed = True
-        if not self.close_sent:
+        if not self.close_sent and self._pending_close is None:
             self.close_code, self.close_reason = code, reason
-            self._send_close(code, reason)
+            self._pending_close = (code, reason)
         self.state = State.CLOSING
 
     @property
     def has_output(self) -> bool:
-        return bool(self._out)
+        return bool(self._out) or self._pending_close is not None
 
     def data_to_send(self) -> list:
-        """Everything queued since the last call, in order."""
+        """Everything queued since the last call, in order (a pending close frame last)."""
+        if self._pending_close is not None:
+            code, reason = self._pending_close
+            self._pending_close = None
+            if not self.close_sent:
+                self._send_close(code, reason)
         out = self._out
         if out:
             self._out = []

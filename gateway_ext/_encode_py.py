@@ -13,7 +13,7 @@ def encode_frame(opcode: int, payload=b"", fin: bool = True, rsv1: bool = False,
     Servers send unmasked frames (`mask=None`); clients pass a 4-byte key.
     """
     b0 = (0x80 if fin else 0) | (0x40 if rsv1 else 0) | (opcode & 0x0F)
-    n = len(payload)
+    n = memoryview(payload).nbytes  # bytes, not items (an array("H") would get a wrong length field)
     mbit = 0x80 if mask is not None else 0
     if n < 126:
         header = bytes((b0, mbit | n))

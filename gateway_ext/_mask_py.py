@@ -12,7 +12,7 @@ def apply_mask(data, mask) -> bytes:
     """
     if len(mask) != 4:
         raise ValueError("mask must be exactly 4 bytes")
-    n = len(data)
+    n = memoryview(data).nbytes  # bytes, not items: len() of an array("H") would count items
     if n == 0:
         return b""
     key = (bytes(mask) * (n // 4 + 1))[:n]

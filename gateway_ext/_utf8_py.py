@@ -18,7 +18,7 @@ _Decoder = codecs.getincrementaldecoder("utf-8")
 def validate_utf8(data) -> bool:
     """True when `data` is one complete, valid UTF-8 string."""
     try:
-        bytes(data).decode("utf-8")
+        str(data, "utf-8")  # bytes-like only: bytes(5) would "validate" five NUL bytes
     except UnicodeDecodeError:
         return False
     return True
@@ -47,7 +47,7 @@ class Utf8Validator:
         if self._failed:
             return False
         try:
-            self._decoder.decode(bytes(data), False)
+            self._decoder.decode(data, False)  # bytes-like only, as in validate_utf8
         except UnicodeDecodeError:
             self._failed = True
             return False

@@ -1,0 +1,115 @@
+"""Sans-I/O protocol: client frames in, messages and server frames out (RFC 6455 sections 5-7)."""
+import os
+
+import pytest
+
+from gateway.protocol import ServerProtocol, State
+from gateway_ext import FrameParser, encode_frame
+
+MASK = os.urandom(4)
+
+
+def cf(opcode, payload=b"", fin=True):
+    """A masked client frame."""
+    return encode_frame(opcode, payload, fin=fin, mask=MASK)
+
+
+def sent(proto):
+    """Decode what the server queued (server frames are unmasked)."""
+    return FrameParser(1 << 24, require_mask=False).feed(b"".join(proto.data_to_send()))
+
+
+def close_code(frames):
+    (op, _, _, payload), = [f for f in frames if f[0] == 8]
+    return int.from_bytes(payload[:2], "big")
+
+
+def test_single_messages_and_pipelining():
+    p = ServerProtocol()
+    msgs = p.receive_data(cf(1, "héllo".encode()) + cf(2, b"\x00\xff") + cf(1, b"x")[:3])
+    assert msgs == [(1, "héllo".encode()), (2, b"\x00\xff")]
+    assert p.receive_data(cf(1, b"x")[3:]) == [(1, b"x")]
+
+
+def test_fragmented_message_with_interleaved_ping():
+    p = ServerProtocol()
+    data = cf(1, b"ab", fin=False) + cf(9, b"p") + cf(0, b"cd", fin=False) + cf(0, b"ef")
+    assert p.receive_data(data) == [(1, b"abcdef")]
+    assert sent(p) == [(10, True, False, b"p")]
+
+
+@pytest.mark.parametrize("data, code", [
+    (cf(0, b"x"), 1002),                                   # continuation with nothing to continue
+    (cf(1, b"a", fin=False) + cf(1, b"b"), 1002),          # new message inside a fragmented one
+    (cf(1, b"\xc0\xaf"), 1007),                            # overlong encoding
+    (cf(1, b"\xed\xa0\x80"), 1007),                        # surrogate
+    (cf(1, b"\xce", fin=False) + cf(0, b"", fin=True), 1007),  # truncated at the end
+    (cf(8, b"\x03"), 1002),                                # 1-byte close payload
+    (cf(8, (999).to_bytes(2, "big")), 1002),               # invalid close code
+    (cf(8, (1000).to_bytes(2, "big") + b"\xff"), 1007),    # invalid UTF-8 reason
+    (encode_frame(1, b"unmasked"), 1002),                  # section 5.1
+    (bytes([0x91, 0x80]) + MASK, 1002),                    # RSV1 without extension
+    (cf(9, b"x" * 126), 1002),                             # control frame too long
+])
+def test_failures_send_the_right_close_code(data, code):
+    p = ServerProtocol()
+    assert p.receive_data(data) == []
+    assert p.failed or p.close_received
+    assert close_code(sent(p)) == code
+    assert p.state is State.CLOSING
+
+
+def test_message_too_big_across_fragments():
+    p = ServerProtocol(max_message_bytes=200)
+    p.receive_data(cf(2, b"a" * 150, fin=False) + cf(0, b"b" * 100))
+    assert close_code(sent(p)) == 1009
+
+
+def test_frame_too_big():
+    p = ServerProtocol(max_message_bytes=200)
+    p.receive_data(cf(2, b"a" * 201))
+    assert close_code(sent(p)) == 1009
+
+
+def test_valid_messages_before_a_failure_are_answered_before_the_close():
+    p = ServerProtocol()
+    msgs = p.receive_data(cf(1, b"first") + bytes([0x83, 0x80]) + MASK)
+    assert msgs == [(1, b"first")]
+    for op, payload in msgs:
+        p.send(op, payload)
+    frames = sent(p)
+    assert [f[0] for f in frames] == [1, 8]
+
+
+def test_close_handshake_initiated_by_client():
+    p = ServerProtocol()
+    p.receive_data(cf(8, (1001).to_bytes(2, "big") + b"bye"))
+    assert p.close_received and p.close_code == 1001 and p.close_reason == "bye"
+    assert close_code(sent(p)) == 1001
+    assert p.wants_transport_closed
+    assert p.receive_data(cf(1, b"late")) == []
+
+
+def test_close_without_status_is_answered_with_1000():
+    p = ServerProtocol()
+    p.receive_data(cf(8))
+    assert p.close_code == 1005
+    assert close_code(sent(p)) == 1000
+
+
+def test_close_initiated_by_server_then_data_is_discarded():
+    p = ServerProtocol()
+    p.close(1001, "going away")
+    assert close_code(sent(p)) == 1001
+    p.send(1, b"dropped")
+    assert p.data_to_send() == []
+    assert p.receive_data(cf(1, b"late") + cf(8, (1001).to_bytes(2, "big"))) == []
+    assert p.wants_transport_closed
+
+
+def test_close_reason_is_truncated_to_fit_control_frame():
+    p = ServerProtocol()
+    p.close(1000, "é" * 100)
+    (frame,) = sent(p)
+    assert len(frame[3]) <= 125
+    frame[3][2:].decode("utf-8")

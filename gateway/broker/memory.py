@@ -32,14 +32,7 @@ class MemoryBroker(Broker):
         self._seq.pop(room, None)
 
     async def publish(self, room: str, data: bytes) -> int:
-        self.publishes += 1
-        seq = self._seq.get(room)
-        if seq is None:
-            return 0  # nobody in this process subscribes: nothing to deliver
-        seq += 1
-        self._seq[room] = seq
-        self._loop.call_soon(self._handler.handle_publication, room, seq, data)
-        return seq
+        return self.publish_nowait(room, data)
 
     def publish_nowait(self, room: str, data: bytes) -> int:
         """Synchronous publish for the hot path (no coroutine needed in memory)."""

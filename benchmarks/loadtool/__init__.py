@@ -1,0 +1,21 @@
+"""ws-gateway's load tool: load-test any WebSocket server from the command line.
+
+    python -m benchmarks.loadtool echo --url ws://127.0.0.1:8080/echo --connections 100 --inflight 16
+    python -m benchmarks.loadtool handshake --url ws://127.0.0.1:8080/echo --concurrency 50
+    python -m benchmarks.loadtool compare --a "CMD {port}" --b "CMD {port}" --mode echo ...
+
+Module map (one job each):
+  cli.py        argument parsing, human-readable output and the `RESULT {json}` line
+  modes.py      the Mode interface and registry (add a module + one line to add a mode)
+  runner.py     runs a mode in N worker processes in lock-step and merges their results
+  wsclient.py   URL parsing, the HTTP upgrade handshake, client frame helpers, socket setup
+  echo.py       echo mode: K messages in flight per connection
+  handshake.py  handshake mode: open + close WebSockets as fast as possible
+  stats.py      per-worker results, merging and percentiles
+  servers.py    start a server command on a free port, wait for it, stop it (for compare)
+  compare.py    A/B comparison of two server commands over alternating rounds
+
+The client is pure asyncio.Protocol on uvloop (no WebSocket library on the hot path) and
+uses gateway_ext's FrameParser / encode_frame, so it gets the Cython speed when built.
+Imports gateway_ext only, never `gateway` (the tool must be able to test any server).
+"""

@@ -6,12 +6,13 @@
 
 Module map (one job each):
   cli.py        argument parsing, human-readable output and the `RESULT {json}` line
-  modes.py      the Mode interface and registry (add a module + one line to add a mode)
+  modes.py      the Mode interface; registry.py lists the modes (one line per mode)
   runner.py     runs a mode in N worker processes in lock-step and merges their results
   wsclient.py   URL parsing, the HTTP upgrade handshake, client frame helpers, socket setup
   echo.py       echo mode: K messages in flight per connection
   handshake.py  handshake mode: open + close WebSockets as fast as possible
   stats.py      per-worker results, merging and percentiles
+  cpu.py        client and server CPU use during the measurement window
   servers.py    start a server command on a free port, wait for it, stop it (for compare)
   compare.py    A/B comparison of two server commands over alternating rounds
 

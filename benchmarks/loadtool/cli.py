@@ -10,7 +10,7 @@ import sys
 import gateway_ext
 
 from . import runner
-from .modes import MODES
+from .registry import MODES
 
 
 def add_common_arguments(parser) -> None:
@@ -25,6 +25,10 @@ def add_common_arguments(parser) -> None:
     )
     parser.add_argument("--header", action="append", metavar="'Name: value'", help="extra upgrade request header")
     parser.add_argument("--label", help="server label for the RESULT line (default: the URL)")
+    parser.add_argument(
+        "--server-pgid", type=int, metavar="PGID",
+        help="report the CPU use of this server process group during the window (Linux)",
+    )
     parser.add_argument("--connect-timeout", type=float, default=10.0, help="per connect + upgrade (default 10)")
     parser.add_argument("--open-timeout", type=float, default=60.0, help="for opening all connections (default 60)")
     parser.add_argument("--close-timeout", type=float, default=2.0, help="for the closing handshakes (default 2)")
@@ -100,6 +104,10 @@ def human_summary(record: dict) -> str:
         f"p99.9 {_fmt_ms(record['p999_ms'])}  max {_fmt_ms(record['max_ms'])}  ({record['samples']:,} samples)",
         f"  errors {record['errors']}" + (f"  {record['error_kinds']}" if record["errors"] else ""),
     ]
+    cpu = record["extra"]
+    if "client_cpu" in cpu:
+        server = f"  server {cpu['server_cpu']:.0%}" if "server_cpu" in cpu else ""
+        lines.append(f"  cpu (share of one core) client {cpu['client_cpu']:.0%}{server}")
     return "\n".join(lines)
 
 

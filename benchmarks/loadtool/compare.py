@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from .modes import MODES
+from .registry import MODES
 from .servers import Server, ServerFailed, pin_to
 from .stats import median
 
@@ -60,7 +60,7 @@ def _check_mode_args(mode_name: str, extra: list) -> None:
 
     from .cli import add_common_arguments
 
-    for forbidden in ("--url", "--label"):
+    for forbidden in ("--url", "--label", "--server-pgid"):
         if any(a == forbidden or a.startswith(forbidden + "=") for a in extra):
             raise SystemExit(f"compare sets {forbidden} itself")
     probe = argparse.ArgumentParser(prog=f"compare --mode {mode_name}")
@@ -87,7 +87,9 @@ def run_side(command: str, label: str, args, extra: list, server_cpus, client_cp
         server.wait_listening(args.start_timeout)
         time.sleep(args.settle)
         url = f"ws://{args.host}:{server.port}{args.path}"
-        cmd = [sys.executable, "-m", "benchmarks.loadtool", args.mode, "--url", url, "--label", label, *extra]
+        # start_new_session made the server's pid its process group id.
+        cmd = [sys.executable, "-m", "benchmarks.loadtool", args.mode, "--url", url, "--label", label,
+               "--server-pgid", str(server.proc.pid), *extra]
         try:
             proc = subprocess.run(
                 cmd, cwd=_REPO_ROOT, capture_output=True, text=True, timeout=_client_budget(extra),
@@ -129,7 +131,13 @@ def _side_text(rec: dict) -> str:
     p50 = rec.get("p50_ms")
     p99 = rec.get("p99_ms")
     lat = f"p50 {p50:.3f} p99 {p99:.3f} ms" if p50 is not None and p99 is not None else "latency n/a"
-    return f"{rec['rate']:>12,.0f} {rec.get('unit', '')} {lat} err {rec['errors']}"
+    cpu = rec.get("extra") or {}
+    cpu_text = ""
+    if "client_cpu" in cpu:
+        cpu_text = f" cpu client {cpu['client_cpu']:.0%}"
+        if "server_cpu" in cpu:
+            cpu_text += f" server {cpu['server_cpu']:.0%}"
+    return f"{rec['rate']:>12,.0f} {rec.get('unit', '')} {lat} err {rec['errors']}{cpu_text}"
 
 
 def run(args, extra: list) -> int:
@@ -175,7 +183,7 @@ def run(args, extra: list) -> int:
 
 
 def _brief(rec: dict) -> dict:
-    keys = ("rate", "unit", "p50_ms", "p99_ms", "errors", "error_kinds", "count")
+    keys = ("rate", "unit", "p50_ms", "p99_ms", "errors", "error_kinds", "count", "extra")
     return {k: rec.get(k) for k in keys}
 
 

@@ -269,11 +269,14 @@ class EchoMode(Mode):
             if not p.closing:
                 p.start()
         await asyncio.sleep(params.warmup)
+        meter = ctx.cpu_meter()
+        meter.start()
         start_count, start = shared.received, perf_counter()
         shared.measuring = True
         await asyncio.sleep(params.duration)
         result.count = shared.received - start_count
         result.elapsed = perf_counter() - start
+        meter.stop(result.extra)
         shared.measuring = False
         shared.sending = False
         result.latencies = shared.latencies

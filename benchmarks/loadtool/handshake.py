@@ -100,6 +100,9 @@ class HandshakeMode(Mode):
         latencies = result.latencies
         counted = 0
         live = set()
+        meter = ctx.cpu_meter()
+        loop.call_later(params.warmup, meter.start)
+        loop.call_later(params.warmup + params.duration, meter.stop, result.extra)
 
         async def cycle_loop() -> None:
             nonlocal counted

@@ -8,10 +8,11 @@ drives every mode the same way, in each worker process:
     await mode.run(ctx, prepared, result)        # warmup, then the measurement window
 
 and the parent merges the WorkerResults (stats.merge). To add a mode: write a module with
-a Mode subclass and add it to `MODES` below; cli.py picks up its arguments.
+a Mode subclass and add it to `MODES` in registry.py; cli.py picks up its arguments.
 """
 from dataclasses import dataclass
 
+from .cpu import CpuMeter
 from .stats import WorkerResult
 from .wsclient import SourceAddresses, Target
 
@@ -31,6 +32,10 @@ class WorkerContext:
         count = base + (1 if self.index < extra else 0)
         first = self.index * base + min(self.index, extra)
         return first, count
+
+    def cpu_meter(self) -> CpuMeter:
+        """Measures this worker's CPU, and worker 0 also the server's (--server-pgid)."""
+        return CpuMeter(self.params.server_pgid if self.index == 0 else None)
 
     def sources(self, first: int) -> SourceAddresses:
         # Start the round-robin at the global index so all workers together spread
@@ -56,14 +61,3 @@ class Mode:
 
     async def run(self, ctx: WorkerContext, prepared, result: WorkerResult) -> None:
         raise NotImplementedError
-
-
-def _registry() -> dict:
-    from .echo import EchoMode
-    from .handshake import HandshakeMode
-
-    modes = [EchoMode(), HandshakeMode()]
-    return {mode.name: mode for mode in modes}
-
-
-MODES = _registry()

@@ -61,7 +61,7 @@ def merge(results: list) -> Summary:
         p99_ms=_ms(percentile(ordered, 99)),
         p999_ms=_ms(percentile(ordered, 99.9)),
         max_ms=_ms(ordered[-1] if ordered else None),
-        extra=dict(extra),
+        extra={k: round(v, 3) if isinstance(v, float) else v for k, v in extra.items()},
     )
 
 

@@ -1,0 +1,8 @@
+"""All modes by name. Add a mode here (modes.py describes the interface).
+
+Separate from modes.py because mode modules import the interface from there.
+"""
+from .echo import EchoMode
+from .handshake import HandshakeMode
+
+MODES = {mode.name: mode for mode in (EchoMode(), HandshakeMode())}

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import os
 import resource
@@ -46,10 +47,21 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-connections", type=int, metavar="N")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     p.add_argument("--log-format", choices=["json", "text"])
+    p.add_argument("--backlog", type=int, metavar="N", help="listen() backlog (default 4096; see deploy/sysctl)")
+    p.add_argument("--certfile", metavar="PEM", help="serve TLS natively with this certificate chain (needs --keyfile)")
+    p.add_argument("--keyfile", metavar="PEM", help="private key for --certfile")
+    p.add_argument("--drain-window", type=float, metavar="S",
+                   help="on shutdown, spread the close frames over S seconds (default 2)")
+    p.add_argument("--drain-timeout", type=float, metavar="S",
+                   help="the whole graceful shutdown ends within S seconds (default 10)")
+    p.add_argument("--metrics-port", type=int, metavar="PORT",
+                   help="serve /metrics, /healthz, /readyz on a separate listener (default: /metrics on the main port)")
+    p.add_argument("--metrics-host", metavar="ADDR", help="address of the --metrics-port listener (default 127.0.0.1)")
 
 
-_SERVE_FIELDS = ("host", "port", "workers", "broker", "echo", "demo", "max_message_bytes", "handshake_timeout",
-                 "ping_interval", "ping_timeout", "close_timeout", "max_connections", "log_level", "log_format")
+# Flags whose dest is a Config field become overrides (any field added to Config and given
+# a flag is picked up without listing it here).
+_SERVE_FIELDS = tuple(f.name for f in dataclasses.fields(Config) if f.name != "extra")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,15 +87,29 @@ def cmd_version() -> int:
 
 
 def cmd_check_config(path: str) -> int:
-    import dataclasses
+    """Print the effective configuration (file + environment) as TOML, or every error; exit 2 on errors."""
+    from . import config as config_mod
+    _import_features()
     try:
-        config = load(path)
+        loaded = config_mod.load_with_sources(path)
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        for error in exc.errors:
+            print(f"error: {error}", file=sys.stderr)
+        print(f"{path}: {len(exc.errors)} error(s)", file=sys.stderr)
         return 2
-    for key, value in dataclasses.asdict(config).items():
-        print(f"{key} = {value!r}")
+    for warning in loaded.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    print(f"# effective configuration: {path} + environment (WS_GATEWAY_*)")
+    sys.stdout.write(config_mod.to_toml(loaded.config, loaded.sources))
     return 0
+
+
+def _import_features() -> None:
+    """Import the app so that every feature registers its config section checks."""
+    try:
+        from . import app  # noqa: F401
+    except Exception as exc:  # pragma: no cover - a broken feature must not hide config errors
+        print(f"warning: cannot import every feature ({exc!r}); their sections are not checked", file=sys.stderr)
 
 
 def cmd_serve(config: Config) -> int:
@@ -100,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = config_from_args(args)
     except ConfigError as exc:
-        print(f"ws-gateway: configuration error: {exc}", file=sys.stderr)
+        for error in exc.errors:
+            print(f"ws-gateway: configuration error: {error}", file=sys.stderr)
         return 2
     return cmd_serve(config)
 

@@ -1,17 +1,33 @@
 """The gateway's configuration: one dataclass, loaded from TOML, environment and flags.
 
 Precedence (lowest to highest): defaults < TOML file (`--config FILE`) < environment
-variables `WS_GATEWAY_<FIELD>` < command-line flags. Every field is validated once, here,
-and an invalid value raises ConfigError naming its source and the reason.
+variables < command-line flags. One name everywhere: the field `max_connections` is the TOML
+key `max_connections`, the variable `WS_GATEWAY_MAX_CONNECTIONS` and the flag
+`--max-connections`.
+
+Feature settings that are more than one scalar live in TOML tables (`[rooms]`, `[auth]`,
+`[broker]`, ...) kept verbatim in `Config.extra[name]`; the environment overrides one of
+their keys with `WS_GATEWAY_<TABLE>__<KEY>` (double underscore). A feature may call
+`register_section(name, check)` so that `check-config` validates its table too.
+
+Every problem is collected, not just the first: `ConfigError.errors` lists each one with its
+location -- `file:line` for the file, `$VARIABLE` for the environment, `--flag` for a flag --
+so `ws-gateway check-config FILE` can print all of them at once.
+
+Adding an option: add a field (with a comment: it is the documentation), a check in
+`_problems` if it has constraints, and a flag in cli.py.
 Leaf module: imports only the standard library and `errors`.
 """
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
+import re
+import ssl
 import tomllib
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, Callable
 
 from .errors import ConfigError
 
@@ -25,6 +41,9 @@ class Config:
     port: int = 8080
     workers: int = 1
     backlog: int = 4096
+    # native TLS (for setups without nginx in front): PEM files; both or neither
+    certfile: str = ""
+    keyfile: str = ""
     # endpoints
     echo: bool = False                 # serve /echo (conformance tests, benchmarks)
     demo: bool = False                 # serve the demo page at /
@@ -35,8 +54,14 @@ class Config:
     ping_timeout: float = 20.0         # ... and close it if still silent this much later
     close_timeout: float = 5.0         # wait this long for the peer's close frame / EOF
     max_connections: int = 100_000     # per process; beyond it the upgrade gets 503
+    # graceful shutdown
+    drain_window: float = 2.0          # spread the 1001/1012 close frames over this many seconds
+    drain_timeout: float = 10.0        # the whole shutdown ends within this; stragglers are aborted
     # broker
     broker: str = "memory://"
+    # metrics
+    metrics_port: int = 0              # >0: /metrics (+ /healthz, /readyz) on its own listener only
+    metrics_host: str = "127.0.0.1"    # address of that listener (keep it private)
     # logging
     log_level: str = "info"
     log_format: str = "json"
@@ -49,80 +74,327 @@ class Config:
 
 _FIELD_TYPES = {f.name: f.type for f in fields(Config) if f.name != "extra"}
 
+# Fields a running process can take from a new configuration on SIGHUP (see server.py);
+# the rest (sockets, processes, broker connection) need a restart.
+RELOADABLE = frozenset({
+    "log_level", "log_format", "max_message_bytes", "handshake_timeout", "ping_interval",
+    "ping_timeout", "close_timeout", "max_connections", "drain_window", "drain_timeout",
+    "certfile", "keyfile",
+})
 
-def _coerce(name: str, value: Any, source: str) -> Any:
+# name -> check(table) -> list of (key path inside the table, message); see register_section.
+_SECTION_CHECKS: dict[str, Callable[[dict], list]] = {}
+
+
+def register_section(name: str, check: Callable[[dict], list]) -> None:
+    """Let a feature validate its `[name]` table: `check(table)` returns [(key, message), ...]."""
+    _SECTION_CHECKS[name] = check
+
+
+# -- where each value came from ------------------------------------------------------------
+
+def locate_keys(text: str) -> dict[tuple, int]:
+    """Map (table..., key) -> line number for a TOML text: enough for error messages.
+
+    tomllib returns values without positions, so this scans for `[table]` headers and
+    `key =` lines. Multi-line strings/arrays can fool it only into a missing line number.
+    """
+    where: dict[tuple, int] = {}
+    table: tuple = ()
+    for number, line in enumerate(text.splitlines(), 1):
+        stripped = line.strip()
+        header = re.match(r"^\[\[?\s*([^\]]+?)\s*\]\]?\s*(#.*)?$", stripped)
+        if header:
+            table = _split_dotted(header.group(1))
+            where.setdefault(table, number)
+            continue
+        key = re.match(r'^((?:[A-Za-z0-9_\-. ]|"[^"]*"|\'[^\']*\')+?)\s*=', stripped)
+        if key:
+            where.setdefault(table + _split_dotted(key.group(1)), number)
+    return where
+
+
+def _split_dotted(text: str) -> tuple:
+    """`a."b.c".d` -> ("a", "b.c", "d"): dots inside quotes belong to the key."""
+    parts = re.findall(r'"([^"]*)"|\'([^\']*)\'|([^."\']+)', text)
+    return tuple((dq or sq or bare).strip() for dq, sq, bare in parts if (dq or sq or bare).strip() or dq or sq)
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Convert a TOML/env/flag value to the field's type, or raise ValueError saying why."""
     kind = _FIELD_TYPES[name]
-    try:
-        if kind == "bool":
-            if isinstance(value, bool):
-                return value
-            text = str(value).strip().lower()
-            if text in ("1", "true", "yes", "on"):
-                return True
-            if text in ("0", "false", "no", "off", ""):
-                return False
-            raise ValueError(f"expected a boolean, got {value!r}")
-        if kind == "int":
-            if isinstance(value, bool):
-                raise ValueError("expected an integer, got a boolean")
+    if isinstance(value, (dict, list)):
+        raise ValueError(f"expected a single {kind} value, got a {'table' if isinstance(value, dict) else 'list'}")
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off", ""):
+            return False
+        raise ValueError(f"expected a boolean, got {value!r}")
+    if kind == "int":
+        if isinstance(value, bool):
+            raise ValueError("expected an integer, got a boolean")
+        if isinstance(value, float) and not value.is_integer():
+            raise ValueError(f"expected an integer, got {value!r}")
+        try:
             return int(value)
-        if kind == "float":
+        except (TypeError, ValueError):
+            raise ValueError(f"expected an integer, got {value!r}") from None
+    if kind == "float":
+        if isinstance(value, bool):
+            raise ValueError("expected a number of seconds, got a boolean")
+        try:
             return float(value)
-        return str(value)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{source}: {name}: {exc}") from None
+        except (TypeError, ValueError):
+            raise ValueError(f"expected a number, got {value!r}") from None
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string, got {value!r}")
+    return value
+
+
+def _problems(config: Config) -> list[tuple[str, str]]:
+    """Every constraint violated by `config`, as (field, message)."""
+    out = []
+    if not 0 <= config.port <= 65535:
+        out.append(("port", f"{config.port} is not a TCP port (0-65535)"))
+    if config.workers < 1:
+        out.append(("workers", "must be at least 1"))
+    if config.backlog < 1:
+        out.append(("backlog", "must be at least 1"))
+    if config.max_message_bytes < 125:
+        out.append(("max_message_bytes", "must be at least 125"))
+    if config.max_connections < 1:
+        out.append(("max_connections", "must be at least 1"))
+    for name in ("handshake_timeout", "close_timeout", "ping_timeout", "drain_timeout"):
+        if not getattr(config, name) > 0:
+            out.append((name, "must be positive"))
+    if config.ping_interval < 0:
+        out.append(("ping_interval", "must be >= 0 (0 disables keepalive pings)"))
+    if config.drain_window < 0:
+        out.append(("drain_window", "must be >= 0 (0 closes every client at once)"))
+    elif config.drain_window >= config.drain_timeout > 0:
+        out.append(("drain_window", f"must be shorter than drain_timeout ({config.drain_timeout}) "
+                                    "so clients have time to answer the close frame"))
+    if config.log_format not in ("json", "text"):
+        out.append(("log_format", f"{config.log_format!r} is not 'json' or 'text'"))
+    if config.log_level.lower() not in ("debug", "info", "warning", "error"):
+        out.append(("log_level", f"{config.log_level!r} is not debug/info/warning/error"))
+    if config.workers > 1 and config.broker.startswith("memory"):
+        out.append(("workers", "N > 1 needs a shared broker (--broker redis://...); "
+                               "with the memory broker rooms would silently split between processes"))
+    if not 0 <= config.metrics_port <= 65535:
+        out.append(("metrics_port", f"{config.metrics_port} is not a TCP port (0-65535)"))
+    elif config.metrics_port and config.metrics_port == config.port:
+        out.append(("metrics_port", "must differ from port (0 serves /metrics on the main port)"))
+    out.extend(_tls_problems(config))
+    return out
+
+
+def _tls_problems(config: Config) -> list[tuple[str, str]]:
+    if bool(config.certfile) != bool(config.keyfile):
+        missing = "keyfile" if config.certfile else "certfile"
+        return [(missing, "native TLS needs both certfile and keyfile")]
+    if not config.certfile:
+        return []
+    out = [(name, f"cannot read {path!r}") for name in ("certfile", "keyfile")
+           if not os.access(path := getattr(config, name), os.R_OK)]
+    if not out:
+        try:
+            make_ssl_context(config)
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            out.append(("certfile", f"cannot load the certificate/key pair: {exc}"))
+    return out
+
+
+def make_ssl_context(config: Config) -> ssl.SSLContext | None:
+    """The server TLS context for native TLS, or None when certfile/keyfile are not set."""
+    if not config.certfile:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(config.certfile, config.keyfile)
+    # Only HTTP/1.1 carries the WebSocket upgrade (RFC 8441 over h2 is not supported).
+    ctx.set_alpn_protocols(["http/1.1"])
+    return ctx
 
 
 def validate(config: Config) -> Config:
-    errors = []
-    if not 0 <= config.port <= 65535:
-        errors.append(f"port: {config.port} is not a TCP port (0-65535)")
-    if config.workers < 1:
-        errors.append("workers: must be at least 1")
-    if config.max_message_bytes < 125:
-        errors.append("max_message_bytes: must be at least 125")
-    for name in ("handshake_timeout", "close_timeout"):
-        if getattr(config, name) <= 0:
-            errors.append(f"{name}: must be positive")
-    if config.ping_interval < 0 or config.ping_timeout <= 0:
-        errors.append("ping_interval must be >= 0 (0 disables) and ping_timeout > 0")
-    if config.log_format not in ("json", "text"):
-        errors.append(f"log_format: {config.log_format!r} is not 'json' or 'text'")
-    if config.log_level.lower() not in ("debug", "info", "warning", "error"):
-        errors.append(f"log_level: {config.log_level!r} is not debug/info/warning/error")
-    if config.workers > 1 and config.broker.startswith("memory"):
-        errors.append("workers: N > 1 needs a shared broker (--broker redis://...); "
-                      "with the memory broker rooms would silently split between processes")
-    if errors:
-        raise ConfigError("; ".join(errors))
+    problems = _problems(config)
+    if problems:
+        errors = [f"{name}: {msg}" for name, msg in problems]
+        raise ConfigError("; ".join(errors), errors)
     return config
+
+
+def _env_value(raw: str) -> Any:
+    """A section key from the environment: a TOML scalar/array if it parses as one, else the text."""
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+@dataclass
+class Loaded:
+    """The effective configuration and, for each field / section key, where its value came from."""
+
+    config: Config
+    sources: dict[str, str]
+    warnings: list[str]
+
+
+def load_with_sources(path: str | None = None, env: dict[str, str] | None = None,
+                      overrides: dict[str, Any] | None = None) -> Loaded:
+    """Build the effective configuration; raise ConfigError listing every problem with its location."""
+    values: dict[str, Any] = {}
+    extra: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    errors: list[str] = []
+    warnings: list[str] = []
+    where: dict[tuple, int] = {}
+
+    def at(key: tuple) -> str:
+        line = where.get(key) or where.get(key[:1])
+        return f"{path}:{line}" if line else str(path)
+
+    if path:
+        try:
+            with open(path, "rb") as fh:
+                raw = fh.read()
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read: {exc.strerror}", [f"{path}: cannot read: {exc.strerror}"]) from None
+        text = raw.decode("utf-8", "replace")
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            msg = str(exc)
+            line = re.search(r"line (\d+)", msg)
+            loc = f"{path}:{line.group(1)}" if line else path
+            raise ConfigError(f"{loc}: invalid TOML: {msg}", [f"{loc}: invalid TOML: {msg}"]) from None
+        where = locate_keys(text)
+        for key, value in data.items():
+            if key in _FIELD_TYPES and not isinstance(value, dict):
+                try:
+                    values[key] = _coerce(key, value)
+                    sources[key] = at((key,))
+                except ValueError as exc:
+                    errors.append(f"{at((key,))}: {key}: {exc}")
+            elif isinstance(value, dict):
+                # A table: a feature's section (a table named like a scalar field, e.g. [broker],
+                # belongs to that feature too).
+                extra[key] = value
+                for sub in value:
+                    sources[f"{key}.{sub}"] = at((key, sub))
+            else:
+                hint = difflib.get_close_matches(key, _FIELD_TYPES, 1)
+                errors.append(f"{at((key,))}: unknown option {key!r}" + (f" (did you mean {hint[0]!r}?)" if hint else ""))
+
+    env = os.environ if env is None else env
+    for name in _FIELD_TYPES:
+        var = ENV_PREFIX + name.upper()
+        raw_value = env.get(var)
+        if raw_value is not None:
+            try:
+                values[name] = _coerce(name, raw_value)
+                sources[name] = f"${var}"
+            except ValueError as exc:
+                errors.append(f"${var}: {exc}")
+    for var, raw_value in env.items():
+        if var.startswith(ENV_PREFIX) and "__" in var:
+            table, _, key = var[len(ENV_PREFIX):].lower().partition("__")
+            if table and key:
+                section = extra.setdefault(table, {})
+                if isinstance(section, dict):
+                    section[key] = _env_value(raw_value)
+                    sources[f"{table}.{key}"] = f"${var}"
+
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        flag = f"--{key.replace('_', '-')}"
+        if key not in _FIELD_TYPES:
+            errors.append(f"{flag}: unknown option")
+            continue
+        try:
+            values[key] = _coerce(key, value)
+            sources[key] = flag
+        except ValueError as exc:
+            errors.append(f"{flag}: {exc}")
+
+    config = Config(**values, extra=extra)
+    for name, msg in _problems(config):
+        errors.append(f"{sources.get(name, 'default')}: {name}: {msg}")
+    for table, check in _SECTION_CHECKS.items():
+        section = extra.get(table)
+        if section is None:
+            continue
+        try:
+            found = check(section)
+        except Exception as exc:  # a buggy check must still produce a readable error
+            found = [("", f"cannot validate: {exc!r}")]
+        for key, msg in found:
+            dotted = f"{table}.{key}" if key else table
+            loc = sources.get(dotted) or (at(tuple([table, *str(key).split(".")])) if path else f"[{table}]")
+            errors.append(f"{loc}: {dotted}: {msg}")
+    for table in extra:
+        if table not in _SECTION_CHECKS:
+            warnings.append(f"[{table}]: no feature has registered this section; it is passed through unchecked")
+    if errors:
+        raise ConfigError("; ".join(errors), errors)
+    return Loaded(config, sources, warnings)
 
 
 def load(path: str | None = None, env: dict[str, str] | None = None, overrides: dict[str, Any] | None = None) -> Config:
     """Build the effective configuration (see the module docstring for precedence)."""
-    values: dict[str, Any] = {}
-    extra: dict[str, Any] = {}
-    if path:
-        try:
-            with open(path, "rb") as fh:
-                data = tomllib.load(fh)
-        except OSError as exc:
-            raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{path}: invalid TOML: {exc}") from None
-        for key, value in data.items():
-            if key in _FIELD_TYPES:
-                values[key] = _coerce(key, value, path)
-            elif isinstance(value, dict):
-                extra[key] = value
-            else:
-                raise ConfigError(f"{path}: unknown option {key!r}")
-    env = os.environ if env is None else env
+    return load_with_sources(path, env, overrides).config
+
+
+def to_toml(config: Config, sources: dict[str, str] | None = None) -> str:
+    """The configuration as a TOML document that `load` reads back to the same values."""
+    sources = sources or {}
+    lines = []
     for name in _FIELD_TYPES:
-        raw = env.get(ENV_PREFIX + name.upper())
-        if raw is not None:
-            values[name] = _coerce(name, raw, f"${ENV_PREFIX}{name.upper()}")
-    for key, value in (overrides or {}).items():
-        if value is not None:
-            values[key] = _coerce(key, value, f"--{key.replace('_', '-')}")
-    return validate(Config(**values, extra=extra))
+        value = getattr(config, name)
+        origin = sources.get(name, "default")
+        lines.append(f"{name} = {_toml_value(value)}".ljust(40) + f"  # {origin}")
+    for table, section in config.extra.items():
+        lines.append("")
+        lines.extend(_toml_table([table], section, sources))
+    return "\n".join(lines) + "\n"
+
+
+def _toml_table(path: list[str], table: dict, sources: dict) -> list[str]:
+    lines = [f"[{'.'.join(_toml_key(p) for p in path)}]"]
+    nested = []
+    for key, value in table.items():
+        if isinstance(value, dict):
+            nested.append((key, value))
+            continue
+        origin = sources.get(".".join([*path, key]), "")
+        line = f"{_toml_key(key)} = {_toml_value(value)}"
+        lines.append(line.ljust(40) + f"  # {origin}" if origin else line)
+    for key, value in nested:
+        lines.append("")
+        lines.extend(_toml_table([*path, key], value, sources))
+    return lines
+
+
+def _toml_key(key: str) -> str:
+    return key if re.fullmatch(r"[A-Za-z0-9_\-]+", key) else _toml_value(key)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()) + " }"
+    return _toml_value(str(value))

@@ -19,7 +19,14 @@ class HandshakeRejected(Exception):
 
 
 class ConfigError(Exception):
-    """The configuration is invalid; the message says where and why."""
+    """The configuration is invalid; the message says where and why.
+
+    `errors` lists every problem found, each with its location (file:line, $VAR or --flag).
+    """
+
+    def __init__(self, message: str, errors: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.errors = list(errors) if errors else [message]
 
 
 class GatewayCloseCode(IntEnum):

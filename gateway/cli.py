@@ -56,6 +56,16 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
                    help="the whole graceful shutdown ends within S seconds (default 10)")
     p.add_argument("--metrics-port", type=int, metavar="PORT",
                    help="serve /metrics, /healthz, /readyz on a separate listener (default: /metrics on the main port)")
+    p.add_argument("--max-rooms-per-connection", type=int, metavar="N", help="rooms one connection may join (default 100)")
+    p.add_argument("--max-room-name-bytes", type=int, metavar="N", help="longest room name in UTF-8 bytes (default 200)")
+    p.add_argument("--max-consecutive-errors", type=int, metavar="N",
+                   help="invalid requests in a row before closing with 4003 (default 10)")
+    p.add_argument("--write-buffer-high-bytes", type=int, metavar="N",
+                   help="transport buffer above which broadcast frames queue (default 65536)")
+    p.add_argument("--max-queue-bytes", type=int, metavar="N",
+                   help="per-connection queue of a slow consumer before its policy acts (default 1 MiB)")
+    p.add_argument("--slow-consumer-policy", choices=["disconnect", "drop_oldest", "drop_newest", "latest"],
+                   help="default policy for a full queue (default disconnect; per room: [[rooms.policy]])")
     p.add_argument("--metrics-host", metavar="ADDR", help="address of the --metrics-port listener (default 127.0.0.1)")
 
 
@@ -112,9 +122,9 @@ def _import_features() -> None:
         print(f"warning: cannot import every feature ({exc!r}); their sections are not checked", file=sys.stderr)
 
 
-def cmd_serve(config: Config) -> int:
+def cmd_serve(config: Config, reload=None) -> int:
     from .app import run
-    return run(config)
+    return run(config, reload)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
         for error in exc.errors:
             print(f"ws-gateway: configuration error: {error}", file=sys.stderr)
         return 2
-    return cmd_serve(config)
+    # SIGHUP re-reads the same sources: the file, the environment and these flags.
+    return cmd_serve(config, reload=lambda: config_from_args(args))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -32,6 +32,8 @@ from typing import Any, Callable
 from .errors import ConfigError
 
 ENV_PREFIX = "WS_GATEWAY_"
+# The names gateway/backpressure.py implements (kept here too: this module is a leaf).
+SLOW_CONSUMER_POLICIES = ("disconnect", "drop_oldest", "drop_newest", "latest")
 
 
 @dataclass(slots=True)
@@ -59,6 +61,16 @@ class Config:
     drain_timeout: float = 10.0        # the whole shutdown ends within this; stragglers are aborted
     # broker
     broker: str = "memory://"
+    # rooms on /ws (protocol and error codes: gateway/commands.py)
+    max_rooms_per_connection: int = 100    # a join beyond this gets the error too_many_rooms
+    max_room_name_bytes: int = 200         # longer room names (UTF-8) get room_name_too_long
+    max_consecutive_errors: int = 10       # this many invalid requests in a row: close with 4003
+    # slow consumers (gateway/backpressure.py): once a connection's transport buffer passes
+    # write_buffer_high_bytes, broadcast frames queue up to max_queue_bytes, then the policy
+    # decides; [[rooms.policy]] tables (pattern, policy, max_queue_bytes) override it per room
+    write_buffer_high_bytes: int = 65536
+    max_queue_bytes: int = 1 << 20
+    slow_consumer_policy: str = "disconnect"   # disconnect | drop_oldest | drop_newest | latest
     # metrics
     metrics_port: int = 0              # >0: /metrics (+ /healthz, /readyz) on its own listener only
     metrics_host: str = "127.0.0.1"    # address of that listener (keep it private)
@@ -189,6 +201,13 @@ def _problems(config: Config) -> list[tuple[str, str]]:
         out.append(("metrics_port", f"{config.metrics_port} is not a TCP port (0-65535)"))
     elif config.metrics_port and config.metrics_port == config.port:
         out.append(("metrics_port", "must differ from port (0 serves /metrics on the main port)"))
+    for name in ("max_rooms_per_connection", "max_room_name_bytes", "max_consecutive_errors",
+                 "write_buffer_high_bytes", "max_queue_bytes"):
+        if getattr(config, name) < 1:
+            out.append((name, "must be at least 1"))
+    if config.slow_consumer_policy not in SLOW_CONSUMER_POLICIES:
+        out.append(("slow_consumer_policy", f"{config.slow_consumer_policy!r} is not one of "
+                                            f"{', '.join(SLOW_CONSUMER_POLICIES)}"))
     out.extend(_tls_problems(config))
     return out
 

@@ -66,7 +66,7 @@ class Connection(asyncio.Protocol):
     __slots__ = (
         "gateway", "transport", "id", "peer", "phase", "request", "ws", "endpoint",
         "_head", "_body_needed", "_timer", "_corked", "paused", "last_seen", "pinged",
-        "principal", "state", "_closing",
+        "principal", "state", "_closing", "client_ip", "limiter",
     )
 
     def __init__(self, gateway) -> None:
@@ -88,6 +88,8 @@ class Connection(asyncio.Protocol):
         self.principal = None     # who this is (set by auth at the handshake)
         self.state = None         # per-endpoint state (e.g. the rooms session)
         self._closing = False
+        self.client_ip = ""       # the client's address (behind trusted proxies: theirs, not the proxy's)
+        self.limiter = None       # inbound message TokenBucket (defences.py); None: no rate limit
 
     # -- asyncio callbacks ----------------------------------------------------------------
 
@@ -110,7 +112,16 @@ class Connection(asyncio.Protocol):
         messages = ws.receive_data(data)
         if messages:
             self.gateway.stats.messages_in += len(messages)
-            self.endpoint.on_messages(self, messages)
+            limiter = self.limiter
+            if limiter is None:
+                self.endpoint.on_messages(self, messages)
+            else:
+                # One clock read and a few float operations per read, whatever the batch size.
+                allowed = limiter.take(len(messages))
+                if allowed == len(messages):
+                    self.endpoint.on_messages(self, messages)
+                else:
+                    limiter.exceeded(self, messages, allowed)   # the allowed ones, an error reply, close 4002
         if self._corked:
             return  # the Corker will flush this pass
         self.flush()

@@ -53,6 +53,14 @@ class Gateway:
         self.http_routes = {"/healthz": self._healthz, "/readyz": self._readyz}
         # Admission hooks run before the 101: (conn, request) -> extra headers or raise HandshakeRejected.
         self.admission_hooks: list = []
+        # Per-connection life-cycle hooks (conn) -> None, e.g. per-IP counts and token expiry
+        # (defences.py): open_hooks right after the 101, close_hooks when an open one is gone.
+        self.open_hooks: list = []
+        self.close_hooks: list = []
+        # Called by every sweep tick with the loop time: process-wide timers (token expiry).
+        self.sweep_hooks: list = []
+        # (conn, token) -> Principal or raise auth.TokenRejected; set by defences when auth is on.
+        self.refresh_token = None
         # Readiness checks: () -> (ok, detail); all must pass for /readyz to say 200.
         self.readiness_checks: list = []
         self.on_shutdown: list = []   # async callables run after clients are closed
@@ -77,10 +85,14 @@ class Gateway:
     def connection_opened(self, conn: Connection) -> None:
         self.connections.add(conn)
         self.stats.opened += 1
+        for hook in self.open_hooks:
+            hook(conn)
 
     def connection_closed(self, conn: Connection) -> None:
         self.connections.discard(conn)
         self.stats.closed += 1
+        for hook in self.close_hooks:
+            hook(conn)
 
     def admit(self, conn: Connection, request) -> dict:
         headers: dict = {}
@@ -160,6 +172,11 @@ class Gateway:
                     conn.pinged = True
                     conn.ws.ping(b"")
                     conn.flush()
+        for hook in self.sweep_hooks:
+            try:
+                hook(now)
+            except Exception:  # a failing hook must not stop keepalive for everyone
+                log.exception("sweep hook failed")
         self._schedule_sweep()
 
     async def stop_accepting(self) -> None:

@@ -1,0 +1,220 @@
+"""The `/ws` client protocol: application messages <-> Python values, validation, error codes.
+
+Wire format. JSON text frames (orjson); a client that negotiated the subprotocol
+`ws-gateway.msgpack` may also send msgpack binary frames and receives msgpack binary
+frames, with the same shapes.
+
+client -> server (each may carry "id", a string or an integer; the server then answers
+`{"op":"ack","id":...}` or `{"op":"error","id":...,"code":...,"message":...}`):
+
+    {"op":"join","room":R}
+    {"op":"leave","room":R}
+    {"op":"publish","room":R,"data":X}      the ack also carries the publication's "seq"
+    {"op":"refresh","token":T}              hand a new token to the auth layer
+
+server -> client:
+
+    {"op":"message","room":R,"data":X,"seq":N}   to every member of R, the sender included;
+                                                 N grows by one per publication in R
+    {"op":"dropped","room":R,"count":N}          N messages of R were dropped because this
+                                                 client read too slowly (see backpressure.py)
+    {"op":"ack","id":I}  /  {"op":"error","id":I,"code":C,"message":M}
+
+Error codes (stable: clients may switch on them; "message" is for humans):
+
+    bad_json            the frame is not a JSON object (or, with msgpack, not a msgpack map);
+                        binary frames without the msgpack subprotocol also get this
+    bad_request         a field is missing or has the wrong type ("message" names it)
+    unknown_op          "op" is none of join, leave, publish, refresh
+    bad_room            the room name is empty or contains control characters
+    room_name_too_long  the room name has more than max_room_name_bytes UTF-8 bytes
+    too_many_rooms      the join would exceed max_rooms_per_connection
+    not_member          leave of a room this connection has not joined
+    forbidden           the authenticated principal may not join / publish to this room
+    unauthorized        refresh: the new token was rejected
+    unsupported         refresh on a server without an auth layer
+    broker_unavailable  the broker cannot take the request now (retry later)
+    rate_limited        reserved for the per-connection rate limiter
+
+Abuse: after `max_consecutive_errors` client errors in a row the connection is closed
+with 4003 (gateway.errors.GatewayCloseCode.TOO_MANY_ERRORS).
+
+Encode once: a publication's "data" travels between processes as the JSON bytes the
+publisher's gateway serialised once (`Publish.data`); outgoing message payloads are built
+by byte concatenation around them (`message_prefix` + data + `message_suffix`), never by
+re-parsing. Only msgpack members need a second encoding (`msgpack_message`).
+
+No WebSocket, transport or broker knowledge here; imports only orjson, msgpack and the stdlib.
+"""
+from __future__ import annotations
+
+import msgpack
+import orjson
+
+MSGPACK_SUBPROTOCOL = "ws-gateway.msgpack"
+
+# Client-fault codes: they count towards max_consecutive_errors.
+CLIENT_ERRORS = frozenset({
+    "bad_json", "bad_request", "unknown_op", "bad_room", "room_name_too_long", "too_many_rooms",
+    "not_member", "forbidden", "unauthorized", "unsupported",
+})
+
+MAX_ID_CHARS = 128          # an "id" is echoed back: keep it small
+MAX_TOKEN_CHARS = 8192      # a JWT with generous claims fits
+
+
+class CommandError(Exception):
+    """A request the server refuses: `code` is one of the documented codes above."""
+
+    def __init__(self, code: str, message: str, id=None) -> None:
+        super().__init__(code, message)
+        self.code = code
+        self.message = message
+        self.id = id
+
+
+class Command:
+    """One validated client request. `data` (publish) is already-serialised JSON bytes."""
+
+    __slots__ = ("op", "id", "room", "data", "token")
+
+    def __init__(self, op: str, id=None, room: str = "", data: bytes = b"", token: str = "") -> None:
+        self.op = op
+        self.id = id
+        self.room = room
+        self.data = data
+        self.token = token
+
+    def __repr__(self) -> str:  # for test failures; never logs data or tokens
+        return f"Command({self.op!r}, id={self.id!r}, room={self.room!r})"
+
+
+# -- decoding ------------------------------------------------------------------------------
+
+def decode_json(payload: bytes) -> dict:
+    try:
+        obj = orjson.loads(payload)
+    except orjson.JSONDecodeError as exc:
+        raise CommandError("bad_json", f"invalid JSON: {str(exc)[:120]}") from None
+    if not isinstance(obj, dict):
+        raise CommandError("bad_json", "a request must be a JSON object")
+    return obj
+
+
+def decode_msgpack(payload: bytes) -> dict:
+    try:
+        obj = msgpack.unpackb(payload, raw=False, strict_map_key=False)
+    except Exception as exc:  # msgpack raises several unrelated types for bad input
+        raise CommandError("bad_json", f"invalid msgpack: {type(exc).__name__}") from None
+    if not isinstance(obj, dict):
+        raise CommandError("bad_json", "a request must be a msgpack map")
+    return obj
+
+
+def validate_room(room, max_room_name_bytes: int, id=None) -> str:
+    """A room name: a non-empty string without control characters, bounded in UTF-8 bytes."""
+    if not isinstance(room, str):
+        raise CommandError("bad_request", "\"room\" must be a string", id)
+    if not room:
+        raise CommandError("bad_room", "\"room\" must not be empty", id)
+    # len() first: a character is at least one byte, so huge names are refused before encoding.
+    if len(room) > max_room_name_bytes:
+        raise CommandError("room_name_too_long", f"room names are limited to {max_room_name_bytes} UTF-8 bytes", id)
+    if not room.isprintable():  # also refuses lone surrogates, which cannot be encoded
+        raise CommandError("bad_room", "room names must not contain control or unprintable characters", id)
+    if len(room.encode("utf-8")) > max_room_name_bytes:
+        raise CommandError("room_name_too_long", f"room names are limited to {max_room_name_bytes} UTF-8 bytes", id)
+    return room
+
+
+def _request_id(obj: dict):
+    if "id" not in obj:
+        return None
+    rid = obj["id"]
+    if isinstance(rid, bool) or not isinstance(rid, (str, int)):
+        raise CommandError("bad_request", "\"id\" must be a string or an integer")
+    if isinstance(rid, str) and len(rid) > MAX_ID_CHARS:
+        raise CommandError("bad_request", f"\"id\" is limited to {MAX_ID_CHARS} characters")
+    if isinstance(rid, int) and not -(1 << 63) <= rid < (1 << 64):
+        raise CommandError("bad_request", "\"id\" integers must fit in 64 bits")
+    return rid
+
+
+def serialize_data(value, id=None) -> bytes:
+    """The publisher's "data" as JSON bytes: done once per publication, here."""
+    try:
+        return orjson.dumps(value)
+    except TypeError as exc:  # msgpack can carry bytes, ext types, non-string keys
+        raise CommandError("bad_request", f"\"data\" must be representable as JSON: {exc}"[:160], id) from None
+
+
+def parse(obj: dict, max_room_name_bytes: int) -> Command:
+    """Validate one decoded request; raise CommandError with the documented code."""
+    rid = _request_id(obj)
+    op = obj.get("op")
+    if not isinstance(op, str):
+        raise CommandError("bad_request", "missing \"op\" (a string)", rid)
+    if op == "publish":
+        if "data" not in obj:
+            raise CommandError("bad_request", "publish needs \"data\"", rid)
+        room = validate_room(obj.get("room"), max_room_name_bytes, rid)
+        return Command("publish", rid, room, serialize_data(obj["data"], rid))
+    if op == "join" or op == "leave":
+        if "room" not in obj:
+            raise CommandError("bad_request", f"{op} needs \"room\"", rid)
+        return Command(op, rid, validate_room(obj["room"], max_room_name_bytes, rid))
+    if op == "refresh":
+        token = obj.get("token")
+        if not isinstance(token, str) or not token:
+            raise CommandError("bad_request", "refresh needs \"token\" (a non-empty string)", rid)
+        if len(token) > MAX_TOKEN_CHARS:
+            raise CommandError("bad_request", f"\"token\" is limited to {MAX_TOKEN_CHARS} characters", rid)
+        return Command("refresh", rid, token=token)
+    raise CommandError("unknown_op", f"unknown op {op[:40]!r}; expected join, leave, publish or refresh", rid)
+
+
+# -- encoding ------------------------------------------------------------------------------
+
+def ack(rid, seq: int | None = None) -> dict:
+    doc = {"op": "ack", "id": rid}
+    if seq is not None:
+        doc["seq"] = seq
+    return doc
+
+
+def error(code: str, message: str, rid=None) -> dict:
+    doc = {"op": "error", "code": code, "message": message}
+    if rid is not None:
+        doc["id"] = rid
+    return doc
+
+
+def dropped(room: str, count: int) -> dict:
+    return {"op": "dropped", "room": room, "count": count}
+
+
+def encode_json(doc: dict) -> bytes:
+    return orjson.dumps(doc)
+
+
+def encode_msgpack(doc: dict) -> bytes:
+    return msgpack.packb(doc, use_bin_type=True)
+
+
+def message_prefix(room: str) -> bytes:
+    """Everything of a JSON message payload before the data; computed once per room."""
+    return b'{"op":"message","room":' + orjson.dumps(room) + b',"data":'
+
+
+def message_suffix(seq: int) -> bytes:
+    return b',"seq":%d}' % seq
+
+
+def json_message(room: str, data: bytes, seq: int) -> bytes:
+    """The JSON payload of a message (reference form; the hub caches the prefix)."""
+    return message_prefix(room) + data + message_suffix(seq)
+
+
+def msgpack_message(room: str, data: bytes, seq: int) -> bytes:
+    """The msgpack payload of a message: the one place data is decoded again, once per publication."""
+    return msgpack.packb({"op": "message", "room": room, "data": orjson.loads(data), "seq": seq}, use_bin_type=True)

@@ -67,6 +67,29 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--slow-consumer-policy", choices=["disconnect", "drop_oldest", "drop_newest", "latest"],
                    help="default policy for a full queue (default disconnect; per room: [[rooms.policy]])")
     p.add_argument("--metrics-host", metavar="ADDR", help="address of the --metrics-port listener (default 127.0.0.1)")
+    # authentication and defences (docs/security.md)
+    p.add_argument("--jwt-secret", metavar="SECRET",
+                   help="HS256 secret (>= 32 bytes); visible in `ps`: prefer --jwt-secret-file or $WS_GATEWAY_JWT_SECRET")
+    p.add_argument("--jwt-secret-file", metavar="FILE", help="read the HS256 secret from FILE")
+    p.add_argument("--jwt-public-key-file", metavar="PEM", help="public key verifying RS256/ES256/EdDSA tokens")
+    p.add_argument("--jwt-algorithms", metavar="LIST", help="accepted algorithms, e.g. RS256 (default: by key)")
+    p.add_argument("--jwt-issuer", metavar="ISS", help="required token issuer (iss)")
+    p.add_argument("--jwt-audience", metavar="LIST", help="accepted audiences (aud), comma-separated")
+    p.add_argument("--jwt-leeway", type=float, metavar="S", help="clock skew tolerated on exp/nbf (default 10)")
+    p.add_argument("--token-cookie", metavar="NAME", help="also read the token from this cookie")
+    p.add_argument("--default-rooms", metavar="GLOBS", help="join patterns when a token has no rooms claim (default *)")
+    p.add_argument("--default-publish", metavar="GLOBS",
+                   help="publish patterns when a token has neither publish nor rooms claims (default *)")
+    p.add_argument("--api-key", dest="api_keys", action="append", metavar="KEY",
+                   help="key for POST /api/publish (repeatable); prefer $WS_GATEWAY_API_KEYS or TOML api_keys")
+    p.add_argument("--allowed-origins", metavar="LIST",
+                   help="Origin allow-list: https://app.example.com,https://*.example.com (default: any)")
+    p.add_argument("--trusted-proxies", metavar="LIST",
+                   help="proxies (IPs/CIDRs) whose X-Forwarded-For / X-Real-IP are believed")
+    p.add_argument("--max-connections-per-ip", type=int, metavar="N", help="per client IP (IPv6: /64); 0 = unlimited")
+    p.add_argument("--rate-limit", type=float, metavar="MSGS",
+                   help="inbound messages/s per connection, then close 4002 (default 100; 0 = off)")
+    p.add_argument("--rate-limit-burst", type=int, metavar="N", help="messages allowed at once (default 200)")
 
 
 # Flags whose dest is a Config field become overrides (any field added to Config and given

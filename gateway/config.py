@@ -71,6 +71,24 @@ class Config:
     write_buffer_high_bytes: int = 65536
     max_queue_bytes: int = 1 << 20
     slow_consumer_policy: str = "disconnect"   # disconnect | drop_oldest | drop_newest | latest
+    # authentication (gateway/auth.py, docs/security.md); no key configured = open mode
+    jwt_secret: str = ""               # HS256 secret, >= 32 bytes; prefer jwt_secret_file or $WS_GATEWAY_JWT_SECRET
+    jwt_secret_file: str = ""          # file holding the HS256 secret (surrounding whitespace ignored)
+    jwt_public_key_file: str = ""      # PEM public key (RSA >= 2048 / EC / Ed25519) for RS256/ES256/EdDSA tokens
+    jwt_algorithms: tuple = ()         # accepted algorithms; default HS256 and/or the public key's (RS256, ES256, ...)
+    jwt_issuer: str = ""               # when set, tokens must carry exactly this `iss`
+    jwt_audience: tuple = ()           # when set, `aud` must contain one of these; tokens with `aud` need it set
+    jwt_leeway: float = 10.0           # clock skew tolerated on exp/nbf/iat, seconds
+    token_cookie: str = ""             # also read the token from this cookie (then cross-origin requests are refused)
+    default_rooms: tuple = ("*",)      # join patterns for tokens without a `rooms` claim
+    default_publish: tuple = ("*",)    # publish patterns for tokens with neither `publish` nor `rooms`
+    api_keys: tuple = ()               # bearer keys for POST /api/publish; none: the API is off
+    # defences (gateway/limits.py, gateway/defences.py)
+    allowed_origins: tuple = ()        # Origin allow-list: https://app.example.com, https://*.example.com, null, *
+    trusted_proxies: tuple = ()        # addresses/CIDRs whose X-Forwarded-For / X-Real-IP are believed
+    max_connections_per_ip: int = 0    # concurrent connections per client IP (IPv6: per /64); 0: unlimited
+    rate_limit: float = 100.0          # inbound messages/s per connection (token bucket); 0 disables
+    rate_limit_burst: int = 200        # messages a connection may send at once before the rate applies
     # metrics
     metrics_port: int = 0              # >0: /metrics (+ /healthz, /readyz) on its own listener only
     metrics_host: str = "127.0.0.1"    # address of that listener (keep it private)
@@ -85,6 +103,9 @@ class Config:
 
 
 _FIELD_TYPES = {f.name: f.type for f in fields(Config) if f.name != "extra"}
+
+# Never printed by check-config (to_toml) nor logged.
+SECRET_FIELDS = frozenset({"jwt_secret", "api_keys"})
 
 # Fields a running process can take from a new configuration on SIGHUP (see server.py);
 # the rest (sockets, processes, broker connection) need a restart.
@@ -135,6 +156,12 @@ def _split_dotted(text: str) -> tuple:
 def _coerce(name: str, value: Any) -> Any:
     """Convert a TOML/env/flag value to the field's type, or raise ValueError saying why."""
     kind = _FIELD_TYPES[name]
+    if kind == "tuple":
+        # A list setting: a TOML array, or comma-separated text from a flag / the environment.
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)) or not all(isinstance(i, str) for i in items):
+            raise ValueError(f"expected a list of strings, got {value!r}")
+        return tuple(i.strip() for i in items if i.strip())
     if isinstance(value, (dict, list)):
         raise ValueError(f"expected a single {kind} value, got a {'table' if isinstance(value, dict) else 'list'}")
     if kind == "bool":
@@ -208,6 +235,18 @@ def _problems(config: Config) -> list[tuple[str, str]]:
     if config.slow_consumer_policy not in SLOW_CONSUMER_POLICIES:
         out.append(("slow_consumer_policy", f"{config.slow_consumer_policy!r} is not one of "
                                             f"{', '.join(SLOW_CONSUMER_POLICIES)}"))
+    if config.rate_limit < 0:
+        out.append(("rate_limit", "must be >= 0 messages/s (0 disables)"))
+    if config.rate_limit_burst < 1:
+        out.append(("rate_limit_burst", "must be at least 1"))
+    if config.max_connections_per_ip < 0:
+        out.append(("max_connections_per_ip", "must be >= 0 (0: unlimited)"))
+    if config.jwt_leeway < 0:
+        out.append(("jwt_leeway", "must be >= 0 seconds"))
+    if config.jwt_secret and config.jwt_secret_file:
+        out.append(("jwt_secret_file", "jwt_secret and jwt_secret_file are mutually exclusive"))
+    if any("none" == a.lower() for a in config.jwt_algorithms):
+        out.append(("jwt_algorithms", "'none' disables signatures and is never accepted (RFC 8725 section 3.1)"))
     out.extend(_tls_problems(config))
     return out
 
@@ -378,6 +417,10 @@ def to_toml(config: Config, sources: dict[str, str] | None = None) -> str:
     for name in _FIELD_TYPES:
         value = getattr(config, name)
         origin = sources.get(name, "default")
+        if name in SECRET_FIELDS and value:
+            # check-config output lands in terminals, tickets and CI logs: never print secrets.
+            lines.append(f'{name} = "<redacted>"'.ljust(40) + f"  # {origin}")
+            continue
         lines.append(f"{name} = {_toml_value(value)}".ljust(40) + f"  # {origin}")
     for table, section in config.extra.items():
         lines.append("")

@@ -14,6 +14,8 @@ import sys
 from . import logs
 from .config import Config
 from .server import Gateway
+from . import defences
+from .errors import ConfigError
 
 log = logging.getLogger("gateway.app")
 
@@ -21,6 +23,8 @@ log = logging.getLogger("gateway.app")
 async def start_gateway(config: Config, sock=None) -> Gateway:
     """Build and start a Gateway in the running loop (used by `run` and by tests)."""
     gateway = Gateway(config, asyncio.get_running_loop())
+    # Origin, per-IP, token checks before the 101; expiry, refresh, rate limit after it.
+    defences.install(gateway, config)
     await gateway.start(sock)
     return gateway
 
@@ -42,6 +46,11 @@ def _run_one(config: Config, sock=None) -> int:
 def run(config: Config) -> int:
     from .cli import raise_nofile_limit
     logs.setup(config.log_level, config.log_format)
+    try:
+        defences.preflight(config)   # unreadable key file, bad origin/proxy entry: refuse to start
+    except ConfigError as exc:
+        print(f"ws-gateway: configuration error: {exc}", file=sys.stderr)
+        return 2
     soft, hard = raise_nofile_limit()
     log.info("open files limit", extra={"event": "rlimit", "soft": soft, "hard": hard})
     if config.workers <= 1:

@@ -8,6 +8,9 @@ read join the pongs of that read in one corked write.
 
 class EchoEndpoint:
     subprotocols: tuple = ()
+    # Conformance suites and benchmarks send far more than a browser client may: the
+    # per-connection message rate limit (defences.py) does not apply here.
+    rate_limit_exempt = True
 
     def select_subprotocol(self, request):
         return None

@@ -127,6 +127,13 @@ def _ratio(a, b):
     return a / b if a and b else None
 
 
+def _per_server_core(rec: dict):
+    """Rate per fully used server core: steadier than the rate on a shared machine, where
+    another job can take part of the server's core (then both drop, this one less)."""
+    cpu = (rec.get("extra") or {}).get("server_cpu")
+    return rec["rate"] / cpu if cpu and rec.get("rate") else None
+
+
 def _side_text(rec: dict) -> str:
     p50 = rec.get("p50_ms")
     p99 = rec.get("p99_ms")
@@ -156,7 +163,8 @@ def run(args, extra: list) -> int:
         b = run_side(args.b, args.label_b, args, extra, server_cpus, client_cpus)
         ratio = _ratio(a["rate"], b["rate"])
         print(f"round {number} B {_side_text(b)}   A/B {ratio:.2f}" if ratio else f"round {number} B {_side_text(b)}", flush=True)
-        rounds.append({"a": a, "b": b, "ratio": ratio})
+        core_ratio = _ratio(_per_server_core(a), _per_server_core(b))
+        rounds.append({"a": a, "b": b, "ratio": ratio, "core_ratio": core_ratio})
     summary = {
         "mode": "compare",
         "compare_mode": args.mode,
@@ -166,6 +174,7 @@ def run(args, extra: list) -> int:
         "label_b": args.label_b,
         "mode_args": extra,
         "median_ratio": _round(median(r["ratio"] for r in rounds)),
+        "median_ratio_per_server_core": _round(median(r["core_ratio"] for r in rounds)),
         "a_median_rate": _round(median(r["a"]["rate"] for r in rounds)),
         "b_median_rate": _round(median(r["b"]["rate"] for r in rounds)),
         "a_median_p50_ms": _round(median(r["a"].get("p50_ms") for r in rounds)),
@@ -173,11 +182,15 @@ def run(args, extra: list) -> int:
         "a_median_p99_ms": _round(median(r["a"].get("p99_ms") for r in rounds)),
         "b_median_p99_ms": _round(median(r["b"].get("p99_ms") for r in rounds)),
         "errors": sum(r["a"]["errors"] + r["b"]["errors"] for r in rounds),
-        "rounds": [{"a": _brief(r["a"]), "b": _brief(r["b"]), "ratio": _round(r["ratio"])} for r in rounds],
+        "rounds": [{"a": _brief(r["a"]), "b": _brief(r["b"]), "ratio": _round(r["ratio"]),
+                    "core_ratio": _round(r["core_ratio"])} for r in rounds],
     }
     ratio = summary["median_ratio"]
     print(f"median A/B = {ratio:.2f}" if ratio else "median A/B = n/a", end="")
     print(f"  (A {summary['a_median_rate']:,.0f} vs B {summary['b_median_rate']:,.0f}, errors {summary['errors']})", flush=True)
+    core = summary["median_ratio_per_server_core"]
+    if core:
+        print(f"median A/B per server core = {core:.2f}  (rate / server CPU share; steadier on a busy machine)", flush=True)
     print("RESULT " + json.dumps(summary, sort_keys=True), flush=True)
     return 0 if ratio and summary["errors"] == 0 else 1
 

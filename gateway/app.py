@@ -11,7 +11,7 @@ import os
 import signal
 import sys
 
-from . import logs
+from . import logs, systemd
 from .config import Config
 from .server import Gateway
 from . import defences
@@ -25,25 +25,60 @@ async def start_gateway(config: Config, sock=None) -> Gateway:
     gateway = Gateway(config, asyncio.get_running_loop())
     # Origin, per-IP, token checks before the 101; expiry, refresh, rate limit after it.
     defences.install(gateway, config)
+    hub = install_rooms(gateway, config)
+    await hub.start()
     await gateway.start(sock)
     return gateway
 
 
-async def _serve(config: Config, sock=None) -> int:
+def install_rooms(gateway: Gateway, config: Config):
+    """The rooms protocol at /ws: broker (--broker), Hub, slow-consumer policies, readiness, demo page."""
+    from .backpressure import PolicyTable
+    from .broker import create_broker
+    from .rooms import Hub
+    from .session import RoomsEndpoint
+
+    broker = create_broker(config.broker)
+    hub = Hub(broker, PolicyTable.from_config(config).for_room, gateway.loop)
+    endpoint = RoomsEndpoint(hub, config)
+    gateway.endpoints["/ws"] = endpoint
+    gateway.hub = hub   # backends publish through it: `await gateway.hub.publish(room, json_bytes)`
+    sources = getattr(gateway, "metric_sources", None)
+    if isinstance(sources, dict):
+        sources["session"] = endpoint.stats
+    gateway.readiness_checks.append(lambda: (hub.broker_connected, f"broker {broker.name} is not connected"))
+    gateway.on_shutdown.append(hub.close)
+    if config.demo:
+        from . import demo
+        gateway.http_routes.update(demo.routes())
+    return hub
+
+
+async def _serve(config: Config, sock=None, reload=None) -> int:
     gateway = await start_gateway(config, sock)
+    gateway.reload_config = reload
     import gateway_ext
     log.info("listening", extra={"event": "listen", "host": config.host, "port": gateway.port,
                                  "pid": os.getpid(), "implementation": gateway_ext.IMPLEMENTATION,
+                                 "tls": bool(config.certfile), "metrics_port": gateway.metrics_port,
                                  "endpoints": sorted(gateway.endpoints)})
-    return await gateway.serve_until_signalled()
+    # systemd (Type=notify): started only once the socket accepts; the watchdog is fed by the loop.
+    systemd.notify("READY=1", f"STATUS={gateway.status_line()}")
+    watchdog = systemd.Watchdog(gateway.loop)
+    watchdog.start()
+    try:
+        return await gateway.serve_until_signalled()
+    finally:
+        watchdog.stop()
 
 
-def _run_one(config: Config, sock=None) -> int:
+def _run_one(config: Config, sock=None, reload=None) -> int:
     import uvloop
-    return uvloop.run(_serve(config, sock))
+    return uvloop.run(_serve(config, sock, reload))
 
 
-def run(config: Config) -> int:
+def run(config: Config, reload=None) -> int:
+    """Run the gateway until a signal; `reload()` re-reads the configuration on SIGHUP."""
     from .cli import raise_nofile_limit
     logs.setup(config.log_level, config.log_format)
     try:
@@ -54,18 +89,18 @@ def run(config: Config) -> int:
     soft, hard = raise_nofile_limit()
     log.info("open files limit", extra={"event": "rlimit", "soft": soft, "hard": hard})
     if config.workers <= 1:
-        return _run_one(config)
-    return _run_workers(config)
+        return _run_one(config, reload=reload)
+    return _run_workers(config, reload)
 
 
-def _run_workers(config: Config) -> int:
+def _run_workers(config: Config, reload=None) -> int:
     """Fork N workers sharing the port through SO_REUSEPORT; forward signals; reap them."""
     children: list[int] = []
     for _ in range(config.workers):
         pid = os.fork()
         if pid == 0:  # child
             try:
-                code = _run_one(config)
+                code = _run_one(config, reload=reload)
             except BaseException:
                 log.exception("worker crashed")
                 code = 1
@@ -80,7 +115,7 @@ def _run_workers(config: Config) -> int:
             except ProcessLookupError:
                 pass
 
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2):
         signal.signal(sig, forward)
     status = 0
     for pid in children:

@@ -100,6 +100,8 @@ class Connection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "")
         gw.stats.accepted += 1
+        # Until the upgrade, last_seen holds the accept time (for the handshake latency metric).
+        self.last_seen = gw.loop.time()
         # Slowloris guard: the request head (and body) must arrive within the timeout.
         self._timer = gw.loop.call_later(gw.config.handshake_timeout, self._handshake_timeout)
 
@@ -108,10 +110,12 @@ class Connection(asyncio.Protocol):
         if ws is None:
             self._receive_http(data)
             return
-        self.last_seen = self.gateway.clock
+        gw = self.gateway
+        self.last_seen = gw.clock
+        gw.stats.bytes_in += len(data)
         messages = ws.receive_data(data)
         if messages:
-            self.gateway.stats.messages_in += len(messages)
+            gw.stats.messages_in += len(messages)
             limiter = self.limiter
             if limiter is None:
                 self.endpoint.on_messages(self, messages)
@@ -182,11 +186,14 @@ class Connection(asyncio.Protocol):
             return
         out = ws.data_to_send()
         if out:
+            stats = self.gateway.stats
             if len(out) == 1:
                 self.transport.write(out[0])
+                stats.bytes_out += len(out[0])
             else:
                 self.transport.writelines(out)  # uvloop: one writev for all frames
-            self.gateway.stats.frames_out += len(out)
+                stats.bytes_out += sum(map(len, out))
+            stats.frames_out += len(out)
         if ws.close_sent and not self._closing:
             self._start_closing()
         elif self._closing and ws.close_received:
@@ -329,6 +336,7 @@ class Connection(asyncio.Protocol):
         self.ws = ws
         self.endpoint = endpoint
         self.phase = OPEN
+        gw.stats.handshake.observe(gw.loop.time() - self.last_seen)
         self.last_seen = gw.clock
         gw.connection_opened(self)
         log.info("connection opened", extra={

@@ -35,6 +35,7 @@ Error codes (stable: clients may switch on them; "message" is for humans):
     unsupported         refresh on a server without an auth layer
     broker_unavailable  the broker cannot take the request now (retry later)
     rate_limited        reserved for the per-connection rate limiter
+    internal_error      a server bug while handling the request (logged with a traceback)
 
 Abuse: after `max_consecutive_errors` client errors in a row the connection is closed
 with 4003 (gateway.errors.GatewayCloseCode.TOO_MANY_ERRORS).

@@ -65,6 +65,15 @@ class Room:
         return f"Room({self.name!r}, members={len(self)})"
 
 
+class HubGauges:
+    __slots__ = ("rooms", "members", "connections")
+
+    def __init__(self, rooms: int, members: int, connections: int) -> None:
+        self.rooms = rooms                # rooms with local members
+        self.members = members            # memberships
+        self.connections = connections    # connections in at least one room
+
+
 class Hub:
     """See the module docstring. `policy_for(room_name)` gives each room its slow-consumer policy."""
 
@@ -108,7 +117,12 @@ class Hub:
     @property
     def members(self) -> int:
         """Memberships (a connection in 3 rooms counts 3)."""
-        return sum(len(r) for r in self.rooms.values())
+        return self.joins - self.leaves
+
+    @property
+    def stats(self) -> "HubGauges":
+        """Current values for metrics (the counters are the hub's own int attributes)."""
+        return HubGauges(len(self.rooms), self.members, len(self.member_rooms))
 
     @property
     def connections(self) -> int:

@@ -14,7 +14,7 @@ import sys
 from . import logs, systemd
 from .config import Config
 from .server import Gateway
-from . import defences
+from . import api, defences
 from .errors import ConfigError
 
 log = logging.getLogger("gateway.app")
@@ -25,6 +25,7 @@ async def start_gateway(config: Config, sock=None) -> Gateway:
     gateway = Gateway(config, asyncio.get_running_loop())
     # Origin, per-IP, token checks before the 101; expiry, refresh, rate limit after it.
     defences.install(gateway, config)
+    api.install(gateway, config)          # POST /api/publish (off unless api_keys are configured)
     hub = install_rooms(gateway, config)
     await hub.start()
     await gateway.start(sock)

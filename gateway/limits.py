@@ -173,8 +173,11 @@ class ClientAddress:
         return ip is not None and any(ip in net for net in self.networks)
 
     def resolve(self, peer: str, forwarded_for: str = "", real_ip: str = "") -> str:
-        """The client IP as text; `peer` is 'ip:port' (or '[v6]:port' / 'v6:port')."""
-        peer_ip = _parse_ip(peer) or _parse_ip(peer.rpartition(":")[0])
+        """The client IP as text; `peer` is Connection.peer, i.e. f"{ip}:{port}" (also for IPv6)."""
+        host = peer.rpartition(":")[0] if ":" in peer else peer
+        peer_ip = _parse_ip(host) if host.count(":") != 1 else _parse_ip(peer)
+        if peer_ip is None:
+            peer_ip = _parse_ip(peer)
         if peer_ip is None:
             return peer
         if not self.networks or not self.is_trusted(peer_ip):

@@ -179,6 +179,16 @@ class RoomsEndpoint:
             session.reading_paused = False
             conn.transport.resume_reading()
 
+    def on_rate_limited(self, conn) -> None:
+        """defences.py: this connection's inbound message budget ran out. Say why in the
+        protocol's terms, leave every room; the connection then closes with 4002."""
+        session = conn.state
+        if session is None or session.closed:
+            return
+        self.stats.errors["rate_limited"] += 1
+        session.reply(commands.error("rate_limited", "message rate limit exceeded; closing (4002)"))
+        self.close_session(session)
+
     def on_close(self, conn) -> None:
         session = conn.state
         if session is not None and not session.closed:

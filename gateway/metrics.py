@@ -15,8 +15,13 @@ What a stats object must look like to be exported (the contract for other featur
   - a `str` is a state: a gauge `..._state{state="connected"} 1` (broker state);
   - names starting with `_` and anything else are ignored.
 Sources are discovered defensively (they land as features do): `gateway.metric_sources`
-({name: object}), then `hub`, `broker`, `auth`, `limits`, `backpressure` attributes of the
-gateway and of its endpoints; an object's `.stats` is used when it has one.
+({name: object}), then the `SOURCE_ATTRS` attributes (`hub`, `broker`, `limits`, ...) of the
+gateway, of its endpoints and of what was found there (the hub's broker). What is exported
+of a found object depends on its `stats`:
+  - an instance attribute: only that object (the owner's own numbers are settings);
+  - a method: only what it returns (an object or a dict of numbers);
+  - a property: what it returns (current values) and the owner's own plain numbers;
+  - none: the object's own plain numbers.
 
 Leaf module: imports prometheus-client, the standard library and `gateway_ext` (for the
 build info) only, never `gateway.*` (the gateway is passed in and read by duck typing).
@@ -28,11 +33,12 @@ import platform
 import time
 
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
-from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 PREFIX = "ws_gateway"
-CONTENT_TYPE = CONTENT_TYPE_LATEST
+# generate_latest() writes the classic text format; say so explicitly (every Prometheus and
+# scraper understands 0.0.4, while "version=1.0.0" confuses older ones).
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 # Default buckets (seconds) for latencies from sub-millisecond fan-out to multi-second handshakes.
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
@@ -41,11 +47,12 @@ LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0
 # Attribute names that are current values, not monotonic counts, wherever they appear.
 GAUGE_NAMES = frozenset({
     "rooms", "members", "subscriptions", "queue_bytes", "queued_bytes", "queued_frames",
-    "paused", "connected", "state", "pending", "inflight", "open", "connections",
+    "paused", "connected", "state", "pending", "inflight", "open", "connections", "shards",
+    "contexts", "queues",
 })
 
 # Where to look for feature stats on the gateway (and on its endpoints), by source name.
-SOURCE_ATTRS = ("hub", "broker", "auth", "limits", "backpressure", "compression")
+SOURCE_ATTRS = ("hub", "broker", "limits", "backpressure", "api")
 
 
 class LatencyHistogram:
@@ -151,6 +158,36 @@ class GatewayCollector:
         self.lag = lag
 
     @staticmethod
+    def _queues(gw) -> list:
+        """Outbound bytes waiting, summed over connections at scrape time (O(connections), not per message).
+
+        `queue_bytes` is the gateway-owned slow-consumer queue (conn.state.queue.bytes);
+        `transport_buffer_bytes` is what the event loop's transport still holds.
+        """
+        queued = buffered = paused = behind = 0
+        for conn in list(gw.connections):
+            if getattr(conn, "paused", False):
+                paused += 1
+            queue = getattr(getattr(conn, "state", None), "queue", None)
+            size = getattr(queue, "bytes", 0) if queue is not None else 0
+            if size:
+                queued += size
+                behind += 1
+            transport = getattr(conn, "transport", None)
+            if transport is not None:
+                try:
+                    buffered += transport.get_write_buffer_size()
+                except Exception:  # closed transports may refuse; they hold nothing we can count
+                    pass
+        return [
+            _gauge("queue_bytes", "bytes in the gateway's slow-consumer queues", queued),
+            _gauge("queued_connections", "connections with a non-empty slow-consumer queue", behind),
+            _gauge("transport_buffer_bytes", "bytes buffered in event-loop transports (not yet in the kernel)",
+                   buffered),
+            _gauge("paused_connections", "connections whose transport asked us to pause writing", paused),
+        ]
+
+    @staticmethod
     def _build_info() -> GaugeMetricFamily:
         import gateway_ext  # a leaf package (stdlib only), not `gateway`
         family = GaugeMetricFamily(f"{PREFIX}_build_info", "1; labels say which hot path and Python are in use",
@@ -176,6 +213,7 @@ class GatewayCollector:
             value = getattr(stats, attr, None)
             if isinstance(value, dict):
                 yield _labelled_counter(name, help_text, label, value)
+        yield from self._queues(gw)
         handshake = getattr(stats, "handshake", None)
         if isinstance(handshake, LatencyHistogram):
             yield _histogram("handshake_seconds", "time from TCP accept to the 101 response", handshake)
@@ -186,36 +224,56 @@ class GatewayCollector:
             yield _histogram("event_loop_lag_seconds_distribution", "event-loop lag samples", self.lag.histogram)
         yield self._build_info()
         seen: set[int] = {id(stats)}
+        names: set[str] = set()
         for source, obj in discover_sources(gw):
             if id(obj) in seen:
                 continue
             seen.add(id(obj))
-            yield from export_object(source, obj)
+            for family in export_object(source, obj):
+                if family.name not in names:   # two objects exporting one name: keep the first
+                    names.add(family.name)
+                    yield family
 
 
 def discover_sources(gw) -> list[tuple[str, object]]:
-    """(name, stats object) pairs for every feature that has landed on this gateway."""
+    """(name, stats object or dict) pairs for every feature that has landed on this gateway."""
     found: list[tuple[str, object]] = []
     explicit = getattr(gw, "metric_sources", None)
     if isinstance(explicit, dict):
         found.extend(explicit.items())
     holders = [gw, *getattr(gw, "endpoints", {}).values()]
-    for holder in holders:
+    seen = {id(h) for h in holders}
+    while holders:
+        holder = holders.pop(0)
         for attr in SOURCE_ATTRS:
             obj = getattr(holder, attr, None)
-            if obj is not None:
-                found.append((attr, obj))
-    # An object with a `.stats` is exported through it (and also its own plain ints, e.g. broker state).
+            if obj is None or isinstance(obj, (int, float, str, dict)) or id(obj) in seen:
+                continue
+            seen.add(id(obj))
+            found.append((attr, obj))
+            holders.append(obj)     # one level down: the hub's broker
     out = []
     for name, obj in found:
+        kind = getattr(type(obj), "stats", None)
         stats = getattr(obj, "stats", None)
-        if stats is not None and not callable(stats):
+        if stats is None:
+            out.append((name, obj))
+        elif isinstance(kind, property):
             out.append((name, stats))
-        out.append((name, obj))
+            out.append((name, obj))
+        elif callable(stats):
+            try:
+                out.append((name, stats()))
+            except Exception:  # a feature's stats() must not break the scrape
+                continue
+        else:
+            out.append((name, stats))
     return out
 
 
 def _attributes(obj) -> dict:
+    if isinstance(obj, dict):
+        return {str(k): v for k, v in obj.items() if not str(k).startswith("_")}
     names: list[str] = []
     for cls in type(obj).__mro__:
         names.extend(getattr(cls, "__slots__", ()))

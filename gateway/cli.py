@@ -90,6 +90,19 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rate-limit", type=float, metavar="MSGS",
                    help="inbound messages/s per connection, then close 4002 (default 100; 0 = off)")
     p.add_argument("--rate-limit-burst", type=int, metavar="N", help="messages allowed at once (default 200)")
+    p.add_argument("--compression", action=argparse.BooleanOptionalAction, default=None,
+                   help="negotiate permessage-deflate (RFC 7692) when clients offer it (default on)")
+    p.add_argument("--compression-level", type=int, metavar="0-9", help="zlib level (default 6)")
+    p.add_argument("--compression-min-bytes", type=int, metavar="N",
+                   help="send messages shorter than N uncompressed (default 256)")
+    p.add_argument("--compression-server-max-window-bits", type=int, metavar="8-15", help="default 15")
+    p.add_argument("--compression-client-max-window-bits", type=int, metavar="9-15", help="default 12")
+    p.add_argument("--compression-client-context-takeover", action=argparse.BooleanOptionalAction, default=None,
+                   help="let clients keep their compression context (one inflater per connection; default off)")
+    p.add_argument("--compression-max-contexts", type=int, metavar="N",
+                   help="cap on per-connection inflaters (default 1000)")
+    p.add_argument("--compression-exclude-rooms", metavar="GLOBS",
+                   help="comma-separated room patterns broadcast uncompressed (e.g. 'bin.*,video.*')")
 
 
 # Flags whose dest is a Config field become overrides (any field added to Config and given

@@ -59,6 +59,17 @@ class Config:
     # graceful shutdown
     drain_window: float = 2.0          # spread the 1001/1012 close frames over this many seconds
     drain_timeout: float = 10.0        # the whole shutdown ends within this; stragglers are aborted
+    # permessage-deflate (RFC 7692; gateway/deflate.py). On by default: the server never keeps
+    # per-connection compressor state (server_no_context_takeover, compress-once broadcasts)
+    # and by default not per-connection inflaters either (client_no_context_takeover).
+    compression: bool = True
+    compression_level: int = 6                     # zlib level 0-9, paid once per broadcast
+    compression_min_bytes: int = 256               # shorter messages are sent uncompressed
+    compression_server_max_window_bits: int = 15   # 8-15; shared compressors, no per-connection cost
+    compression_client_max_window_bits: int = 12   # 9-15; bounds each inflater (when the client offers it)
+    compression_client_context_takeover: bool = False  # let clients keep context: one inflater each
+    compression_max_contexts: int = 1000           # cap on those inflaters; beyond it: no takeover
+    compression_exclude_rooms: str = ""            # comma-separated fnmatch patterns sent uncompressed
     # broker
     broker: str = "memory://"
     # rooms on /ws (protocol and error codes: gateway/commands.py)
@@ -248,6 +259,24 @@ def _problems(config: Config) -> list[tuple[str, str]]:
     if any("none" == a.lower() for a in config.jwt_algorithms):
         out.append(("jwt_algorithms", "'none' disables signatures and is never accepted (RFC 8725 section 3.1)"))
     out.extend(_tls_problems(config))
+    out.extend(_compression_problems(config))
+    return out
+
+
+def _compression_problems(config: Config) -> list[tuple[str, str]]:
+    out = []
+    if not 0 <= config.compression_level <= 9:
+        out.append(("compression_level", "must be 0-9 (zlib levels)"))
+    if config.compression_min_bytes < 0:
+        out.append(("compression_min_bytes", "must be >= 0"))
+    # RFC 7692 section 7.1.2: window bits are 8-15. zlib cannot deflate with an 8-bit window, so
+    # clients built on it cannot honour client_max_window_bits=8: never ask for it.
+    if not 8 <= config.compression_server_max_window_bits <= 15:
+        out.append(("compression_server_max_window_bits", "must be 8-15 (RFC 7692 section 7.1.2.1)"))
+    if not 9 <= config.compression_client_max_window_bits <= 15:
+        out.append(("compression_client_max_window_bits", "must be 9-15 (zlib cannot deflate with 8)"))
+    if config.compression_max_contexts < 0:
+        out.append(("compression_max_contexts", "must be >= 0"))
     return out
 
 

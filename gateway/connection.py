@@ -22,7 +22,7 @@ import logging
 
 from .errors import HandshakeRejected
 from .handshake import Request, accept, parse_request, reject, response, validate_upgrade
-from .protocol import ServerProtocol
+from .protocol import DeflateServerProtocol, ServerProtocol
 
 log = logging.getLogger("gateway.connection")
 
@@ -328,8 +328,8 @@ class Connection(asyncio.Protocol):
             raise HandshakeRejected(503, "server is at its connection limit; retry later", {"Retry-After": "5"})
         extra_headers = gw.admit(self, request)   # auth, origin, per-IP limits (may raise)
         subprotocol = endpoint.select_subprotocol(request)
-        ws = ServerProtocol(gw.config.max_message_bytes)
-        self.transport.write(accept(key, subprotocol, None, extra_headers))
+        ws, extensions = self._negotiate_extensions(request)
+        self.transport.write(accept(key, subprotocol, extensions, extra_headers))
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -341,13 +341,27 @@ class Connection(asyncio.Protocol):
         gw.connection_opened(self)
         log.info("connection opened", extra={
             "event": "open", "conn": self.id, "peer": self.peer, "user": self.user,
-            "path": request.path, "subprotocol": subprotocol or "",
+            "path": request.path, "subprotocol": subprotocol or "", "extensions": extensions or "",
         })
         endpoint.on_open(self, subprotocol)
         if rest:
             self.data_received(rest)
         else:
             self.flush()
+
+    def _negotiate_extensions(self, request: Request):
+        """The protocol object and the Sec-WebSocket-Extensions answer (RFC 7692 section 5)."""
+        gw = self.gateway
+        offers = request.header("sec-websocket-extensions")
+        deflate = gw.deflate
+        if offers and deflate is not None:
+            codec, answer, declined = deflate.negotiate(offers, gw.config.max_message_bytes)
+            if declined:  # RFC 7692 section 5: an invalid offer is declined, not an error
+                log.info("permessage-deflate offer declined", extra={
+                    "event": "extension_declined", "conn": self.id, "peer": self.peer, "reason": "; ".join(declined)})
+            if codec is not None:
+                return DeflateServerProtocol(gw.config.max_message_bytes, codec), answer
+        return ServerProtocol(gw.config.max_message_bytes), None
 
     def _reject(self, exc: HandshakeRejected) -> None:
         stats = self.gateway.stats

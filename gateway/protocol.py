@@ -17,6 +17,12 @@ half-closes the socket and discards what the peer still sends.
 
 State: OPEN -> CLOSING (a close frame was sent or received) -> CLOSED (both were, or the
 transport went away). This module does no I/O and imports only gateway_ext.
+
+permessage-deflate (RFC 7692): when negotiated, `deflate` is the connection's codec
+(gateway/deflate.py, duck-typed here) and the parser accepts RSV1. A message whose first frame
+has RSV1 is reassembled compressed, inflated once complete (section 7.2.2), then its UTF-8 is
+validated. `DeflateServerProtocol.send` compresses replies; connections without compression
+use `ServerProtocol` and never reach any of this (one `if rsv1` per data frame).
 """
 from __future__ import annotations
 
@@ -52,10 +58,10 @@ class ServerProtocol:
     __slots__ = (
         "state", "max_message_bytes", "_parser", "_utf8", "_frag_opcode", "_frag_parts",
         "_frag_size", "_out", "close_code", "close_reason", "close_sent", "close_received",
-        "failed", "pongs_received", "_pending_close",
+        "failed", "pongs_received", "_pending_close", "deflate", "_frag_compressed",
     )
 
-    def __init__(self, max_message_bytes: int = 1 << 20) -> None:
+    def __init__(self, max_message_bytes: int = 1 << 20, deflate=None) -> None:
         self.state = State.OPEN
         self.max_message_bytes = max_message_bytes
         # A single frame can never be larger than the largest message.
@@ -72,6 +78,10 @@ class ServerProtocol:
         self.failed = False             # we failed the connection (section 7.1.7)
         self.pongs_received = 0
         self._pending_close = None      # (code, reason) to send after this read's answers
+        self.deflate = deflate          # permessage-deflate codec, None if not negotiated
+        self._frag_compressed = False   # the message being reassembled had RSV1 (RFC 7692 6)
+        if deflate is not None:
+            self._parser.allow_rsv1 = True  # RFC 7692 section 6: RSV1 means "compressed"
 
     # -- receiving ----------------------------------------------------------------------
 
@@ -86,12 +96,15 @@ class ServerProtocol:
             self._fail(exc.code, exc.reason)
             return []
         messages = []
-        for opcode, fin, _rsv1, payload in frames:
+        for opcode, fin, rsv1, payload in frames:
             if opcode == OP_TEXT or opcode == OP_BINARY:
                 if self._frag_opcode:
                     self._fail(PROTOCOL_ERROR, "new message started before the fragmented one finished")
                     break
-                if fin:
+                if rsv1:  # only possible when permessage-deflate was negotiated (parser rule)
+                    if not self._start_compressed(opcode, fin, payload, messages):
+                        break
+                elif fin:
                     if opcode == OP_TEXT and not validate_utf8(payload):
                         self._fail(INVALID_DATA, "text message is not valid UTF-8")
                         break
@@ -130,6 +143,31 @@ class ServerProtocol:
         self._frag_size = len(payload)
         return True
 
+    def _start_compressed(self, opcode: int, fin: bool, payload: bytes, messages: list) -> bool:
+        # RFC 7692 section 6: RSV1 on the first frame marks the whole message compressed;
+        # continuation frames carry RSV1 = 0 (the parser rejects it there).
+        if fin:
+            return self._finish_compressed(opcode, payload, messages)
+        self._frag_opcode = opcode
+        self._frag_compressed = True
+        self._frag_parts = [payload]
+        self._frag_size = len(payload)
+        return True
+
+    def _finish_compressed(self, opcode: int, payload: bytes, messages: list) -> bool:
+        try:
+            data = self.deflate.decompress(payload)  # capped at max_message_bytes (1009)
+        except FrameError as exc:
+            self._fail(exc.code, exc.reason)
+            return False
+        # RFC 7692 section 6.2 / RFC 6455 section 8.1: UTF-8 applies to the inflated text.
+        if opcode == OP_TEXT and not validate_utf8(data):
+            self._fail(INVALID_DATA, "text message is not valid UTF-8")
+            return False
+        if not self.close_sent:
+            messages.append((opcode, data))
+        return True
+
     def _continue_fragments(self, fin: bool, payload: bytes, messages: list) -> bool:
         opcode = self._frag_opcode
         if not opcode:
@@ -139,6 +177,8 @@ class ServerProtocol:
         if self._frag_size > self.max_message_bytes:
             self._fail(MESSAGE_TOO_BIG, f"message exceeds the {self.max_message_bytes}-byte limit")
             return False
+        if self._frag_compressed:
+            return self._continue_compressed(fin, payload, messages)
         if opcode == OP_TEXT and not self._utf8.feed(payload):
             self._fail(INVALID_DATA, "text message is not valid UTF-8")
             return False
@@ -154,6 +194,18 @@ class ServerProtocol:
             if not self.close_sent:
                 messages.append((opcode, data))
         return True
+
+    def _continue_compressed(self, fin: bool, payload: bytes, messages: list) -> bool:
+        # The compressed size is bounded by the check above; the inflated size by the codec.
+        self._frag_parts.append(payload)
+        if not fin:
+            return True
+        opcode, parts = self._frag_opcode, self._frag_parts
+        self._frag_opcode = 0
+        self._frag_compressed = False
+        self._frag_parts = []
+        self._frag_size = 0
+        return self._finish_compressed(opcode, b"".join(parts), messages)
 
     def _receive_close(self, payload: bytes) -> None:
         # Section 5.5.1: a body, if present, starts with a 2-byte code; a 1-byte body is invalid.
@@ -184,6 +236,8 @@ class ServerProtocol:
     def receive_eof(self) -> None:
         """The peer half-closed or the transport ended."""
         self.state = State.CLOSED
+        if self.deflate is not None:
+            self.deflate.release()  # nothing more to inflate: return its context to the budget
 
     # -- sending ------------------------------------------------------------------------
 
@@ -245,3 +299,17 @@ class ServerProtocol:
     def wants_transport_closed(self) -> bool:
         """Section 7.1.1: once both close frames crossed, the server closes TCP first."""
         return self.close_sent and self.close_received
+
+
+class DeflateServerProtocol(ServerProtocol):
+    """A connection that negotiated permessage-deflate: replies go through the codec.
+
+    A subclass, so that `ServerProtocol.send` -- the echo/reply hot path of every connection
+    without compression -- carries no "is compression on?" test.
+    """
+
+    __slots__ = ()
+
+    def send(self, opcode: int, payload) -> None:
+        if not self.close_sent:
+            self._out.append(self.deflate.encode(opcode, payload))

@@ -36,6 +36,7 @@ import socket
 from . import logs, systemd
 from .config import RELOADABLE, Config, make_ssl_context
 from .connection import Connection, Corker
+from .deflate import Deflate
 from .echo import EchoEndpoint
 from .errors import ConfigError, HandshakeRejected
 from .handshake import response
@@ -71,6 +72,7 @@ class Gateway:
         self.loop = loop or asyncio.get_event_loop()
         self.stats = Stats()
         self.corker = Corker(self.loop)
+        self.deflate = Deflate.from_config(config)   # permessage-deflate policy, None when off
         self.connections: set[Connection] = set()
         self.endpoints: dict[str, object] = {}
         if config.echo:

@@ -27,7 +27,9 @@ import operator
 
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.list cimport PyList_New, PyList_SET_ITEM
 from cpython.mem cimport PyMem_Free, PyMem_Realloc
+from cpython.ref cimport Py_INCREF
 from libc.stdint cimport INT64_MAX, uint64_t
 from libc.string cimport memcpy, memmove
 
@@ -42,11 +44,131 @@ cdef enum:
     _SHRINK_ABOVE = 256 * 1024
 
 cdef object _FrameError = FrameError
+# The 16 opcode ints, fetched by index instead of converted per frame.
+cdef tuple _OPCODES = tuple(range(16))
+
+# Close code of each fault (RFC 6455 section 7.4.1): 1002 protocol error, 1009 too big.
+cdef int _FAULT_CODES[11]
+_FAULT_CODES[:] = [0, 1002, 1002, 1002, 1002, 1002, 1002, 1002, 1002, 1002, 1009]
 
 
 cdef inline uint64_t _load_be64(const unsigned char* p) noexcept nogil:
     return ((<uint64_t>p[0] << 56) | (<uint64_t>p[1] << 48) | (<uint64_t>p[2] << 40) | (<uint64_t>p[3] << 32)
             | (<uint64_t>p[4] << 24) | (<uint64_t>p[5] << 16) | (<uint64_t>p[6] << 8) | <uint64_t>p[7])
+
+
+cdef Py_ssize_t _scan(const unsigned char* p, Py_ssize_t n, bint require_mask, bint allow_rsv1,
+                      long long max_bytes, Scan* out) noexcept nogil:
+    """Pass 1, pure C: validate the headers in p[:n] and count the complete frames.
+
+    Sets out.count, out.end (bytes used by those frames) and out.fault (+ the opcode or
+    length the error text needs) at the first rule broken; returns out.count.
+    """
+    cdef Py_ssize_t pos = 0, header, avail
+    cdef unsigned int b0, b1, opcode
+    cdef bint masked
+    cdef uint64_t length
+    out.count = 0
+    out.fault = FAULT_NONE
+    while n - pos >= 2:
+        # -- HEADER: every rule that two bytes can decide, in the twin's order.
+        b0 = p[pos]
+        b1 = p[pos + 1]
+        opcode = b0 & 0x0F
+        masked = (b1 & 0x80) != 0
+        length = b1 & 0x7F
+        # RFC 6455 section 5.2: RSV bits MUST be 0 unless an extension defines them;
+        # permessage-deflate (RFC 7692 section 6) defines RSV1 on a message's first frame only.
+        if b0 & 0x30:
+            out.fault = FAULT_RSV23
+            break
+        if (b0 & 0x40) and (not allow_rsv1 or opcode == 0 or opcode >= 8):
+            out.fault = FAULT_RSV1
+            break
+        if opcode >= 8:
+            if opcode > 0xA:
+                out.fault = FAULT_CONTROL_OPCODE
+                out.opcode = opcode
+                break
+            # RFC 6455 section 5.5: control frames are never fragmented, payload <= 125.
+            if not (b0 & 0x80):
+                out.fault = FAULT_FRAGMENTED_CONTROL
+                break
+            if length > _MAX_CONTROL_PAYLOAD:
+                out.fault = FAULT_CONTROL_LENGTH
+                break
+        elif opcode > 2:
+            out.fault = FAULT_DATA_OPCODE
+            out.opcode = opcode
+            break
+        # RFC 6455 section 5.1: a server MUST close on an unmasked client frame.
+        if masked != require_mask:
+            out.fault = FAULT_UNMASKED if require_mask else FAULT_MASKED
+            break
+        # -- EXTENDED LENGTH (section 5.2: 126 -> 16-bit, 127 -> 64-bit with MSB 0).
+        header = 2
+        if length == 126:
+            if n - pos < 4:
+                break
+            length = (<uint64_t>p[pos + 2] << 8) | p[pos + 3]
+            header = 4
+        elif length == 127:
+            if n - pos < 10:
+                break
+            length = _load_be64(p + pos + 2)
+            if length >> 63:
+                out.fault = FAULT_LENGTH_MSB
+                break
+            header = 10
+        if <long long>length > max_bytes:
+            out.fault = FAULT_TOO_BIG
+            out.length = length
+            break
+        # -- MASKING KEY and PAYLOAD: wait until the whole frame is here.
+        if masked:
+            header += 4
+        avail = n - pos - header
+        if avail < 0 or <uint64_t>avail < length:
+            break
+        pos += header + <Py_ssize_t>length
+        out.count += 1
+    out.end = pos
+    return out.count
+
+
+cdef list _cut(const unsigned char* p, Py_ssize_t count):
+    """Pass 2: build the `count` frames that _scan() validated at the start of p.
+
+    The list is allocated at its final size; each payload is copied (and unmasked) once,
+    straight into its new bytes object.
+    """
+    cdef list frames = PyList_New(count)
+    cdef Py_ssize_t i, pos = 0
+    cdef unsigned int b0, b1
+    cdef Py_ssize_t length
+    cdef bytes payload
+    cdef tuple frame
+    for i in range(count):
+        b0 = p[pos]
+        b1 = p[pos + 1]
+        length = b1 & 0x7F
+        pos += 2
+        if length == 126:
+            length = (<Py_ssize_t>p[pos] << 8) | p[pos + 1]
+            pos += 2
+        elif length == 127:
+            length = <Py_ssize_t>_load_be64(p + pos)
+            pos += 8
+        if b1 & 0x80:
+            payload = mask_to_bytes(p + pos + 4, length, p + pos)
+            pos += 4
+        else:
+            payload = PyBytes_FromStringAndSize(<char*>p + pos, length)
+        pos += length
+        frame = (_OPCODES[b0 & 0x0F], (b0 & 0x80) != 0, (b0 & 0x40) != 0, payload)
+        Py_INCREF(frame)                  # PyList_SET_ITEM steals the reference
+        PyList_SET_ITEM(frames, i, frame)
+    return frames
 
 
 cdef class FrameParser:
@@ -105,108 +227,51 @@ cdef class FrameParser:
             PyBuffer_Release(&view)
 
     cdef list feed_ptr(self, const unsigned char* p, Py_ssize_t n):
-        cdef list frames = []
-        cdef Py_ssize_t consumed
+        cdef list frames
+        cdef Scan scan
         if self.error is not None:
             raise self.error
         if self._len == 0:
             # Parse straight from the caller's bytes; keep only the unfinished tail.
-            consumed = self._parse(p, n, frames)
-            if self.error is None and consumed < n:
-                self._keep(p + consumed, n - consumed)
+            _scan(p, n, self.require_mask, self.allow_rsv1, self._max_bytes, &scan)
+            frames = _cut(p, scan.count)
+            if scan.fault == FAULT_NONE:
+                self._keep(p + scan.end, n - scan.end)
         else:
             self._keep(p, n)
-            consumed = self._parse(self._buf, self._len, frames)
-            if self.error is None:
-                self._drop(consumed)
-        if self.error is not None:
+            _scan(self._buf, self._len, self.require_mask, self.allow_rsv1, self._max_bytes, &scan)
+            frames = _cut(self._buf, scan.count)
+            if scan.fault == FAULT_NONE:
+                self._drop(scan.end)
+        if scan.fault != FAULT_NONE:
+            # The frames before the invalid one are returned; the rest of the input is dropped.
             self._clear()
+            self.error = _FrameError(_FAULT_CODES[scan.fault], self._reason(&scan))
             if not frames:
                 raise self.error
         return frames
 
-    cdef Py_ssize_t _parse(self, const unsigned char* p, Py_ssize_t n, list frames) except -1:
-        """Append the complete frames of p[:n] to `frames`; return how many bytes they used.
-
-        On a protocol violation, store the FrameError in `error` and return the bytes used
-        by the frames before it (the caller then discards the rest).
-        """
-        cdef Py_ssize_t pos = 0, header, avail
-        cdef unsigned int b0, b1, opcode
-        cdef bint fin, rsv1, masked
-        cdef uint64_t length
-        cdef bytes payload
-        while n - pos >= 2:
-            # -- HEADER: every rule that two bytes can decide, in the twin's order.
-            b0 = p[pos]
-            b1 = p[pos + 1]
-            fin = (b0 & 0x80) != 0
-            rsv1 = (b0 & 0x40) != 0
-            opcode = b0 & 0x0F
-            masked = (b1 & 0x80) != 0
-            length = b1 & 0x7F
-            # RFC 6455 section 5.2: RSV bits MUST be 0 unless an extension defines them;
-            # permessage-deflate (RFC 7692 section 6) defines RSV1 on a message's first frame only.
-            if b0 & 0x30:
-                self._fail(1002, "reserved bits RSV2/RSV3 must be 0")
-                return pos
-            if rsv1 and (not self.allow_rsv1 or opcode == 0 or opcode >= 8):
-                self._fail(1002, "reserved bit RSV1 set without a negotiated extension")
-                return pos
-            if opcode >= 8:
-                if opcode > 0xA:
-                    self._fail(1002, f"reserved control opcode {opcode:#x}")
-                    return pos
-                # RFC 6455 section 5.5: control frames are never fragmented, payload <= 125.
-                if not fin:
-                    self._fail(1002, "fragmented control frame")
-                    return pos
-                if length > _MAX_CONTROL_PAYLOAD:
-                    self._fail(1002, "control frame payload longer than 125 bytes")
-                    return pos
-            elif opcode > 2:
-                self._fail(1002, f"reserved data opcode {opcode:#x}")
-                return pos
-            # RFC 6455 section 5.1: a server MUST close on an unmasked client frame.
-            if masked != self.require_mask:
-                self._fail(1002, "client frame is not masked" if self.require_mask else "server frame is masked")
-                return pos
-            # -- EXTENDED LENGTH (section 5.2: 126 -> 16-bit, 127 -> 64-bit with MSB 0).
-            header = 2
-            if length == 126:
-                if n - pos < 4:
-                    break
-                length = (<uint64_t>p[pos + 2] << 8) | p[pos + 3]
-                header = 4
-            elif length == 127:
-                if n - pos < 10:
-                    break
-                length = _load_be64(p + pos + 2)
-                if length >> 63:
-                    self._fail(1002, "payload length has the most significant bit set")
-                    return pos
-                header = 10
-            if <long long>length > self._max_bytes:
-                self._fail(1009, f"frame of {length} bytes exceeds the {self._max_obj}-byte limit")
-                return pos
-            # -- MASKING KEY and PAYLOAD: wait until the whole frame is here.
-            if masked:
-                header += 4
-            avail = n - pos - header
-            if avail < 0 or <uint64_t>avail < length:
-                break
-            pos += header
-            if masked:
-                payload = mask_to_bytes(p + pos, <Py_ssize_t>length, p + pos - 4)
-            else:
-                payload = PyBytes_FromStringAndSize(<char*>p + pos, <Py_ssize_t>length)
-            frames.append((opcode, fin, rsv1, payload))
-            pos += <Py_ssize_t>length
-        return pos
-
-    cdef int _fail(self, int code, str reason) except -1:
-        self.error = _FrameError(code, reason)
-        return 0
+    cdef str _reason(self, Scan* scan):
+        """The twin's exact reason text for a fault."""
+        if scan.fault == FAULT_RSV23:
+            return "reserved bits RSV2/RSV3 must be 0"
+        if scan.fault == FAULT_RSV1:
+            return "reserved bit RSV1 set without a negotiated extension"
+        if scan.fault == FAULT_CONTROL_OPCODE:
+            return f"reserved control opcode {scan.opcode:#x}"
+        if scan.fault == FAULT_FRAGMENTED_CONTROL:
+            return "fragmented control frame"
+        if scan.fault == FAULT_CONTROL_LENGTH:
+            return "control frame payload longer than 125 bytes"
+        if scan.fault == FAULT_DATA_OPCODE:
+            return f"reserved data opcode {scan.opcode:#x}"
+        if scan.fault == FAULT_UNMASKED:
+            return "client frame is not masked"
+        if scan.fault == FAULT_MASKED:
+            return "server frame is masked"
+        if scan.fault == FAULT_LENGTH_MSB:
+            return "payload length has the most significant bit set"
+        return f"frame of {scan.length} bytes exceeds the {self._max_obj}-byte limit"
 
     cdef int _reserve(self, Py_ssize_t total) except -1:
         """Make room for `total` buffered bytes (geometric growth: appends are amortised O(1))."""

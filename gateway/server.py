@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import itertools
 import logging
 import os
@@ -317,9 +318,10 @@ class Gateway:
                           extra={"event": "reload_error", "error": error})
             return set()
         old = self.config
-        changed = {f for f in RELOADABLE | {"host", "port", "workers", "backlog", "broker", "metrics_port",
-                                            "metrics_host", "echo", "demo"}
-                   if getattr(old, f) != getattr(new, f)}
+        # Every field is compared: anything outside RELOADABLE (sockets, workers, broker, auth keys
+        # and other settings features read once at start) is reported as needing a restart.
+        changed = {f.name for f in dataclasses.fields(old)
+                   if f.name != "extra" and getattr(old, f.name) != getattr(new, f.name)}
         needs_restart = changed - RELOADABLE
         if bool(old.certfile) != bool(new.certfile):
             needs_restart |= {"certfile", "keyfile"}   # turning TLS on/off changes the listener

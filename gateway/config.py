@@ -125,6 +125,13 @@ RELOADABLE = frozenset({
     "ping_timeout", "close_timeout", "max_connections", "drain_window", "drain_timeout",
     "certfile", "keyfile",
 })
+# Auth and defence settings apply to new handshakes on SIGHUP; defences.Defences.reload also
+# re-reads the key files, so keys rotate without dropping anyone.
+RELOADABLE = RELOADABLE | {
+    "jwt_secret", "jwt_secret_file", "jwt_public_key_file", "jwt_algorithms", "jwt_issuer", "jwt_audience",
+    "jwt_leeway", "token_cookie", "default_rooms", "default_publish", "allowed_origins", "trusted_proxies",
+    "max_connections_per_ip", "rate_limit", "rate_limit_burst",
+}
 
 # name -> check(table) -> list of (key path inside the table, message); see register_section.
 _SECTION_CHECKS: dict[str, Callable[[dict], list]] = {}
@@ -256,6 +263,8 @@ def _problems(config: Config) -> list[tuple[str, str]]:
         out.append(("jwt_leeway", "must be >= 0 seconds"))
     if config.jwt_secret and config.jwt_secret_file:
         out.append(("jwt_secret_file", "jwt_secret and jwt_secret_file are mutually exclusive"))
+    if any(len(k) < 16 for k in config.api_keys):
+        out.append(("api_keys", "every key needs at least 16 characters (e.g. `openssl rand -hex 32`)"))
     if any("none" == a.lower() for a in config.jwt_algorithms):
         out.append(("jwt_algorithms", "'none' disables signatures and is never accepted (RFC 8725 section 3.1)"))
     out.extend(_tls_problems(config))

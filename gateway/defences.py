@@ -83,11 +83,44 @@ class Defences:
         gw.admission_hooks.append(self.admit)
         gw.open_hooks.append(self.on_open)
         gw.close_hooks.append(self.on_close)
-        if self.auth is not None:
-            gw.sweep_hooks.append(self.sweep)
-            gw.refresh_token = self.refresh
+        gw.sweep_hooks.append(self.sweep)          # an empty wheel costs one comparison a second
+        gw.refresh_token = self.refresh if self.auth is not None else None
+        on_reload = getattr(gw, "on_reload", None)
+        if on_reload is not None:
+            on_reload.append(self.reload)
         gw.limits = self
         return self
+
+    def reload(self, _old, new) -> None:
+        """SIGHUP: rebuild keys (files re-read: key rotation), origins, proxies and limits.
+
+        New handshakes use them at once; open connections keep their principal and expiry.
+        A bad new setting keeps the running ones (and says why).
+        """
+        try:
+            authenticator = build_authenticator(new)
+            origins = OriginPolicy(_list(new.allowed_origins), bool(authenticator and authenticator.cookie))
+            addresses = ClientAddress(_list(new.trusted_proxies))
+        except ConfigError as exc:
+            log.error("SIGHUP: auth/defence settings rejected, keeping the running ones",
+                      extra={"event": "reload_error", "error": str(exc)})
+            return
+        if (authenticator is None) != (self.auth is None):
+            log.warning("SIGHUP: authentication turned %s for new connections", "on" if authenticator else "OFF",
+                        extra={"event": "auth_reload"})
+        self.auth, self.origins, self.addresses = authenticator, origins, addresses
+        self.gateway.refresh_token = self.refresh if authenticator is not None else None
+        self.per_ip.limit = int(new.max_connections_per_ip)
+        self.rate = float(new.rate_limit)
+        self.burst = float(new.rate_limit_burst) or max(1.0, self.rate)
+        leeway = authenticator.leeway if authenticator else 0.0
+        if leeway != self._leeway:
+            # Slots depend on the leeway: re-file every waiting connection (once per reload).
+            waiting = [conn for bucket in self._wheel.values() for conn in bucket]
+            self._leeway, self._wheel = leeway, {}
+            for conn in waiting:
+                self._wheel.setdefault(self._slot(conn.principal.expires_at), set()).add(conn)
+        log.info("auth and defences reloaded", extra={"event": "reload", "auth": authenticator is not None})
 
     # -- before the 101 -------------------------------------------------------------------
 
@@ -132,14 +165,15 @@ class Defences:
     # -- open connections -----------------------------------------------------------------
 
     def on_open(self, conn) -> None:
-        if self.per_ip.limit and conn.client_ip:
+        # Counted even while the cap is off, so a cap turned on by SIGHUP sees the truth.
+        if conn.client_ip:
             self.per_ip.add(ip_key(conn.client_ip))
         principal = conn.principal
-        if principal is not None and principal.expires_at is not None and self.auth is not None:
+        if principal is not None and principal.expires_at is not None:
             self._wheel.setdefault(self._slot(principal.expires_at), set()).add(conn)
 
     def on_close(self, conn) -> None:
-        if self.per_ip.limit and conn.client_ip:
+        if conn.client_ip:
             self.per_ip.remove(ip_key(conn.client_ip))
         principal = conn.principal
         if principal is not None and principal.expires_at is not None:

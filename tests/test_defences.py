@@ -215,3 +215,30 @@ def test_refresh_without_auth_is_unsupported(run):
                 reply = await request(c, op="refresh", token=t.hs256(), id=1)
                 assert reply["code"] == "unsupported"
     run(main())
+
+
+def test_sighup_reload_rotates_keys_and_limits(run, tmp_path):
+    from tests.helpers import make_config
+    secret_file = tmp_path / "secret"
+    secret_file.write_text(t.SECRET)
+
+    async def main():
+        async with serve(jwt_secret_file=str(secret_file)) as gw:
+            async with ws(gw, t.hs256(sub="old")) as held:
+                secret_file.write_text(t.OTHER_SECRET)                     # the operator rotates the key
+                gw.reload_config = lambda: make_config(jwt_secret_file=str(secret_file), max_connections_per_ip=2)
+                assert "max_connections_per_ip" in gw.reload()
+                status, _, body = await refused(ws_url(gw, "/ws") + "?token=" + t.hs256())
+                assert status == 401 and "signature verification failed" in body
+                async with ws(gw, t.hs256(secret=t.OTHER_SECRET, sub="new")) as fresh:
+                    assert (await request(fresh, op="join", room="r", id=1))["op"] == "ack"
+                    status, _, _ = await refused(ws_url(gw, "/ws") + "?token=" + t.hs256(secret=t.OTHER_SECRET))
+                    assert status == 429                                    # the new per-IP limit applies
+                # a broken new configuration keeps the running keys
+                secret_file.unlink()
+                gw.reload_config = lambda: make_config(jwt_secret_file=str(secret_file))
+                gw.reload()
+                async with ws(gw, t.hs256(secret=t.OTHER_SECRET, sub="again")):
+                    pass
+                assert (await request(held, op="join", room="r", id=2))["op"] == "ack"   # untouched
+    run(main())

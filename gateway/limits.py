@@ -13,6 +13,8 @@ from typing import Iterable
 
 from .errors import ConfigError
 
+_monotonic = time.monotonic
+
 _DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
 
 
@@ -255,16 +257,19 @@ class TokenBucket:
         self.rate = float(rate)
         self.burst = float(burst)
         self.tokens = float(burst)
-        self.stamp = time.monotonic() if now is None else now
+        self.stamp = _monotonic() if now is None else now
         self.exceeded = exceeded
 
-    def take(self, n: int, now: float | None = None) -> int:
-        if now is None:
-            now = time.monotonic()
+    def take(self, n: int, clock=_monotonic) -> int:
+        """How many of `n` messages arriving now fit (n when all do); the rest are refused.
+
+        `clock` is bound at definition time (no global lookup per read); tests pass their own.
+        """
+        now = clock()
         tokens = self.tokens + (now - self.stamp) * self.rate
+        self.stamp = now
         if tokens > self.burst:
             tokens = self.burst
-        self.stamp = now
         if tokens >= n:
             self.tokens = tokens - n
             return n

@@ -90,8 +90,8 @@ def test_connection_counter_frees_entries():
 
 def test_token_bucket():
     bucket = TokenBucket(rate=8, burst=5, now=0.0)     # times below are exact binary fractions
-    assert bucket.take(5, now=0.0) == 5                # the burst
-    assert bucket.take(1, now=0.0) == 0
-    assert bucket.take(1, now=0.125) == 1              # 8/s: one token per 125 ms
-    assert bucket.take(3, now=0.375) == 2              # partial: two of three fit
-    assert bucket.take(100, now=100.0) == 5            # refill caps at the burst
+    assert bucket.take(5, clock=lambda: 0.0) == 5                # the burst
+    assert bucket.take(1, clock=lambda: 0.0) == 0
+    assert bucket.take(1, clock=lambda: 0.125) == 1              # 8/s: one token per 125 ms
+    assert bucket.take(3, clock=lambda: 0.375) == 2              # partial: two of three fit
+    assert bucket.take(100, clock=lambda: 100.0) == 5            # refill caps at the burst

@@ -177,6 +177,8 @@ class ClientAddress:
     def resolve(self, peer: str, forwarded_for: str = "", real_ip: str = "") -> str:
         """The client IP as text; `peer` is Connection.peer, i.e. f"{ip}:{port}" (also for IPv6)."""
         host = peer.rpartition(":")[0] if ":" in peer else peer
+        if not self.networks and host and not host.startswith("::ffff:"):
+            return host            # the kernel's own text for the address: nothing to parse
         peer_ip = _parse_ip(host) if host.count(":") != 1 else _parse_ip(peer)
         if peer_ip is None:
             peer_ip = _parse_ip(peer)
@@ -208,11 +210,15 @@ def ip_key(ip_text: str) -> str:
     One IPv6 subscriber usually owns a whole /64 (RFC 6177), so counting single v6
     addresses would let one host open 2**64 times the limit.
     """
+    if ":" not in ip_text:
+        return ip_text             # IPv4 (the common case): no parsing
     try:
         ip = ipaddress.ip_address(ip_text)
     except ValueError:
         return ip_text
     if ip.version == 6:
+        if ip.ipv4_mapped is not None:     # ::ffff:a.b.c.d from a dual-stack socket is IPv4
+            return str(ip.ipv4_mapped)
         return str(ipaddress.ip_network(f"{ip}/64", strict=False))
     return ip_text
 

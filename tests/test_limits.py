@@ -74,6 +74,9 @@ def test_ip_key_groups_ipv6_by_64():
     assert ip_key("192.0.2.1") == "192.0.2.1"
     assert ip_key("2001:db8:1:2::1") == ip_key("2001:db8:1:2:ffff::9") == "2001:db8:1:2::/64"
     assert ip_key("2001:db8:1:3::1") != ip_key("2001:db8:1:2::1")
+    # dual-stack sockets report IPv4 clients as ::ffff:a.b.c.d: still one key per IPv4 address
+    assert ip_key("::ffff:192.0.2.1") == "192.0.2.1" != ip_key("::ffff:192.0.2.2")
+    assert ClientAddress([]).resolve("::ffff:192.0.2.1:4000") == "192.0.2.1"
 
 
 def test_connection_counter_frees_entries():

@@ -145,6 +145,14 @@ def cmd_check_config(path: str) -> int:
         return 2
     for warning in loaded.warnings:
         print(f"warning: {warning}", file=sys.stderr)
+    from . import defences
+    try:
+        # Key files readable and usable, origins and proxies well-formed (what `serve` checks first).
+        defences.preflight(loaded.config)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        print(f"{path}: 1 error(s)", file=sys.stderr)
+        return 2
     print(f"# effective configuration: {path} + environment (WS_GATEWAY_*)")
     sys.stdout.write(config_mod.to_toml(loaded.config, loaded.sources))
     return 0

@@ -183,3 +183,21 @@ def test_bad_key_file_refuses_to_start(tmp_path):
         with pytest.raises(RuntimeError, match=message) as info:
             proc.start(timeout=10)
         assert "exited with 2" in str(info.value)
+
+
+def test_check_config_validates_key_files(tmp_path):
+    import subprocess
+    import sys
+    from tests.helpers import ROOT
+    good = tmp_path / "good.toml"
+    good.write_text(f'jwt_secret = "{t.SECRET}"\napi_keys = ["k123456789abcdef0"]\n')
+    bad = tmp_path / "bad.toml"
+    bad.write_text(f'jwt_public_key_file = "{tmp_path / "missing.pem"}"\n')
+    out = subprocess.run([sys.executable, "-m", "gateway", "check-config", str(good)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert t.SECRET not in out.stdout and "k123456789abcdef0" not in out.stdout   # secrets redacted
+    assert 'jwt_secret = "<redacted>"' in out.stdout
+    out = subprocess.run([sys.executable, "-m", "gateway", "check-config", str(bad)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "jwt_public_key_file: cannot read" in out.stderr

@@ -340,7 +340,7 @@ class Connection(asyncio.Protocol):
         self.last_seen = gw.clock
         gw.connection_opened(self)
         log.info("connection opened", extra={
-            "event": "open", "conn": self.id, "peer": self.peer, "user": self.user,
+            "event": "open", "conn": self.id, "peer": self.peer, "client": self.client_ip, "user": self.user,
             "path": request.path, "subprotocol": subprotocol or "", "extensions": extensions or "",
         })
         endpoint.on_open(self, subprotocol)
@@ -367,7 +367,8 @@ class Connection(asyncio.Protocol):
         stats = self.gateway.stats
         stats.rejected[str(exc.status)] += 1
         log.info("request rejected", extra={
-            "event": "reject", "conn": self.id, "peer": self.peer, "status": exc.status, "reason": exc.reason,
+            "event": "reject", "conn": self.id, "peer": self.peer, "client": self.client_ip, "status": exc.status,
+            "reason": exc.reason,
         })
         self._respond(reject(exc))
 

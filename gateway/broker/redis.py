@@ -1,0 +1,590 @@
+"""The Redis broker: publications cross processes and machines through Redis pub/sub.
+
+Imports only `gateway.broker.base` and redis-py (with hiredis): never the hub, the
+connection or the config, so it can be tested and benchmarked on its own.
+
+Theory of operation
+-------------------
+URLs. `redis://host:port/db`, `rediss://...` (TLS) and `unix:///path?db=N` name one Redis.
+`redis+cluster://host:port[,host:port...]` (or `rediss+cluster://`) names seed nodes of a
+Redis Cluster (7+): the cluster is chosen by the scheme, never guessed, because the two
+modes use different commands and a wrong guess would fail only under load.
+
+Shards. One Redis is one shard. On a cluster the broker asks CLUSTER SLOTS and keeps one
+shard per primary. Each shard has exactly two connections: a publisher and a pub/sub
+reader. On a cluster, sharded pub/sub (SPUBLISH/SSUBSCRIBE) keeps a room's traffic on the
+shard that owns its slot instead of broadcasting it to every node.
+
+Names. Room R uses channel `<prefix>{R}` and sequence key `<prefix>seq:{R}`. The hash tag
+`{R}` puts both in one cluster slot, which sharded pub/sub and the script below require;
+on a single node it is harmless. The prefix may not contain braces (it would move the tag).
+
+Sequence numbers. Publishing runs one Lua script: INCR the room's seq key, EXPIRE it
+(`seq_ttl`, so idle rooms do not leak keys), PUBLISH `b"<seq>:<data>"`. Redis runs scripts
+one at a time, so the number a publisher gets back is the number every subscriber sees, and
+channel order is seq order: gaps are real gaps. Cost: one EVALSHA per publication instead of
+a bare PUBLISH (three commands inside Redis, roughly 2x the server CPU of PUBLISH) and one
+small key per room active within `seq_ttl`. After `seq_ttl` seconds of silence, or after a
+Redis restart without persistence, a room's seq starts again at 1; subscribers count that as
+`seq_resets` (a break they cannot measure) rather than as a gap.
+
+Batching. `publish()` appends to its shard's queue; one writer task per shard writes
+everything queued since its last write as one pipeline, then reads the replies.
+Publications made while a batch is in flight form the next batch, so thousands of
+publishes per second cost a few hundred round trips, and a lone publish waits for nothing
+but the next loop pass. The script is loaded once per connection (SCRIPT LOAD), so the
+pipeline carries only EVALSHA.
+
+Subscriptions. The hub calls `subscribe` on a room's first local join and `unsubscribe` on
+its last leave. `subscribe` waits for Redis's confirmation, so anything published after it
+returns is received; it raises BrokerUnavailable if Redis is unreachable, so the hub can
+roll the join back. `unsubscribe` does not wait; stray messages for rooms no longer held
+are dropped by the reader.
+
+Faults. Any connection error, timeout or cluster redirection marks the broker disconnected:
+the handler is told once and it is logged once; queued and in-flight publications fail with
+BrokerUnavailable (in-flight ones may or may not have reached Redis, so they are reported,
+never claimed as delivered) and are counted in `publish_errors`. A supervisor reconnects
+with jittered exponential backoff, re-reads the cluster topology, reloads the script,
+resubscribes every room held, and only then reports connected. Loss on the receiving side is
+measured from the seq numbers: `messages_lost` counts publications skipped in a room this
+process held (e.g. published elsewhere while this process was cut off).
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import math
+import random
+from urllib.parse import urlsplit
+
+from redis.asyncio.connection import Connection, parse_url
+from redis.crc import key_slot
+from redis.exceptions import NoScriptError, RedisError, ResponseError
+
+from .base import Broker, BrokerHandler, BrokerUnavailable
+
+log = logging.getLogger("gateway.broker.redis")
+
+# KEYS[1] seq key, KEYS[2] channel; ARGV[1] data, ARGV[2] ttl seconds, ARGV[3] PUBLISH|SPUBLISH.
+# The channel is passed as a key so Redis Cluster checks it shares the seq key's slot.
+PUBLISH_SCRIPT = b"""
+local seq = redis.call('INCR', KEYS[1])
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+redis.call(ARGV[3], KEYS[2], seq .. ':' .. ARGV[1])
+return seq
+"""
+
+# Replies meaning "the topology is not what we think": refresh it by reconnecting.
+_REDIRECTS = (b"MOVED", b"ASK", b"CLUSTERDOWN", b"TRYAGAIN")
+_SUBSCRIBE_CHUNK = 1000   # channels per (S)SUBSCRIBE when resubscribing many rooms
+
+
+def _bulk(arg: bytes) -> bytes:
+    return b"$%d\r\n%b\r\n" % (len(arg), arg)
+
+
+def _command(*args: bytes) -> bytes:
+    """RESP-encode one command. Hand-rolled: the publish path packs thousands per second."""
+    return b"*%d\r\n%b" % (len(args), b"".join(_bulk(a) for a in args))
+
+
+def parse_broker_url(url: str) -> tuple[bool, list[dict]]:
+    """(cluster?, connection kwargs per seed node) for a broker URL; ValueError if invalid."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        raise ValueError(f"invalid Redis URL {url!r}: expected redis://host:port/db")
+    cluster = scheme in ("redis+cluster", "rediss+cluster")
+    if scheme not in ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster"):
+        raise ValueError(f"invalid Redis URL {url!r}: scheme must be redis, rediss, unix or redis+cluster")
+    if cluster:
+        base = scheme.split("+")[0]
+        netloc, slash, tail = rest.partition("/")
+        auth, at, hosts = netloc.rpartition("@")
+        seeds = [h for h in hosts.split(",") if h]
+        if not seeds:
+            raise ValueError(f"invalid Redis URL {url!r}: no cluster nodes (redis+cluster://host:port,...)")
+        urls = [f"{base}://{auth}{at}{h}{slash}{tail}" for h in seeds]
+    else:
+        urls = [url]
+    result = []
+    for one in urls:
+        parts = urlsplit(one)
+        try:
+            if parts.scheme != "unix":
+                if not parts.hostname:
+                    raise ValueError("no host")
+                parts.port  # noqa: B018 - raises ValueError on a bad port
+                db = parts.path.strip("/")
+                if db and not db.isdigit():
+                    raise ValueError(f"database {db!r} is not a number")
+            elif not parts.path:
+                raise ValueError("no socket path")
+            kwargs = parse_url(one)
+        except ValueError as exc:
+            raise ValueError(f"invalid Redis URL {url!r}: {exc}") from None
+        if cluster and kwargs.get("db"):
+            raise ValueError(f"invalid Redis URL {url!r}: Redis Cluster has only database 0")
+        result.append(kwargs)
+    return cluster, result
+
+
+class _Shard:
+    """One Redis primary: a publisher connection, a pub/sub reader and their bookkeeping."""
+
+    __slots__ = ("address", "pub", "sub", "queue", "inflight", "writer", "reader", "sub_waiters", "unsub_expected")
+
+    def __init__(self, address: str, pub: Connection, sub: Connection) -> None:
+        self.address = address
+        self.pub = pub
+        self.sub = sub
+        self.queue: list = []        # (key, channel, data, future) not yet written
+        self.inflight: list = []     # written, reply not read yet
+        self.writer: asyncio.Task | None = None
+        self.reader: asyncio.Task | None = None
+        # Subscribe confirmations and the unsubscribes we asked for, per channel, in order.
+        self.sub_waiters: dict[bytes, collections.deque] = collections.defaultdict(collections.deque)
+        self.unsub_expected: collections.Counter = collections.Counter()
+
+
+class RedisBroker(Broker):
+    name = "redis"
+
+    def __init__(self, url: str, *, prefix: str = "ws:", seq_ttl: int = 86400, timeout: float = 5.0,
+                 reconnect_min: float = 0.05, reconnect_max: float = 5.0) -> None:
+        self.cluster, self._seeds = parse_broker_url(url)
+        if "{" in prefix or "}" in prefix:
+            raise ValueError(f"invalid Redis channel prefix {prefix!r}: braces would change the cluster hash tag")
+        if seq_ttl < 1 or timeout <= 0 or not 0 < reconnect_min <= reconnect_max:
+            raise ValueError("seq_ttl must be >= 1, timeout > 0 and 0 < reconnect_min <= reconnect_max")
+        self.url = url
+        self.prefix = prefix.encode()
+        self.seq_ttl = b"%d" % seq_ttl
+        self.timeout = timeout
+        self.reconnect_min = reconnect_min
+        self.reconnect_max = reconnect_max
+        self._publish_cmd = b"SPUBLISH" if self.cluster else b"PUBLISH"
+        self._subscribe_cmd = b"SSUBSCRIBE" if self.cluster else b"SUBSCRIBE"
+        self._unsubscribe_cmd = b"SUNSUBSCRIBE" if self.cluster else b"UNSUBSCRIBE"
+        self.connected = False
+        self._handler: BrokerHandler | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._rooms: dict[bytes, str] = {}        # channel -> room, for every room held
+        self._last_seq: dict[str, int] = {}        # room -> last seq received (gap detection)
+        self._shards: list[_Shard] = []
+        self._slots: list[int] | None = None       # cluster: slot -> index in _shards
+        self._sha: bytes = b""
+        self._fault: asyncio.Future | None = None
+        self._supervisor: asyncio.Task | None = None
+        self._closing = False
+        self._reported: bool | None = None         # last state told to the handler
+        self._last_error = ""
+        # counters (see stats())
+        self.publishes = 0
+        self.publish_errors = 0
+        self.publish_batches = 0
+        self.subscribe_errors = 0
+        self.reconnects = 0
+        self.messages_received = 0
+        self.messages_lost = 0
+        self.seq_resets = 0
+
+    # -- names -------------------------------------------------------------------------
+
+    def channel(self, room: str) -> bytes:
+        return b"%b{%b}" % (self.prefix, room.encode())
+
+    def seq_key(self, room: str) -> bytes:
+        return b"%bseq:{%b}" % (self.prefix, room.encode())
+
+    def _shard_for(self, channel: bytes) -> _Shard:
+        if self._slots is None:
+            return self._shards[0]
+        return self._shards[self._slots[key_slot(channel)]]
+
+    # -- life cycle --------------------------------------------------------------------
+
+    async def start(self, handler: BrokerHandler) -> None:
+        """Connect (one attempt), report the state, and keep reconnecting in the background.
+
+        A Redis that is down at startup does not stop the gateway: it serves local traffic,
+        reports not-ready, and connects when Redis comes up.
+        """
+        self._handler = handler
+        self._loop = asyncio.get_running_loop()
+        try:
+            await self._connect()
+        except Exception as exc:  # noqa: BLE001 - any failure here means "not connected yet"
+            await self._teardown(exc)
+            self._set_state(False, exc)
+            self._supervisor = self._loop.create_task(self._supervise(first_delay=True))
+        else:
+            self._set_state(True)
+            self._supervisor = self._loop.create_task(self._supervise(first_delay=False))
+
+    async def close(self) -> None:
+        self._closing = True
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            await asyncio.wait([self._supervisor])
+        self.connected = False
+        await self._teardown(BrokerUnavailable("broker closed"))
+        self._rooms.clear()
+        self._last_seq.clear()
+
+    def _set_state(self, connected: bool, error: BaseException | None = None) -> None:
+        self.connected = connected
+        if self._reported is connected:
+            return
+        self._reported = connected
+        if connected:
+            log.info("redis broker connected", extra={"event": "broker_state", "connected": True, "url": self._safe_url(),
+                                                      "shards": len(self._shards), "rooms": len(self._rooms),
+                                                      "reconnects": self.reconnects})
+        else:
+            self._last_error = f"{type(error).__name__}: {error}" if error else "disconnected"
+            log.warning("redis broker disconnected", extra={"event": "broker_state", "connected": False,
+                                                            "url": self._safe_url(), "error": self._last_error})
+        if self._handler is not None:
+            try:
+                self._handler.handle_broker_state(connected)
+            except Exception:
+                log.exception("broker state handler failed")
+
+    def _safe_url(self) -> str:
+        """The URL without its password, for logs."""
+        parts = urlsplit(self.url)
+        if parts.password:
+            return self.url.replace(":" + parts.password + "@", ":***@", 1)
+        return self.url
+
+    async def _supervise(self, first_delay: bool) -> None:
+        """Wait for a fault, tear down, back off (jittered, exponential), reconnect; repeat."""
+        attempt = 1 if first_delay else 0
+        while not self._closing:
+            if attempt == 0:
+                error = await self._fault
+                self.connected = False   # refuse new publications before anything awaits
+                await self._teardown(error)
+                self._set_state(False, error)
+                attempt = 1
+            # Full jitter: many gateways that lost the same Redis do not reconnect in lockstep.
+            delay = min(self.reconnect_max, self.reconnect_min * 2 ** (attempt - 1))
+            await asyncio.sleep(random.uniform(delay / 2, delay))
+            try:
+                await self._connect()
+            except Exception as exc:  # noqa: BLE001 - retried with backoff
+                await self._teardown(exc)
+                log.debug("redis reconnect failed", extra={"event": "broker_retry", "attempt": attempt,
+                                                           "error": f"{type(exc).__name__}: {exc}"})
+                attempt += 1
+                continue
+            self.reconnects += 1
+            attempt = 0
+            self._set_state(True)
+
+    def _new_connection(self, kwargs: dict, role: str) -> Connection:
+        kwargs = dict(kwargs)
+        cls = kwargs.pop("connection_class", Connection)
+        # RESP2: pub/sub messages are plain replies, read like any other (under RESP3, which
+        # redis-py 8 defaults to, they are push frames the parser would divert elsewhere).
+        # No hidden retries: a failed command must surface here, where it is counted.
+        kwargs.setdefault("protocol", 2)
+        return cls(**kwargs, socket_timeout=self.timeout, socket_connect_timeout=self.timeout,
+                   client_name=f"ws-gateway-{role}")
+
+    async def _topology(self) -> tuple[list[dict], list[int] | None]:
+        """Connection kwargs per shard and, on a cluster, the slot -> shard map."""
+        if not self.cluster:
+            return self._seeds, None
+        errors = []
+        for seed in self._seeds:
+            conn = self._new_connection(seed, "topology")
+            try:
+                await conn.connect()
+                await conn.send_packed_command(_command(b"CLUSTER", b"SLOTS"))
+                ranges = await conn.read_response()
+            except (RedisError, OSError, asyncio.TimeoutError) as exc:
+                errors.append(exc)
+                continue
+            finally:
+                await conn.disconnect(nowait=True)
+            nodes: list[dict] = []
+            index: dict[tuple, int] = {}
+            slots = [-1] * 16384
+            for start, end, primary, *_replicas in ranges:
+                host = primary[0].decode() or seed.get("host", "127.0.0.1")
+                addr = (host, int(primary[1]))
+                if addr not in index:
+                    index[addr] = len(nodes)
+                    nodes.append({**seed, "host": addr[0], "port": addr[1]})
+                slots[start:end + 1] = [index[addr]] * (end - start + 1)
+            if -1 in slots:
+                errors.append(RedisError("cluster does not cover every slot"))
+                continue
+            return nodes, slots
+        raise errors[-1] if errors else RedisError("no cluster seed answered")
+
+    async def _connect(self) -> None:
+        """Build every shard, load the script, resubscribe every room held; raise on failure."""
+        nodes, slots = await self._topology()
+        self._fault = self._loop.create_future()
+        shards = []
+        for kwargs in nodes:
+            address = kwargs.get("path") or f"{kwargs.get('host')}:{kwargs.get('port', 6379)}"
+            shards.append(_Shard(address, self._new_connection(kwargs, "pub"), self._new_connection(kwargs, "sub")))
+        self._shards, self._slots = shards, slots
+        for shard in shards:
+            await shard.pub.connect()
+            await shard.sub.connect()
+            await shard.pub.send_packed_command(_command(b"SCRIPT", b"LOAD", PUBLISH_SCRIPT))
+            self._sha = await shard.pub.read_response()
+        # Resubscribe the rooms held, per shard, in chunks; wait for every confirmation.
+        by_shard: dict[int, list[bytes]] = collections.defaultdict(list)
+        for channel in self._rooms:
+            by_shard[id(self._shard_for(channel))].append(channel)
+        pending = set()
+        for shard in shards:
+            shard.reader = self._loop.create_task(self._read_loop(shard))
+            channels = by_shard.get(id(shard), [])
+            for i in range(0, len(channels), _SUBSCRIBE_CHUNK):
+                chunk = channels[i:i + _SUBSCRIBE_CHUNK]
+                for channel in chunk:
+                    fut = self._loop.create_future()
+                    shard.sub_waiters[channel].append(fut)
+                    pending.add(fut)
+                await shard.sub.send_packed_command(_command(self._subscribe_cmd, *chunk))
+        deadline = self._loop.time() + self.timeout * 2
+        while pending and not self._fault.done():
+            done, pending = await asyncio.wait(pending | {self._fault}, timeout=deadline - self._loop.time(),
+                                               return_when=asyncio.FIRST_COMPLETED)
+            pending.discard(self._fault)
+            if not done:
+                raise asyncio.TimeoutError("resubscribing timed out")
+        if self._fault.done():
+            raise self._fault.result()
+        # Rooms released while we were resubscribing (unsubscribe() sends nothing while
+        # disconnected): release them in Redis too, or their traffic would keep coming.
+        for shard in shards:
+            stale = [c for c in by_shard.get(id(shard), []) if c not in self._rooms]
+            if stale:
+                shard.unsub_expected.update(stale)
+                await shard.sub.send_packed_command(_command(self._unsubscribe_cmd, *stale))
+
+    def _report_fault(self, error: BaseException) -> None:
+        if self._fault is not None and not self._fault.done():
+            self._fault.set_result(error)
+
+    async def _teardown(self, error: BaseException | None) -> None:
+        """Fail everything pending with BrokerUnavailable, stop the tasks, drop the connections."""
+        reason = f"redis unavailable: {type(error).__name__}: {error}" if error else "redis unavailable"
+        current = asyncio.current_task()
+        shards, self._shards = self._shards, []
+        for shard in shards:
+            for task in (shard.writer, shard.reader):
+                if task is not None and task is not current and not task.done():
+                    task.cancel()
+            for *_, fut in (*shard.inflight, *shard.queue):
+                if not fut.done():
+                    self.publish_errors += 1
+                    fut.set_exception(BrokerUnavailable(reason))
+            shard.inflight, shard.queue = [], []
+            for waiters in shard.sub_waiters.values():
+                for fut in waiters:
+                    if not fut.done():
+                        fut.set_exception(BrokerUnavailable(reason))
+            shard.sub_waiters.clear()
+        # asyncio.wait, not `await task`: it never re-raises the tasks' CancelledError,
+        # which would be indistinguishable from our own cancellation.
+        tasks = [t for shard in shards for t in (shard.writer, shard.reader) if t is not None and t is not current]
+        if tasks:
+            await asyncio.wait(tasks)
+        for shard in shards:
+            for conn in (shard.pub, shard.sub):
+                try:
+                    await conn.disconnect(nowait=True)
+                except Exception:  # noqa: BLE001 - the socket is being thrown away anyway
+                    pass
+
+    # -- publishing --------------------------------------------------------------------
+
+    async def publish(self, room: str, data: bytes) -> int:
+        if not self.connected:
+            self.publish_errors += 1
+            raise BrokerUnavailable(f"redis unavailable: {self._last_error}")
+        channel = self.channel(room)
+        shard = self._shard_for(channel)
+        fut = self._loop.create_future()
+        shard.queue.append((self.seq_key(room), channel, data, fut))
+        if shard.writer is None or shard.writer.done():
+            shard.writer = self._loop.create_task(self._write_loop(shard))
+        self.publishes += 1
+        return await fut
+
+    def _evalsha_head(self) -> bytes:
+        # EVALSHA sha 2 <key> <channel> <data> <ttl> <cmd>: 8 arguments, the first 3 fixed.
+        return b"*8\r\n$7\r\nEVALSHA\r\n" + _bulk(self._sha) + b"$1\r\n2\r\n"
+
+    async def _write_loop(self, shard: _Shard) -> None:
+        """Write the queue as one pipeline, read its replies, repeat while more was queued."""
+        conn = shard.pub
+        head = self._evalsha_head()
+        tail = _bulk(self.seq_ttl) + _bulk(self._publish_cmd)
+        try:
+            while shard.queue:
+                batch = shard.inflight = shard.queue
+                shard.queue = []
+                self.publish_batches += 1
+                if not conn.is_connected:  # never let redis-py silently reconnect behind our back
+                    raise BrokerUnavailable("publisher connection closed")
+                await conn.send_packed_command(
+                    [b"".join([head, _bulk(key), _bulk(channel), _bulk(data), tail]) for key, channel, data, _ in batch],
+                    check_health=False)
+                retry = []
+                fault = None
+                for item in batch:
+                    fut = item[3]
+                    try:
+                        reply = await conn.read_response()
+                    except NoScriptError:
+                        retry.append(item)  # SCRIPT FLUSH happened: not executed, safe to resend
+                        continue
+                    except ResponseError as exc:
+                        self.publish_errors += 1
+                        if not fut.done():
+                            fut.set_exception(BrokerUnavailable(f"redis refused the publication: {exc}"))
+                        if str(exc).encode().startswith(_REDIRECTS):
+                            fault = exc   # keep reading the batch's replies, then refresh the topology
+                        continue
+                    if not fut.done():
+                        fut.set_result(reply)
+                shard.inflight = []
+                if fault is not None:
+                    shard.queue[:0] = retry
+                    self._report_fault(fault)
+                    return
+                if retry:
+                    await conn.send_packed_command(_command(b"SCRIPT", b"LOAD", PUBLISH_SCRIPT))
+                    self._sha = await conn.read_response()
+                    head = self._evalsha_head()
+                    shard.queue[:0] = retry
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - connection errors, timeouts: a fault
+            self._report_fault(exc)
+
+    # -- subscriptions -----------------------------------------------------------------
+
+    async def subscribe(self, room: str) -> None:
+        channel = self.channel(room)
+        if channel in self._rooms:
+            return
+        if not self.connected:
+            self.subscribe_errors += 1
+            raise BrokerUnavailable(f"redis unavailable: {self._last_error}")
+        # Held from now on, so a reconnect while we wait resubscribes it.
+        self._rooms[channel] = room
+        shard = self._shard_for(channel)
+        fut = self._loop.create_future()
+        shard.sub_waiters[channel].append(fut)
+        try:
+            if not shard.sub.is_connected:
+                raise BrokerUnavailable("pub/sub connection closed")
+            await shard.sub.send_packed_command(_command(self._subscribe_cmd, channel), check_health=False)
+            await asyncio.wait_for(fut, self.timeout)
+        except BaseException as exc:
+            self.subscribe_errors += 1
+            if self._rooms.get(channel) == room:
+                await self.unsubscribe(room)
+            if isinstance(exc, (RedisError, OSError, asyncio.TimeoutError)):
+                self._report_fault(exc)
+                raise BrokerUnavailable(f"redis subscribe failed: {type(exc).__name__}: {exc}") from None
+            raise
+
+    async def unsubscribe(self, room: str) -> None:
+        channel = self.channel(room)
+        if self._rooms.pop(channel, None) is None:
+            return
+        self._last_seq.pop(room, None)
+        if not self.connected or not self._shards:
+            return   # not subscribed in Redis anyway; the next connect will not resubscribe it
+        shard = self._shard_for(channel)
+        shard.unsub_expected[channel] += 1
+        try:
+            if not shard.sub.is_connected:
+                raise BrokerUnavailable("pub/sub connection closed")
+            await shard.sub.send_packed_command(_command(self._unsubscribe_cmd, channel), check_health=False)
+        except Exception as exc:  # noqa: BLE001 - the room is released either way
+            self._report_fault(exc)
+
+    # -- receiving ---------------------------------------------------------------------
+
+    async def _read_loop(self, shard: _Shard) -> None:
+        """The pub/sub reader of one shard: deliver publications, confirm (un)subscribes."""
+        conn = shard.sub
+        rooms = self._rooms
+        last_seq = self._last_seq
+        handler = self._handler
+        try:
+            while True:
+                reply = await conn.read_response(timeout=math.inf)
+                kind = reply[0]
+                if kind == b"message" or kind == b"smessage":
+                    room = rooms.get(reply[1])
+                    if room is None:
+                        continue   # released while the message was on its way
+                    seq_b, _, data = reply[2].partition(b":")
+                    seq = int(seq_b)
+                    self.messages_received += 1
+                    prev = last_seq.get(room)
+                    if prev is not None:
+                        if seq > prev + 1:
+                            self.messages_lost += seq - prev - 1
+                        elif seq <= prev:
+                            self.seq_resets += 1
+                    last_seq[room] = seq
+                    try:
+                        handler.handle_publication(room, seq, data)
+                    except Exception:
+                        log.exception("publication handler failed", extra={"room": room})
+                elif kind == b"subscribe" or kind == b"ssubscribe":
+                    waiters = shard.sub_waiters.get(reply[1])
+                    if waiters:
+                        fut = waiters.popleft()
+                        if not fut.done():
+                            fut.set_result(None)
+                elif kind == b"unsubscribe" or kind == b"sunsubscribe":
+                    channel = reply[1]
+                    if shard.unsub_expected[channel] > 0:
+                        shard.unsub_expected[channel] -= 1
+                    elif channel in rooms:
+                        # Redis dropped a room we hold (its slot moved): re-read the topology.
+                        raise RedisError(f"redis unsubscribed {channel!r} (slot migrated?)")
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - lost connection, protocol error, MOVED: a fault
+            self._report_fault(exc)
+
+    # -- observability -----------------------------------------------------------------
+
+    def state(self) -> tuple[bool, str]:
+        """A readiness check: (ok, detail)."""
+        if self.connected:
+            return True, "broker connected"
+        return False, f"broker disconnected ({self._last_error or 'connecting'})"
+
+    def stats(self) -> dict:
+        return {
+            "connected": int(self.connected),
+            "publishes": self.publishes,
+            "publish_errors": self.publish_errors,
+            "publish_batches": self.publish_batches,
+            "subscribe_errors": self.subscribe_errors,
+            "reconnects": self.reconnects,
+            "messages_received": self.messages_received,
+            "messages_lost": self.messages_lost,
+            "seq_resets": self.seq_resets,
+            "rooms": len(self._rooms),
+            "shards": len(self._shards),
+        }

@@ -1,0 +1,168 @@
+"""Throwaway Redis servers for tests: one node, or a 3-node Redis Cluster, on free ports.
+
+Each server runs from its own temp directory with persistence off, listens only on
+127.0.0.1 (and optionally a Unix socket), and can be killed and restarted on the same
+port so tests can take Redis away mid-stream. The system Redis on 6379 is never used.
+Fixtures: `redis_server` (per test), `redis_cluster` (per module: creating a cluster
+costs a second or two). Imports redis-py only for readiness probes.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+
+import pytest
+import redis
+
+from tests.helpers import free_port
+
+REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
+REDIS_CLI = shutil.which("redis-cli") or "/usr/bin/redis-cli"
+
+
+def _wait(predicate, timeout: float, what: str) -> None:
+    """Poll `predicate` until true or raise: used only for external processes."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if predicate():
+                return
+        except (redis.RedisError, OSError):
+            pass
+        time.sleep(0.02)
+    raise RuntimeError(f"timed out waiting for {what}")
+
+
+class RedisServer:
+    """`redis-server` on 127.0.0.1:<free port>; `kill()` / `restart()` keep the port."""
+
+    def __init__(self, port: int | None = None, *, unix_socket: bool = False, cluster: bool = False) -> None:
+        self.port = port or free_port()
+        self.dir = tempfile.mkdtemp(prefix=f"redis-{self.port}-")
+        self.unix_path = os.path.join(self.dir, "redis.sock") if unix_socket else None
+        self.cluster = cluster
+        # The cluster bus defaults to port+10000, which may be taken or out of range: pick it too.
+        self.bus_port = free_port() if cluster else None
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def unix_url(self) -> str:
+        return f"unix://{self.unix_path}?db=0"
+
+    def args(self) -> list[str]:
+        args = [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                "--dir", self.dir, "--daemonize", "no", "--logfile", os.path.join(self.dir, "redis.log")]
+        if self.unix_path:
+            args += ["--unixsocket", self.unix_path, "--unixsocketperm", "700"]
+        if self.cluster:
+            args += ["--cluster-enabled", "yes", "--cluster-config-file", os.path.join(self.dir, "nodes.conf"),
+                     "--cluster-node-timeout", "2000", "--cluster-port", str(self.bus_port)]
+        return args
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5)
+
+    def start(self, timeout: float = 10.0) -> "RedisServer":
+        self.proc = subprocess.Popen(self.args(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+        def up() -> bool:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"redis-server exited with {self.proc.returncode}: {self.log()}")
+            with self.client() as c:
+                return c.ping()
+        _wait(up, timeout, f"redis-server on port {self.port}")
+        return self
+
+    def log(self) -> str:
+        try:
+            with open(os.path.join(self.dir, "redis.log"), errors="replace") as fh:
+                return fh.read()[-2000:]
+        except OSError:
+            return ""
+
+    def kill(self) -> None:
+        """SIGKILL: clients see their connections reset, as after a crash."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+
+    def restart(self) -> "RedisServer":
+        self.kill()
+        return self.start()
+
+    def close(self) -> None:
+        self.kill()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> "RedisServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class RedisCluster:
+    """Three cluster-enabled masters (no replicas) joined with `redis-cli --cluster create`."""
+
+    def __init__(self, size: int = 3) -> None:
+        self.nodes = [RedisServer(cluster=True) for _ in range(size)]
+
+    @property
+    def url(self) -> str:
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
+
+    def start(self, timeout: float = 30.0) -> "RedisCluster":
+        for node in self.nodes:
+            node.start()
+        subprocess.run([REDIS_CLI, "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in self.nodes),
+                        "--cluster-replicas", "0", "--cluster-yes"],
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=timeout)
+
+        def ok() -> bool:
+            for node in self.nodes:
+                with node.client() as c:
+                    info = c.execute_command("CLUSTER INFO")
+                    if info.get("cluster_state") != "ok" or int(info.get("cluster_known_nodes", 0)) != len(self.nodes):
+                        return False
+            return True
+        _wait(ok, timeout, "the cluster to agree (cluster_state:ok)")
+        return self
+
+    def node_for(self, key: bytes) -> RedisServer:
+        """The master that owns `key`'s slot (asked of the cluster, not computed here)."""
+        with self.nodes[0].client() as c:
+            slot = c.execute_command("CLUSTER KEYSLOT", key)
+            for start, end, primary, *_ in c.execute_command("CLUSTER SLOTS"):
+                if start <= slot <= end:
+                    return next(n for n in self.nodes if n.port == primary[1])
+        raise LookupError(key)
+
+    def close(self) -> None:
+        for node in self.nodes:
+            node.close()
+
+    def __enter__(self) -> "RedisCluster":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+@pytest.fixture
+def redis_server():
+    with RedisServer(unix_socket=True) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def redis_cluster():
+    with RedisCluster() as cluster:
+        yield cluster

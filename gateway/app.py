@@ -40,7 +40,7 @@ def install_rooms(gateway: Gateway, config: Config):
     from .session import RoomsEndpoint
 
     broker = create_broker(config.broker)
-    hub = Hub(broker, PolicyTable.from_config(config).for_room, gateway.loop)
+    hub = Hub(broker, PolicyTable.from_config(config).for_room, gateway.loop, deflate=gateway.deflate)
     endpoint = RoomsEndpoint(hub, config)
     gateway.endpoints["/ws"] = endpoint
     gateway.hub = hub   # backends publish through it: `await gateway.hub.publish(room, json_bytes)`

@@ -17,10 +17,15 @@ that can write passes the batch to its transport: one write per member per pass,
 many publications the pass carried, and no per-frame-per-member work at all. A member that
 is behind queues the individual `frames` under its slow-consumer policy (backpressure.py).
 msgpack members get a second encoding, made at most once per publication and only when the
-room has msgpack members.
+room has msgpack members. JSON members that negotiated permessage-deflate (RFC 7692) are kept
+apart, grouped by their server window size (`member.deflate_key`): each publication is
+compressed ONCE per group (server_no_context_takeover makes one compressed frame valid for
+every member of the group) -- no per-member compressor state. Rooms matching
+`compression_exclude_rooms` keep those members with the plain ones.
 
 The member interface is tiny (so benchmarks use fake members):
     member.msgpack: bool                          which encoding it wants
+    member.deflate_key: int | None                optional: its permessage-deflate window (deflate.py)
     member.deliver(room: Room, frames: list[bytes], batch: bytes) -> None
 `room.name` and `room.policy` (whatever `policy_for(name)` returned) are for the member.
 
@@ -45,7 +50,8 @@ OP_TEXT, OP_BINARY = 0x1, 0x2
 class Room:
     """One room of this process: its members, cached prefix and policy, the pass's frames."""
 
-    __slots__ = ("name", "members", "mp_members", "prefix", "policy", "frames", "pubs", "subscribed", "waiters")
+    __slots__ = ("name", "members", "mp_members", "prefix", "policy", "frames", "pubs", "subscribed", "waiters",
+                 "z_members", "payloads")
 
     def __init__(self, name: str, policy) -> None:
         self.name = name
@@ -57,9 +63,11 @@ class Room:
         self.pubs: list = []             # this pass's (seq, data), for the msgpack encoding
         self.subscribed = False
         self.waiters = None              # future while the broker subscribe is in flight
+        self.z_members: dict = {}        # deflate key -> {member: None}: compressed JSON members
+        self.payloads: list = []         # this pass's JSON payloads, kept only for z_members
 
     def __len__(self) -> int:
-        return len(self.members) + len(self.mp_members)
+        return len(self.members) + len(self.mp_members) + sum(map(len, self.z_members.values()))
 
     def __repr__(self) -> str:
         return f"Room({self.name!r}, members={len(self)})"
@@ -77,8 +85,10 @@ class HubGauges:
 class Hub:
     """See the module docstring. `policy_for(room_name)` gives each room its slow-consumer policy."""
 
-    def __init__(self, broker: Broker, policy_for=None, loop: asyncio.AbstractEventLoop | None = None) -> None:
+    def __init__(self, broker: Broker, policy_for=None, loop: asyncio.AbstractEventLoop | None = None,
+                 deflate=None) -> None:
         self.broker = broker
+        self.deflate = deflate           # deflate.Deflate (compress-once frames) or None
         self.policy_for = policy_for or (lambda name: None)
         self.loop = loop
         self.rooms: dict[str, Room] = {}
@@ -200,7 +210,11 @@ class Hub:
         if mine is None:
             mine = self.member_rooms[member] = {}
         mine[room.name] = room
-        (room.mp_members if member.msgpack else room.members)[member] = None
+        key = getattr(member, "deflate_key", None)
+        if key is not None and not member.msgpack and self.deflate is not None and self.deflate.room_compressed(room.name):
+            room.z_members.setdefault(key, {})[member] = None
+        else:
+            (room.mp_members if member.msgpack else room.members)[member] = None
         self.joins += 1
 
     def leave(self, member, name: str) -> bool:
@@ -228,11 +242,18 @@ class Hub:
     def _remove(self, member, room: Room) -> None:
         room.members.pop(member, None)
         room.mp_members.pop(member, None)
+        if room.z_members:
+            group = room.z_members.get(getattr(member, "deflate_key", None))
+            if group is not None:
+                group.pop(member, None)
+                if not group:
+                    del room.z_members[member.deflate_key]
         self.leaves += 1
-        if not room.members and not room.mp_members and self.rooms.get(room.name) is room:
+        if not room.members and not room.mp_members and not room.z_members and self.rooms.get(room.name) is room:
             del self.rooms[room.name]
             room.frames = []
             room.pubs = []
+            room.payloads = []
             self._unsubscribing[room.name] = self.loop.create_task(self._unsubscribe(room.name))
 
     async def _unsubscribe(self, name: str) -> None:
@@ -294,9 +315,12 @@ class Hub:
             if not self._flush_scheduled:
                 self._flush_scheduled = True
                 self.loop.call_soon(self._flush)
-        room.frames.append(encode_frame(OP_TEXT, room.prefix + data + b',"seq":%d}' % seq))
+        payload = room.prefix + data + b',"seq":%d}' % seq
+        room.frames.append(encode_frame(OP_TEXT, payload))
         if room.mp_members:
             room.pubs.append((seq, data))
+        if room.z_members:
+            room.payloads.append(payload)
 
     def _flush(self) -> None:
         """Once per loop pass: each dirty room's frames, joined once, to each member."""
@@ -310,6 +334,8 @@ class Hub:
             room.frames = []
             pubs = room.pubs
             room.pubs = []
+            payloads = room.payloads
+            room.payloads = []
             self.batches += 1
             if room.members:
                 batch = frames[0] if len(frames) == 1 else b"".join(frames)
@@ -319,6 +345,16 @@ class Hub:
                 mp_frames = [encode_frame(OP_BINARY, commands.msgpack_message(name, data, seq)) for seq, data in pubs]
                 batch = mp_frames[0] if len(mp_frames) == 1 else b"".join(mp_frames)
                 self._deliver(room, room.mp_members, mp_frames, batch)
+            if room.z_members and payloads:
+                self._deliver_compressed(room, payloads)
+
+    def _deliver_compressed(self, room: Room, payloads: list) -> None:
+        # RFC 7692: one compressed frame per publication per window size, shared by the group.
+        frame = self.deflate.frame
+        for key, members in tuple(room.z_members.items()):
+            frames = [frame(OP_TEXT, payload, key) for payload in payloads]
+            batch = frames[0] if len(frames) == 1 else b"".join(frames)
+            self._deliver(room, members, frames, batch)
 
     def _deliver(self, room: Room, members: dict, frames: list, batch: bytes) -> None:
         # A copy: deliver() may make a member leave (slow-consumer disconnect).

@@ -64,7 +64,7 @@ class Session:
     """Per-connection state (`conn.state`); also the hub's member."""
 
     __slots__ = ("conn", "endpoint", "msgpack", "queue", "errors", "backlog", "task", "closed",
-                 "reading_paused", "__weakref__")
+                 "reading_paused", "__weakref__", "deflate_key")
 
     def __init__(self, conn, endpoint: "RoomsEndpoint", msgpack: bool) -> None:
         self.conn = conn
@@ -76,6 +76,9 @@ class Session:
         self.task: asyncio.Task | None = None
         self.closed = False
         self.reading_paused = False
+        # permessage-deflate window (None: not negotiated): the hub's compress-once group.
+        codec = getattr(conn.ws, "deflate", None)
+        self.deflate_key = None if codec is None else codec.key
 
     # -- the hub's member interface ---------------------------------------------------------
 

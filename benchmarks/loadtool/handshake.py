@@ -41,6 +41,8 @@ class _CloseWaiter(asyncio.Protocol):
         self.transport.write(wsclient.close_frame(self._mask))
 
     def data_received(self, data: bytes) -> None:
+        if self.done.done():
+            return  # the cycle is over; only the server's FIN matters now
         # Only a close frame (opcode 8) is expected; skip whole frames until one arrives.
         # Frames here are tiny, so a minimal header walk is enough (no masking from servers).
         buf = self._buf + data

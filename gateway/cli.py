@@ -159,11 +159,19 @@ def cmd_check_config(path: str) -> int:
 
 
 def _import_features() -> None:
-    """Import the app so that every feature registers its config section checks."""
-    try:
-        from . import app  # noqa: F401
-    except Exception as exc:  # pragma: no cover - a broken feature must not hide config errors
-        print(f"warning: cannot import every feature ({exc!r}); their sections are not checked", file=sys.stderr)
+    """Import every gateway module so that each feature registers its config section checks
+    (features are otherwise imported lazily, when `serve` wires them)."""
+    import importlib
+    import pkgutil
+
+    from . import __path__ as package_path
+    for module in pkgutil.walk_packages(package_path, prefix=f"{__package__}."):
+        if module.name.endswith("__main__"):
+            continue
+        try:
+            importlib.import_module(module.name)
+        except Exception as exc:  # a broken or optional feature must not hide config errors
+            print(f"warning: cannot import {module.name} ({exc!r}); its section is not checked", file=sys.stderr)
 
 
 def cmd_serve(config: Config, reload=None) -> int:

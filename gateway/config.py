@@ -152,17 +152,33 @@ def locate_keys(text: str) -> dict[tuple, int]:
     """
     where: dict[tuple, int] = {}
     table: tuple = ()
+    arrays: dict[tuple, int] = {}   # [[array.of.tables]] path -> entries seen so far
     for number, line in enumerate(text.splitlines(), 1):
         stripped = line.strip()
-        header = re.match(r"^\[\[?\s*([^\]]+?)\s*\]\]?\s*(#.*)?$", stripped)
+        header = re.match(r"^(\[\[?)\s*([^\]]+?)\s*\]\]?\s*(#.*)?$", stripped)
         if header:
-            table = _split_dotted(header.group(1))
+            table = _split_dotted(header.group(2))
             where.setdefault(table, number)
+            if header.group(1) == "[[":
+                index = arrays[table] = arrays.get(table, -1) + 1
+                table = table + (index,)        # keys below belong to entry `index`
+                where.setdefault(table, number)
             continue
         key = re.match(r'^((?:[A-Za-z0-9_\-. ]|"[^"]*"|\'[^\']*\')+?)\s*=', stripped)
         if key:
             where.setdefault(table + _split_dotted(key.group(1)), number)
     return where
+
+
+def _key_path(key: str) -> tuple:
+    """A check's key "policy[1].pattern" -> ("policy", 1, "pattern"), as locate_keys stores it."""
+    out: list = []
+    for part in key.split("."):
+        name, *indexes = re.split(r"\[(\d+)\]", part)
+        if name:
+            out.append(name)
+        out.extend(int(i) for i in indexes if i)
+    return tuple(out)
 
 
 def _split_dotted(text: str) -> tuple:
@@ -353,8 +369,11 @@ def load_with_sources(path: str | None = None, env: dict[str, str] | None = None
     where: dict[tuple, int] = {}
 
     def at(key: tuple) -> str:
-        line = where.get(key) or where.get(key[:1])
-        return f"{path}:{line}" if line else str(path)
+        for n in range(len(key), 0, -1):   # the key's own line, else its table's
+            line = where.get(key[:n])
+            if line:
+                return f"{path}:{line}"
+        return str(path)
 
     if path:
         try:
@@ -433,7 +452,7 @@ def load_with_sources(path: str | None = None, env: dict[str, str] | None = None
             found = [("", f"cannot validate: {exc!r}")]
         for key, msg in found:
             dotted = f"{table}.{key}" if key else table
-            loc = sources.get(dotted) or (at(tuple([table, *str(key).split(".")])) if path else f"[{table}]")
+            loc = sources.get(dotted) or (at((table, *_key_path(str(key)))) if path else f"[{table}]")
             errors.append(f"{loc}: {dotted}: {msg}")
     for table in extra:
         if table not in _SECTION_CHECKS:

@@ -142,4 +142,18 @@ def test_locate_keys():
     where = cfg.locate_keys('a = 1\n[t]\n# c\nb = 2\n[t.u]\n"q.r" = 3\nd.e = 4\n[[arr]]\nf = 5\n')
     assert where[("a",)] == 1 and where[("t",)] == 2 and where[("t", "b")] == 4
     assert where[("t", "u", "q.r")] == 6
-    assert where[("t", "u", "d", "e")] == 7 and where[("arr", "f")] == 9
+    assert where[("t", "u", "d", "e")] == 7 and where[("arr", 0, "f")] == 9 and where[("arr",)] == 8
+
+
+def test_array_of_tables_errors_point_at_their_entry(tmp_path):
+    def check(table):
+        return [(f"rule[{i}].size", "must be positive") for i, rule in enumerate(table.get("rule", []))
+                if rule.get("size", 1) <= 0]
+    cfg.register_section("gadgets", check)
+    try:
+        path = write(tmp_path, "[[gadgets.rule]]\nsize = 1\n\n[[gadgets.rule]]\nname = 'x'\nsize = 0\n")
+        with pytest.raises(ConfigError) as info:
+            cfg.load(path, env={})
+        assert info.value.errors == [f"{path}:6: gadgets.rule[1].size: must be positive"]
+    finally:
+        cfg._SECTION_CHECKS.pop("gadgets")

@@ -173,6 +173,36 @@ class Connection(asyncio.Protocol):
             self._corked = True
             self.gateway.corker.schedule(self)
 
+    def send_shared(self, data: bytes) -> None:
+        """Write bytes shared by many connections (the hub's per-pass batch) now, in order.
+
+        Frames of this pass still corked here go first (the data joins their write);
+        otherwise it goes straight to the transport, saving the Corker's extra pass.
+        (When nothing is corked the protocol has nothing queued: see data_received/flush.)
+        """
+        if self._corked:
+            self.send_frame(data)
+            return
+        if self.ws.close_sent or self.phase == CLOSED:
+            return  # RFC 6455 section 5.5.1: nothing after our close frame
+        self.transport.write(data)
+        stats = self.gateway.stats
+        stats.frames_out += 1
+        stats.bytes_out += len(data)
+
+    def pause_reading(self) -> None:
+        """Stop reading this client (an endpoint applying backpressure); idempotent."""
+        if self.transport is not None and self.phase != CLOSED and self.transport.is_reading():
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.transport is not None and self.phase != CLOSED and not self.transport.is_reading():
+            self.transport.resume_reading()
+
+    def set_write_buffer_limits(self, high: int) -> None:
+        """Pause (pause_writing -> `paused`) above `high` buffered bytes, resume below a quarter."""
+        self.transport.set_write_buffer_limits(high=high, low=high // 4)
+
     def send(self, opcode: int, payload) -> None:
         self.ws.send(opcode, payload)
         if not self._corked:

@@ -86,7 +86,7 @@ class Session:
         conn = self.conn
         if self.queue is None and not conn.paused:
             if not self.closed:
-                conn.send_frame(batch)
+                conn.send_shared(batch)
             return
         if self.closed:
             return
@@ -147,7 +147,7 @@ class RoomsEndpoint:
         self.sessions += 1
         # Pause (and queue in the gateway, under the policy) once this much waits in the
         # transport; resume at a quarter so a draining client gets a few writes' worth.
-        conn.transport.set_write_buffer_limits(high=self.write_buffer_high, low=self.write_buffer_high // 4)
+        conn.set_write_buffer_limits(self.write_buffer_high)
 
     def on_messages(self, conn, messages) -> None:
         session = conn.state
@@ -160,7 +160,7 @@ class RoomsEndpoint:
         if conn.paused and not session.reading_paused and not session.closed:
             # The client does not read what we send: stop reading what it sends.
             session.reading_paused = True
-            conn.transport.pause_reading()
+            conn.pause_reading()
 
     def on_writable(self, conn) -> None:
         session = conn.state
@@ -180,7 +180,7 @@ class RoomsEndpoint:
                 conn.flush()
         if session.reading_paused and not conn.paused and session.backlog is None and not session.closed:
             session.reading_paused = False
-            conn.transport.resume_reading()
+            conn.resume_reading()
 
     def on_rate_limited(self, conn) -> None:
         """defences.py: this connection's inbound message budget ran out. Say why in the
@@ -224,7 +224,7 @@ class RoomsEndpoint:
                 session.backlog = list(messages[i + 1:])
                 if not session.reading_paused:
                     session.reading_paused = True
-                    session.conn.transport.pause_reading()
+                    session.conn.pause_reading()
                 session.task = asyncio.ensure_future(self._finish(session, pending))
                 return
 
@@ -340,7 +340,7 @@ class RoomsEndpoint:
         conn = session.conn
         if session.backlog is None and session.reading_paused and not conn.paused:
             session.reading_paused = False
-            conn.transport.resume_reading()
+            conn.resume_reading()
 
     def _refuse(self, session: Session, exc: CommandError) -> None:
         conn = session.conn

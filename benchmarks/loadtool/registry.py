@@ -3,6 +3,7 @@
 Separate from modes.py because mode modules import the interface from there.
 """
 from .echo import EchoMode
+from .fanout import FanoutMode
 from .handshake import HandshakeMode
 
-MODES = {mode.name: mode for mode in (EchoMode(), HandshakeMode())}
+MODES = {mode.name: mode for mode in (EchoMode(), HandshakeMode(), FanoutMode())}

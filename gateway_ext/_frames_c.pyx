@@ -1,4 +1,6 @@
-# cython: language_level=3
+# cython: language_level=3, binding=False, embedsignature.format=clinic
+# binding=False: plain builtin functions/methods, called without the CyFunction layer
+# (~80 fewer instructions per call; measured with callgrind on encode_frame).
 """Compiled twin of `_frames_py`: the incremental RFC 6455 frame parser.
 
 Same contract as the twin (read its docstring): `feed(data)` returns every complete frame
@@ -7,14 +9,16 @@ rules of RFC 6455 section 5.2 are checked in the same order with the same FrameE
 and reason; frames that precede an invalid one are returned and the error is kept in
 `error`; a dead parser raises `error` on every later `feed()`.
 
-Theory of operation. The parser is a state machine over one frame at a time, driven by
-offsets into a contiguous byte range: HEADER (2 bytes: judge RSV/opcode/control/mask
-rules at once, before the rest of the frame arrives) -> EXTENDED LENGTH (0, 2 or 8
-bytes; the 63-bit and size-cap checks) -> MASKING KEY (0 or 4 bytes) -> PAYLOAD (copied
-and unmasked in one pass into a new `bytes`) -> next HEADER. A frame whose bytes are not
-all there yet stops the scan; its state is rebuilt from the buffered header on the next
-feed (a few nanoseconds), so changes to `max_frame_bytes`/`require_mask`/`allow_rsv1`
-between reads apply to it exactly as in the twin.
+Theory of operation. Each read goes through two passes over a contiguous byte range.
+Pass 1 (`_scan`, pure C, no Python objects) is the per-frame state machine driven by
+offsets: HEADER (2 bytes: judge RSV/opcode/control/mask rules at once, before the rest of
+the frame arrives) -> EXTENDED LENGTH (0, 2 or 8 bytes; the 63-bit and size-cap checks)
+-> MASKING KEY (0 or 4 bytes) -> PAYLOAD -> next HEADER; it stops at the first
+incomplete frame or broken rule and reports how many frames are complete. Pass 2 (`_cut`)
+allocates the result list at that size and copies each payload once, unmasking while
+copying, into a new `bytes`. An incomplete frame is re-judged from its buffered header on
+the next feed (a few nanoseconds), so changes to `max_frame_bytes`/`require_mask`/
+`allow_rsv1` between reads apply to it exactly as in the twin.
 
 The byte range is the caller's read itself whenever nothing is buffered (the common case:
 reads end on frame boundaries), so no byte is copied twice. Otherwise the read is

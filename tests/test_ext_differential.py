@@ -7,6 +7,8 @@ Random byte soups rich in UTF-8 edge cases go to both validators chunk by chunk.
 encode must agree on random inputs. Where an independent oracle exists (Python's UTF-8
 codec, hand-built valid frames), both twins are checked against it too.
 """
+import inspect
+
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -192,3 +194,29 @@ def test_encode_twins_agree(opcode, payload, fin, rsv1, key):
     out = _encode_c.encode_frame(opcode, payload, fin, rsv1, key)
     assert out == _encode_py.encode_frame(opcode, payload, fin=fin, rsv1=rsv1, mask=key)
     assert type(out) is bytes
+
+
+# -- the API itself ----------------------------------------------------------------------
+
+def _params(func):
+    return [(p.name, p.default) for p in inspect.signature(func).parameters.values() if p.name != "self"]
+
+
+def test_public_signatures_match():
+    pairs = [
+        (_mask_c.apply_mask, _mask_py.apply_mask),
+        (_utf8_c.validate_utf8, _utf8_py.validate_utf8),
+        (_utf8_c.Utf8Validator.feed, _utf8_py.Utf8Validator.feed),
+        (_utf8_c.Utf8Validator.complete, _utf8_py.Utf8Validator.complete),
+        (_utf8_c.Utf8Validator.reset, _utf8_py.Utf8Validator.reset),
+        (_frames_c.FrameParser.feed, _frames_py.FrameParser.feed),
+        (_encode_c.encode_frame, _encode_py.encode_frame),
+    ]
+    for compiled, python in pairs:
+        assert _params(compiled) == _params(python), python.__qualname__
+    # Constructors: the same keywords and defaults, observable through the attributes.
+    c, py = _frames_c.FrameParser(), _frames_py.FrameParser()
+    for name in ("max_frame_bytes", "require_mask", "allow_rsv1", "buffered", "error"):
+        assert getattr(c, name) == getattr(py, name), name
+    c = _frames_c.FrameParser(max_frame_bytes=5, require_mask=False, allow_rsv1=True)
+    assert (c.max_frame_bytes, c.require_mask, c.allow_rsv1) == (5, False, True)

@@ -120,7 +120,7 @@ class Defences:
             self._leeway, self._wheel = leeway, {}
             for conn in waiting:
                 self._wheel.setdefault(self._slot(conn.principal.expires_at), set()).add(conn)
-        log.info("auth and defences reloaded", extra={"event": "reload", "auth": authenticator is not None})
+        log.info("auth and defences reloaded", extra={"event": "defences_reload", "auth": authenticator is not None})
 
     # -- before the 101 -------------------------------------------------------------------
 

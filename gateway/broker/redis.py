@@ -17,7 +17,8 @@ shard that owns its slot instead of broadcasting it to every node.
 
 Names. Room R uses channel `<prefix>{R}` and sequence key `<prefix>seq:{R}`. The hash tag
 `{R}` puts both in one cluster slot, which sharded pub/sub and the script below require;
-on a single node it is harmless. The prefix may not contain braces (it would move the tag).
+on a single node it is harmless. "}" and "%" in R are percent-escaped and an empty R is
+"%" (see `room_tag`); the prefix may not contain braces (it would move the tag).
 
 Sequence numbers. Publishing runs one Lua script: INCR the room's seq key, EXPIRE it
 (`seq_ttl`, so idle rooms do not leak keys), PUBLISH `b"<seq>:<data>"`. Redis runs scripts
@@ -88,6 +89,15 @@ def _bulk(arg: bytes) -> bytes:
 def _command(*args: bytes) -> bytes:
     """RESP-encode one command. Hand-rolled: the publish path packs thousands per second."""
     return b"*%d\r\n%b" % (len(args), b"".join(_bulk(a) for a in args))
+
+
+def room_tag(room: str) -> bytes:
+    """The room as a cluster hash tag: it must not contain "}" (that would end the tag early)
+    nor be empty (an empty tag hashes the whole name). "%" and "}" are percent-escaped, so
+    distinct rooms keep distinct tags; "" becomes a lone "%", which no escaped name can be."""
+    if "}" in room or "%" in room:
+        room = room.replace("%", "%25").replace("}", "%7D")
+    return room.encode() if room else b"%"
 
 
 def parse_broker_url(url: str) -> tuple[bool, list[dict]]:
@@ -193,10 +203,10 @@ class RedisBroker(Broker):
     # -- names -------------------------------------------------------------------------
 
     def channel(self, room: str) -> bytes:
-        return b"%b{%b}" % (self.prefix, room.encode())
+        return b"%b{%b}" % (self.prefix, room_tag(room))
 
     def seq_key(self, room: str) -> bytes:
-        return b"%bseq:{%b}" % (self.prefix, room.encode())
+        return b"%bseq:{%b}" % (self.prefix, room_tag(room))
 
     def _shard_for(self, channel: bytes) -> _Shard:
         if self._slots is None:

@@ -1,6 +1,7 @@
 # cython: language_level=3, binding=False, embedsignature.format=clinic
 # binding=False: plain builtin functions/methods, called without the CyFunction layer
-# (~80 fewer instructions per call; measured with callgrind on encode_frame).
+# (~80 fewer instructions per call, callgrind on encode_frame); embedsignature.format=clinic
+# keeps inspect.signature() working on them.
 """Compiled twin of `_utf8_py`: incremental, fail-fast UTF-8 validation.
 
 Text messages must be valid UTF-8 (RFC 6455 sections 5.6 and 8.1) as defined by RFC 3629

@@ -1,0 +1,127 @@
+"""deploy/: the systemd units verify, the sample config covers every option and checks clean,
+the sysctl keys exist, the README explains every setting, and every metric the Grafana
+dashboard queries is really exported by a gateway."""
+import asyncio
+import dataclasses
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import websockets
+from prometheus_client.parser import text_string_to_metric_families
+
+from gateway.config import Config
+from tests.helpers import ROOT, serve, ws_url
+from tests.redis_server import redis_server  # noqa: F401  (fixture)
+
+DEPLOY = os.path.join(ROOT, "deploy")
+UNITS = ["ws-gateway.service", "ws-gateway@.service", "ws-gateway.target"]
+README = open(os.path.join(DEPLOY, "README.md")).read()
+
+
+def _unit(name: str) -> str:
+    return open(os.path.join(DEPLOY, "systemd", name)).read()
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
+def test_systemd_analyze_verify_passes(tmp_path):
+    # ExecStart must name an existing executable: point it at this Python running the gateway.
+    for name in UNITS:
+        text = _unit(name).replace("/opt/ws-gateway/venv/bin/ws-gateway", f"{sys.executable} -m gateway")
+        target = tmp_path / (name.replace("@.", "@8081.") if "@." in name else name)
+        target.write_text(text)
+    for path in sorted(tmp_path.iterdir()):
+        result = subprocess.run(["systemd-analyze", "verify", str(path)], capture_output=True, text=True,
+                                timeout=60, cwd=tmp_path)
+        # verify exits 0 on unknown keys / bad values and only warns: any line about our file fails.
+        ours = [line for line in result.stderr.splitlines() if path.name in line or "ws-gateway" in line]
+        assert result.returncode == 0 and not ours, result.stderr
+
+
+def test_units_have_the_operational_settings():
+    for name in ("ws-gateway.service", "ws-gateway@.service"):
+        unit = _unit(name)
+        settings = dict(re.findall(r"^(\w+)=(.*)$", unit, flags=re.M))
+        assert settings["Type"] == "notify" and "WatchdogSec" in settings
+        assert settings["ExecReload"] == "/bin/kill -HUP $MAINPID"
+        assert int(settings["LimitNOFILE"]) >= 100_000
+        assert settings["NoNewPrivileges"] == "yes" and settings["ProtectSystem"] == "strict"
+        # systemd must not SIGKILL before the gateway's own drain deadline.
+        assert float(settings["TimeoutStopSec"]) > Config().drain_timeout
+    assert "--port %i" in _unit("ws-gateway@.service")
+
+
+def test_readme_explains_every_setting():
+    directives = set()
+    for name in UNITS:
+        directives |= set(re.findall(r"^(\w+)=", _unit(name), flags=re.M))
+    missing = sorted(d for d in directives if f"`{d}" not in README)
+    assert not missing, f"deploy/README.md does not explain: {missing}"
+    keys = re.findall(r"^([a-z0-9_.]+)\s*=", open(os.path.join(DEPLOY, "sysctl", "99-ws-gateway.conf")).read(), re.M)
+    missing = sorted(k for k in keys if f"`{k}" not in README)
+    assert not missing, f"deploy/README.md does not explain: {missing}"
+    nginx = open(os.path.join(DEPLOY, "nginx", "ws-gateway.conf")).read()
+    nginx += open(os.path.join(DEPLOY, "nginx", "nginx-main.conf")).read()
+    directives = set(re.findall(r"^\s*((?:proxy|ssl|worker|least|multi)_?\w*)\b", nginx, re.M))
+    missing = sorted(d for d in directives if f"`{d}" not in README)
+    assert not missing, f"deploy/README.md does not explain: {missing}"
+
+
+def test_sysctl_keys_exist_and_values_parse():
+    text = open(os.path.join(DEPLOY, "sysctl", "99-ws-gateway.conf")).read()
+    pairs = re.findall(r"^([a-z0-9_.]+)\s*=\s*(.+)$", text, re.M)
+    assert len(pairs) >= 10
+    for key, value in pairs:
+        assert all(part.isdigit() for part in value.split()), (key, value)
+        path = "/proc/sys/" + key.replace(".", "/")
+        if key.startswith("fs.") or os.path.exists("/proc/sys/net/ipv4"):
+            assert os.path.exists(path), f"{key} is not a kernel setting here ({path})"
+
+
+def test_sample_config_covers_every_option_and_checks_clean():
+    path = os.path.join(DEPLOY, "gateway.toml")
+    text = open(path).read()
+    fields = [f.name for f in dataclasses.fields(Config) if f.name != "extra"]
+    missing = [name for name in fields if not re.search(rf"^#? ?{name} =", text, re.M)]
+    assert not missing, f"deploy/gateway.toml does not document: {missing}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WS_GATEWAY_")}
+    result = subprocess.run([sys.executable, "-m", "gateway", "check-config", path], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "warning" not in result.stderr, result.stderr
+
+
+def _dashboard_metrics() -> set[str]:
+    dashboard = json.load(open(os.path.join(DEPLOY, "grafana", "ws-gateway.json")))
+    ids = [p["id"] for p in dashboard["panels"]]
+    assert len(ids) == len(set(ids))
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    exprs.append(dashboard["templating"]["list"][1]["query"]["query"])
+    return set(re.findall(r"\b((?:ws_gateway|process)_[a-z_]+)\b", " ".join(exprs)))
+
+
+def test_dashboard_queries_only_metrics_the_gateway_exports(run, redis_server):
+    wanted = _dashboard_metrics()
+    assert len(wanted) > 30
+
+    async def main():
+        async with serve(broker=redis_server.url) as gw:
+            async with websockets.connect(ws_url(gw, "/ws")) as ws:
+                await ws.send(json.dumps({"op": "join", "room": "r", "id": 1}))
+                await ws.recv()
+                await ws.send(json.dumps({"op": "nonsense"}))   # a request error, counted by code
+                await ws.recv()
+                text = gw.metrics.render().decode()
+        names = set()
+        for family in text_string_to_metric_families(text):
+            names.add(family.name)
+            if family.type == "counter":   # a labelled counter with no samples yet still exists
+                names.add(family.name + "_total")
+            names.update(s.name for s in family.samples)
+        missing = sorted(m for m in wanted if m not in names)
+        assert not missing, f"the dashboard queries metrics that are not exported: {missing}"
+    run(main())

@@ -39,7 +39,8 @@ def install_rooms(gateway: Gateway, config: Config):
     from .rooms import Hub
     from .session import RoomsEndpoint
 
-    broker = create_broker(config.broker)
+    broker = create_broker(config.broker, prefix=config.redis_prefix, seq_ttl=config.redis_seq_ttl,
+                           timeout=config.redis_timeout)
     hub = Hub(broker, PolicyTable.from_config(config).for_room, gateway.loop, deflate=gateway.deflate)
     endpoint = RoomsEndpoint(hub, config)
     gateway.endpoints["/ws"] = endpoint

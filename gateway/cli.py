@@ -36,7 +36,12 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="TCP port (default 8080)")
     p.add_argument("--workers", type=int, help="processes sharing the port with SO_REUSEPORT (needs --broker redis://)")
-    p.add_argument("--broker", metavar="URL", help="memory:// (default) or redis://host:port/db")
+    p.add_argument("--broker", metavar="URL",
+                   help="memory:// (default), redis://host:port/db, rediss://..., unix:///path?db=N, "
+                        "or redis+cluster://host:port,host:port (Redis Cluster: sharded pub/sub)")
+    p.add_argument("--redis-prefix", metavar="PREFIX", help="prefix of Redis channels and keys (default ws:)")
+    p.add_argument("--redis-seq-ttl", type=int, metavar="S", help="seconds an idle room's seq key lives (default 86400)")
+    p.add_argument("--redis-timeout", type=float, metavar="S", help="Redis connect/command timeout (default 5)")
     p.add_argument("--echo", action="store_const", const=True, help="serve a raw echo endpoint at /echo")
     p.add_argument("--demo", action="store_const", const=True, help="serve the demo page at /")
     p.add_argument("--max-message-bytes", type=int, metavar="N", help="largest message accepted (default 1 MiB)")

@@ -72,6 +72,11 @@ class Config:
     compression_exclude_rooms: str = ""            # comma-separated fnmatch patterns sent uncompressed
     # broker
     broker: str = "memory://"
+    # Redis broker (gateway/broker/redis.py): channels are <prefix>{room}, seq keys <prefix>seq:{room};
+    # gateways sharing one Redis see each other only with the same prefix
+    redis_prefix: str = "ws:"
+    redis_seq_ttl: int = 86400         # seconds an idle room's seq key lives (then its seq restarts at 1)
+    redis_timeout: float = 5.0         # connect/command timeout; a Redis silent this long counts as down
     # rooms on /ws (protocol and error codes: gateway/commands.py)
     max_rooms_per_connection: int = 100    # a join beyond this gets the error too_many_rooms
     max_room_name_bytes: int = 200         # longer room names (UTF-8) get room_name_too_long
@@ -228,6 +233,48 @@ def _coerce(name: str, value: Any) -> Any:
     return value
 
 
+_BROKER_SCHEMES = ("memory", "redis", "rediss", "unix", "redis+cluster", "rediss+cluster")
+
+
+def _broker_problems(config: Config) -> list[tuple[str, str]]:
+    """The broker URL's shape and the Redis options (messages never echo the URL: it may hold a password)."""
+    from urllib.parse import urlsplit
+    out = []
+    url = config.broker
+    scheme, sep, rest = url.partition("://")
+    if url in ("", "memory"):
+        pass
+    elif not sep or scheme not in _BROKER_SCHEMES:
+        out.append(("broker", f"unsupported scheme {scheme if sep else url!r}: use memory://, redis://host:port/db, "
+                              "rediss://host:port/db, unix:///path/redis.sock or redis+cluster://host:port,host:port"))
+    elif scheme == "unix":
+        if not urlsplit(url).path:
+            out.append(("broker", "unix:// needs a socket path (unix:///path/redis.sock?db=0)"))
+    elif scheme != "memory":
+        netloc, _, path = rest.partition("/")
+        hosts = netloc.rpartition("@")[2].split(",") if scheme.endswith("cluster") else [netloc.rpartition("@")[2]]
+        for host in hosts:
+            try:
+                parts = urlsplit(f"redis://{host}")
+                if not parts.hostname:
+                    raise ValueError("a host is missing")
+                parts.port  # noqa: B018 - raises ValueError for a bad port
+            except ValueError as exc:
+                out.append(("broker", f"invalid Redis address {host!r}: {exc}"))
+        db = path.partition("?")[0].strip("/")
+        if db and not db.isdigit():
+            out.append(("broker", f"the Redis database {db!r} is not a number"))
+        elif db not in ("", "0") and scheme.endswith("cluster"):
+            out.append(("broker", "Redis Cluster has only database 0"))
+    if "{" in config.redis_prefix or "}" in config.redis_prefix:
+        out.append(("redis_prefix", "must not contain braces (they would change the Redis Cluster hash tag)"))
+    if config.redis_seq_ttl < 1:
+        out.append(("redis_seq_ttl", "must be at least 1 second"))
+    if not config.redis_timeout > 0:
+        out.append(("redis_timeout", "must be positive"))
+    return out
+
+
 def _problems(config: Config) -> list[tuple[str, str]]:
     """Every constraint violated by `config`, as (field, message)."""
     out = []
@@ -258,6 +305,7 @@ def _problems(config: Config) -> list[tuple[str, str]]:
     if config.workers > 1 and config.broker.startswith("memory"):
         out.append(("workers", "N > 1 needs a shared broker (--broker redis://...); "
                                "with the memory broker rooms would silently split between processes"))
+    out.extend(_broker_problems(config))
     if not 0 <= config.metrics_port <= 65535:
         out.append(("metrics_port", f"{config.metrics_port} is not a TCP port (0-65535)"))
     elif config.metrics_port and config.metrics_port == config.port:

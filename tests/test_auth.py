@@ -1,4 +1,5 @@
 """gateway/auth.py without sockets: verification, every rejection reason, claims, refresh."""
+import re
 import time
 
 import jwt
@@ -175,3 +176,38 @@ def test_from_config_files_and_open_mode(tmp_path):
 def test_principal_repr_hides_claims():
     p = Principal(user="u", claims={"secret": "x"})
     assert "secret" not in repr(p)
+
+
+# -- arbitrary input never escapes as anything but a refusal ----------------------------------
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+_CHALLENGE = re.compile(r'Bearer realm="ws-gateway"(, error="invalid_(token|request)", '
+                        r'error_description="[\x20\x21\x23-\x5B\x5D-\x7E]*")?')
+_header_text = st.text(st.characters(min_codepoint=0x20, max_codepoint=0xFF, blacklist_characters="\r\n"),
+                       max_size=300)
+
+
+@settings(max_examples=300, deadline=None)
+@given(authorization=_header_text, query=_header_text, cookie=_header_text,
+       segments=st.lists(st.binary(max_size=60), min_size=1, max_size=4))
+def test_arbitrary_credentials_only_ever_refused(authorization, query, cookie, segments):
+    import base64
+    auth = hs(cookie="gw")
+    forged = ".".join(base64.urlsafe_b64encode(s).rstrip(b"=").decode() for s in segments)
+    for target, headers in ((f"/ws?{query.replace(' ', '+')}", ""),
+                            ("/ws", f"Authorization: {authorization}\r\n"),
+                            ("/ws", f"Cookie: {cookie}\r\n"),
+                            (f"/ws?token={forged}", ""),
+                            ("/ws", f"Authorization: Bearer {forged}\r\n")):
+        try:
+            request = parse_request(f"GET {target} HTTP/1.1\r\nHost: x\r\n{headers}\r\n".encode("latin-1"))
+        except HandshakeRejected:
+            continue            # the HTTP parser refused it first: also a clean refusal
+        try:
+            auth.authenticate(request)
+        except HandshakeRejected as exc:
+            assert exc.status in (400, 401)
+            assert "\n" not in exc.reason
+            # RFC 6750 section 3: error_description is limited to %x20-21 / %x23-5B / %x5D-7E
+            assert _CHALLENGE.fullmatch(exc.headers["WWW-Authenticate"]), exc.headers

@@ -98,3 +98,19 @@ def test_token_bucket():
     assert bucket.take(1, clock=lambda: 0.125) == 1              # 8/s: one token per 125 ms
     assert bucket.take(3, clock=lambda: 0.375) == 2              # partial: two of three fit
     assert bucket.take(100, clock=lambda: 100.0) == 5            # refill caps at the burst
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+@settings(max_examples=300, deadline=None)
+@given(origin=st.text(max_size=80), host=st.text(max_size=40), peer=st.text(max_size=50),
+       forwarded=st.text(max_size=80), real_ip=st.text(max_size=40))
+def test_arbitrary_header_values_never_raise(origin, host, peer, forwarded, real_ip):
+    for policy in (POLICY, OriginPolicy([], same_origin_default=True)):
+        reason = policy.check(origin, host)
+        assert reason is None or ("\n" not in reason and len(reason) < 200)
+    for addresses in (ClientAddress([]), ClientAddress(["127.0.0.1", "::1", "10.0.0.0/8"])):
+        ip = addresses.resolve(peer or "127.0.0.1:1", forwarded, real_ip)
+        assert isinstance(ip, str)
+        ip_key(ip)

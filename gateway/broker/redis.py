@@ -47,7 +47,10 @@ the handler is told once and it is logged once; queued and in-flight publication
 BrokerUnavailable (in-flight ones may or may not have reached Redis, so they are reported,
 never claimed as delivered) and are counted in `publish_errors`. A supervisor reconnects
 with jittered exponential backoff, re-reads the cluster topology, reloads the script,
-resubscribes every room held, and only then reports connected. Loss on the receiving side is
+resubscribes every room held, and only then reports connected. While disconnected, a
+publication to a room this process holds still reaches its local members (with seq 0: not
+numbered, this process only; `local_deliveries`) and the publisher still gets
+BrokerUnavailable, because the other processes did not get it. Loss on the receiving side is
 measured from the seq numbers: `messages_lost` counts publications skipped in a room this
 process held (e.g. published elsewhere while this process was cut off).
 """
@@ -162,7 +165,7 @@ class RedisBroker(Broker):
     name = "redis"
 
     def __init__(self, url: str, *, prefix: str = "ws:", seq_ttl: int = 86400, timeout: float = 5.0,
-                 reconnect_min: float = 0.05, reconnect_max: float = 5.0) -> None:
+                 reconnect_min: float = 0.05, reconnect_max: float = 5.0, local_fallback: bool = True) -> None:
         self.cluster, self._seeds = parse_broker_url(url)
         if "{" in prefix or "}" in prefix:
             raise ValueError(f"invalid Redis channel prefix {prefix!r}: braces would change the cluster hash tag")
@@ -174,6 +177,7 @@ class RedisBroker(Broker):
         self.timeout = timeout
         self.reconnect_min = reconnect_min
         self.reconnect_max = reconnect_max
+        self.local_fallback = local_fallback
         self._publish_cmd = b"SPUBLISH" if self.cluster else b"PUBLISH"
         self._subscribe_cmd = b"SSUBSCRIBE" if self.cluster else b"SUBSCRIBE"
         self._unsubscribe_cmd = b"SUNSUBSCRIBE" if self.cluster else b"UNSUBSCRIBE"
@@ -199,6 +203,7 @@ class RedisBroker(Broker):
         self.messages_received = 0
         self.messages_lost = 0
         self.seq_resets = 0
+        self.local_deliveries = 0
 
     # -- names -------------------------------------------------------------------------
 
@@ -422,7 +427,14 @@ class RedisBroker(Broker):
     async def publish(self, room: str, data: bytes) -> int:
         if not self.connected:
             self.publish_errors += 1
-            raise BrokerUnavailable(f"redis unavailable: {self._last_error}")
+            if self.local_fallback and self.channel(room) in self._rooms:
+                # Redis is down but this process has members: they still get it (seq 0 = not
+                # numbered, this process only), later and not inline, like any publication.
+                self.local_deliveries += 1
+                self._loop.call_soon(self._deliver_local, room, data)
+                raise BrokerUnavailable(f"redis unavailable ({self._last_error}); "
+                                        "delivered only to members on this process, without a seq")
+            raise BrokerUnavailable(f"redis unavailable ({self._last_error})")
         channel = self.channel(room)
         shard = self._shard_for(channel)
         fut = self._loop.create_future()
@@ -435,6 +447,13 @@ class RedisBroker(Broker):
     def _evalsha_head(self) -> bytes:
         # EVALSHA sha 2 <key> <channel> <data> <ttl> <cmd>: 8 arguments, the first 3 fixed.
         return b"*8\r\n$7\r\nEVALSHA\r\n" + _bulk(self._sha) + b"$1\r\n2\r\n"
+
+    def _deliver_local(self, room: str, data: bytes) -> None:
+        if self.channel(room) in self._rooms:
+            try:
+                self._handler.handle_publication(room, 0, data)
+            except Exception:
+                log.exception("publication handler failed", extra={"room": room})
 
     async def _write_loop(self, shard: _Shard) -> None:
         """Write the queue as one pipeline, read its replies, repeat while more was queued."""
@@ -595,6 +614,7 @@ class RedisBroker(Broker):
             "messages_received": self.messages_received,
             "messages_lost": self.messages_lost,
             "seq_resets": self.seq_resets,
+            "local_deliveries": self.local_deliveries,
             "rooms": len(self._rooms),
             "shards": len(self._shards),
         }

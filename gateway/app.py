@@ -20,9 +20,14 @@ from .errors import ConfigError
 log = logging.getLogger("gateway.app")
 
 
-async def start_gateway(config: Config, sock=None) -> Gateway:
-    """Build and start a Gateway in the running loop (used by `run` and by tests)."""
+async def start_gateway(config: Config, sock=None, worker: int = 0) -> Gateway:
+    """Build and start a Gateway in the running loop (used by `run` and by tests).
+
+    `worker` is this process's index among `workers`: worker i serves its private metrics
+    listener on metrics_port + i, so each worker can be scraped (the main port is shared).
+    """
     gateway = Gateway(config, asyncio.get_running_loop())
+    gateway.worker_index = worker
     # Origin, per-IP, token checks before the 101; expiry, refresh, rate limit after it.
     defences.install(gateway, config)
     api.install(gateway, config)          # POST /api/publish (off unless api_keys are configured)
@@ -56,14 +61,17 @@ def install_rooms(gateway: Gateway, config: Config):
     return hub
 
 
-async def _serve(config: Config, sock=None, reload=None) -> int:
-    gateway = await start_gateway(config, sock)
+async def _serve(config: Config, sock=None, reload=None, worker: int = 0) -> int:
+    gateway = await start_gateway(config, sock, worker)
     gateway.reload_config = reload
     import gateway_ext
     log.info("listening", extra={"event": "listen", "host": config.host, "port": gateway.port,
                                  "pid": os.getpid(), "implementation": gateway_ext.IMPLEMENTATION,
                                  "tls": bool(config.certfile), "metrics_port": gateway.metrics_port,
-                                 "endpoints": sorted(gateway.endpoints)})
+                                 "endpoints": sorted(gateway.endpoints), "worker": worker})
+    if config.workers > 1 and not config.metrics_port:
+        log.warning("workers share the main port, so /metrics there answers for a random worker; "
+                    "set metrics_port (worker i listens on metrics_port + i)", extra={"event": "metrics_port"})
     # systemd (Type=notify): started only once the socket accepts; the watchdog is fed by the loop.
     systemd.notify("READY=1", f"STATUS={gateway.status_line()}")
     watchdog = systemd.Watchdog(gateway.loop)
@@ -74,9 +82,9 @@ async def _serve(config: Config, sock=None, reload=None) -> int:
         watchdog.stop()
 
 
-def _run_one(config: Config, sock=None, reload=None) -> int:
+def _run_one(config: Config, sock=None, reload=None, worker: int = 0) -> int:
     import uvloop
-    return uvloop.run(_serve(config, sock, reload))
+    return uvloop.run(_serve(config, sock, reload, worker))
 
 
 def run(config: Config, reload=None) -> int:
@@ -98,11 +106,11 @@ def run(config: Config, reload=None) -> int:
 def _run_workers(config: Config, reload=None) -> int:
     """Fork N workers sharing the port through SO_REUSEPORT; forward signals; reap them."""
     children: list[int] = []
-    for _ in range(config.workers):
+    for index in range(config.workers):
         pid = os.fork()
         if pid == 0:  # child
             try:
-                code = _run_one(config, reload=reload)
+                code = _run_one(config, reload=reload, worker=index)
             except BaseException:
                 log.exception("worker crashed")
                 code = 1

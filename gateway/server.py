@@ -110,6 +110,7 @@ class Gateway:
         self._next_ping_scan = 0.0
         self._stopping: asyncio.Future | None = None
         self._metrics_server: asyncio.AbstractServer | None = None
+        self.worker_index = 0   # set by app: worker i of `workers` serves metrics on metrics_port + i
         self.sockets: list[socket.socket] = []
 
     # -- bookkeeping used by Connection -------------------------------------------------
@@ -199,7 +200,7 @@ class Gateway:
         """/metrics, /healthz, /readyz on a private port; it stays open until the very end of a drain."""
         site = _PrivateSite(self, {"/metrics": self._metrics, "/healthz": self._healthz, "/readyz": self._readyz})
         self._metrics_server = await self.loop.create_server(
-            lambda: Connection(site), self.config.metrics_host, self.config.metrics_port,
+            lambda: Connection(site), self.config.metrics_host, self.config.metrics_port + self.worker_index,
             reuse_address=True, reuse_port=hasattr(socket, "SO_REUSEPORT"))
 
     @property

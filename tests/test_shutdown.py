@@ -14,7 +14,8 @@ import uvloop
 import websockets
 
 from gateway_ext import FrameParser
-from tests.helpers import GatewayProcess, raw_request, serve, upgrade_request, ws_url
+from tests.helpers import GatewayProcess, free_port, raw_request, serve, upgrade_request, ws_url
+from tests.redis_server import redis_server  # noqa: F401  (fixture)
 
 CLIENTS = 1000
 
@@ -192,3 +193,30 @@ def test_sighup_reloads_limits_and_keeps_clients(tmp_path):
             await ws.close()
         uvloop.run(main())
         assert gw.stop() == 0
+
+
+def test_workers_each_drain_once_and_have_their_own_metrics_port(redis_server):
+    metrics_port = free_port()
+    while metrics_port + 1 >= 65536:
+        metrics_port = free_port()
+    with GatewayProcess("--echo", "--workers", "2", "--broker", redis_server.url, "--metrics-port", str(metrics_port),
+                        "--drain-window", "0.5", "--log-level", "warning") as gw:
+        for port in (metrics_port, metrics_port + 1):   # each worker answers on its own port
+            assert "ws_gateway_connections_open" in _get(f"http://127.0.0.1:{port}/metrics")
+
+        async def main():
+            clients = await _connect_many(gw.url("/echo"), 40)   # SO_REUSEPORT spreads them over both workers
+            # Only the parent is signalled (systemd KillMode=mixed); it forwards to each worker once.
+            gw.signal(signal.SIGTERM)
+            await asyncio.wait_for(asyncio.gather(*(ws.wait_closed() for ws in clients)), 10)
+            return [ws.close_code for ws in clients]
+        codes = uvloop.run(main())
+        assert codes == [1001] * 40
+        assert gw.proc.wait(timeout=10) == 0
+        assert "second signal" not in gw.output()
+
+
+def _get(url: str) -> str:
+    import urllib.request
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return response.read().decode()

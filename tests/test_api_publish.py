@@ -8,6 +8,7 @@ import websockets
 
 from gateway.broker.base import BrokerUnavailable
 from tests.helpers import raw_request, serve
+from tests.redis_server import redis_server  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -125,4 +126,21 @@ def test_broker_unavailable_503(run):
             status, headers, body = await post(gw, {"room": "r", "data": 1})
             assert status == 503 and b"broker unavailable" in body and headers["Retry-After"]
             assert gw.api.stats.rejected["broker_unavailable"] == 1
+    run(main())
+
+
+def test_publish_through_redis_reaches_other_processes_and_503_when_down(run, redis_server):
+    async def main():
+        async with serve(api_keys=KEY, broker=redis_server.url) as a, \
+                serve(api_keys=KEY, broker=redis_server.url) as b:
+            far = await member(b, "news")                    # a member on the other gateway
+            status, _, body = await post(a, {"room": "news", "data": {"via": "redis"}})
+            assert status == 200
+            seq = orjson.loads(body)["seq"]
+            assert orjson.loads(await asyncio.wait_for(far.recv(), 10)) == {
+                "op": "message", "room": "news", "data": {"via": "redis"}, "seq": seq}
+            redis_server.kill()                              # the broker goes away for real
+            status, headers, body = await post(a, {"room": "news", "data": 2})
+            assert status == 503 and b"broker unavailable" in body and headers["Retry-After"]
+            await far.close()
     run(main())

@@ -21,7 +21,7 @@ from gateway.config import load
 from gateway.errors import ConfigError
 from tests.broker_helpers import Recorder
 from tests.helpers import ROOT
-from tests.redis_server import RedisServer
+from tests.redis_server import RedisServer, redis_server  # noqa: F401 - fixture
 
 
 def prefix() -> str:
@@ -127,3 +127,297 @@ def test_cli_flags_reach_the_config():
     config = config_from_args(args)
     assert (config.broker, config.redis_prefix, config.redis_seq_ttl, config.redis_timeout) == \
         ("redis://127.0.0.1:1/0", "p:", 5, 0.5)
+
+
+# -- subscriptions, seq and batching against a real redis-server ------------------------------
+
+async def numsub(server: RedisServer, channel: bytes) -> int:
+    async with aioredis.Redis(host="127.0.0.1", port=server.port) as r:
+        return dict(await r.pubsub_numsub(channel))[channel]
+
+
+def test_interest_based_subscriptions(run, redis_server):
+    """A channel is subscribed exactly while the room is held: PUBSUB NUMSUB tells."""
+    async def main():
+        broker, _ = await started(redis_server.url, prefix="app:")
+        try:
+            channel = broker.channel("lobby")
+            assert channel == b"app:{lobby}"
+            assert await numsub(redis_server, channel) == 0
+            await broker.subscribe("lobby")
+            assert await numsub(redis_server, channel) == 1
+            await broker.publish("elsewhere", b"1")          # publishing does not subscribe
+            assert await numsub(redis_server, broker.channel("elsewhere")) == 0
+            await broker.unsubscribe("lobby")
+            # unsubscribe does not wait for Redis: a round trip on the same connection does.
+            await broker.subscribe("fence")
+            assert await numsub(redis_server, channel) == 0
+            assert broker.stats()["rooms"] == 1
+        finally:
+            await broker.close()
+    run(main())
+
+
+def test_seq_is_shared_by_every_process(run, redis_server):
+    """Two publishers, two subscribers: one numbering, one order, the same for everyone."""
+    async def main():
+        (a, rec_a), (b, rec_b) = await started(redis_server.url), await started(redis_server.url)
+        try:
+            await a.subscribe("r")
+            await b.subscribe("r")
+            results = await asyncio.gather(*(
+                (a if i % 2 else b).publish("r", b'{"n":%d}' % i) for i in range(400)))
+            assert sorted(results) == list(range(1, 401))
+            got_a = await rec_a.wait_count("r", 400)
+            got_b = await rec_b.wait_count("r", 400)
+            assert got_a == got_b
+            assert [seq for seq, _ in got_a] == list(range(1, 401))
+            # Each publisher's seq is the number its publication was delivered with.
+            assert dict(got_a) == {seq: b'{"n":%d}' % i for i, seq in enumerate(results)}
+            assert a.stats()["messages_lost"] == b.stats()["messages_lost"] == 0
+        finally:
+            await a.close()
+            await b.close()
+    run(main())
+
+
+def test_publishes_of_one_loop_pass_share_one_round_trip(run, redis_server):
+    async def main():
+        broker, rec = await started(redis_server.url)
+        try:
+            await broker.subscribe("r")
+            await asyncio.gather(*(broker.publish("r", b"%d" % i) for i in range(2000)))
+            assert broker.stats()["publish_batches"] == 1
+            async with aioredis.Redis(host="127.0.0.1", port=redis_server.port) as r:
+                stats = await r.info("commandstats")
+            assert stats["cmdstat_evalsha"]["calls"] == 2000
+            await rec.wait_count("r", 2000)
+        finally:
+            await broker.close()
+    run(main())
+
+
+def test_seq_keys_expire_and_live_in_the_selected_db(run, redis_server):
+    async def main():
+        url = f"redis://127.0.0.1:{redis_server.port}/3"
+        broker, _ = await started(url, seq_ttl=120)
+        try:
+            await broker.publish("r", b"1")
+            async with aioredis.Redis(host="127.0.0.1", port=redis_server.port, db=3) as r:
+                assert await r.get(broker.seq_key("r")) == b"1"
+                assert 0 < await r.ttl(broker.seq_key("r")) <= 120
+            async with aioredis.Redis(host="127.0.0.1", port=redis_server.port, db=0) as r:
+                assert await r.exists(broker.seq_key("r")) == 0
+        finally:
+            await broker.close()
+    run(main())
+
+
+def test_unix_socket_url(run, redis_server):
+    async def main():
+        broker, rec = await started(redis_server.unix_url)
+        try:
+            await broker.subscribe("r")
+            seq = await broker.publish("r", b'"over a unix socket"')
+            assert await rec.wait_count("r", 1) == [(seq, b'"over a unix socket"')]
+        finally:
+            await broker.close()
+    run(main())
+
+
+def test_prefixes_isolate_gateways_sharing_a_redis(run, redis_server):
+    async def main():
+        (a, rec_a), (b, rec_b) = await started(redis_server.url, prefix="one:"), await started(redis_server.url, prefix="two:")
+        try:
+            await a.subscribe("r")
+            await b.subscribe("r")
+            assert await a.publish("r", b"1") == 1
+            assert await b.publish("r", b"2") == 1          # separate numbering too
+            assert await rec_a.wait_count("r", 1) == [(1, b"1")]
+            assert await rec_b.wait_count("r", 1) == [(1, b"2")]
+            await a.publish("r", b"3")
+            assert await rec_a.wait_count("r", 2) == [(1, b"1"), (2, b"3")]
+            assert rec_b.of("r") == [(1, b"2")]
+        finally:
+            await a.close()
+            await b.close()
+    run(main())
+
+
+def test_a_failing_handler_does_not_stop_delivery(run, redis_server, caplog):
+    async def main():
+        broker, rec = await started(redis_server.url)
+        calls = []
+        original = rec.handle_publication
+
+        def flaky(room, seq, data):
+            calls.append(seq)
+            if seq == 1:
+                raise RuntimeError("handler bug")
+            original(room, seq, data)
+        rec.handle_publication = flaky
+        try:
+            await broker.subscribe("r")
+            await broker.publish("r", b"1")
+            await broker.publish("r", b"2")
+            assert await rec.wait_count("r", 1) == [(2, b"2")]
+            assert broker.connected
+        finally:
+            await broker.close()
+    with caplog.at_level(logging.ERROR, logger="gateway.broker.redis"):
+        run(main())
+    assert "publication handler failed" in caplog.text
+
+
+# -- faults -----------------------------------------------------------------------------------
+
+async def until(predicate, timeout: float = 15.0) -> None:
+    """Poll a condition driven by an external process (redis-server), with a deadline."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.01)
+
+
+async def redis_command(server: RedisServer, *args, password=None):
+    async with aioredis.Redis(host="127.0.0.1", port=server.port, password=password, protocol=2) as r:
+        return await r.execute_command(*args)
+
+
+def test_redis_killed_and_restarted(run, redis_server, caplog):
+    """Down: told once, logged once, local members still served (seq 0), every refusal counted.
+    Back: resubscribed to every room held, publishing again, state told once more."""
+    async def main():
+        broker, rec = await started(redis_server.url)
+        try:
+            await broker.subscribe("r")
+            await broker.subscribe("s")
+            assert await broker.publish("r", b"1") == 1
+            await rec.wait_count("r", 1)
+
+            redis_server.kill()
+            await rec.wait_states([True, False])
+            assert not broker.connected and broker.state()[0] is False
+            with pytest.raises(BrokerUnavailable, match="only to members on this process"):
+                await broker.publish("r", b'"local"')
+            assert await rec.wait_count("r", 2) == [(1, b"1"), (0, b'"local"')]
+            with pytest.raises(BrokerUnavailable):
+                await broker.publish("not-held", b"x")
+            with pytest.raises(BrokerUnavailable):
+                await broker.subscribe("new")
+            await until(lambda: broker.connect_failures >= 3)   # several failed attempts, one log line
+
+            redis_server.start()
+            await rec.wait_states([True, False, True])
+            stats = broker.stats()
+            assert stats["reconnects"] == 1 and stats["connected"] == 1
+            assert stats["publish_errors"] == 2 and stats["local_deliveries"] == 1
+            assert stats["subscribe_errors"] == 1 and stats["rooms"] == 2
+            for room in ("r", "s"):
+                assert await numsub(redis_server, broker.channel(room)) == 1
+            assert await numsub(redis_server, broker.channel("new")) == 0
+            # Redis restarted without persistence: numbering starts again, and the gap is
+            # reported as a reset (unmeasurable), not as a number of lost messages.
+            assert await broker.publish("s", b"after") == 1
+            assert await rec.wait_count("s", 1) == [(1, b"after")]
+            await broker.publish("r", b"after")
+            await rec.wait_count("r", 3)
+            assert broker.stats()["seq_resets"] == 1 and broker.stats()["messages_lost"] == 0
+            assert rec.of("not-held") == []
+        finally:
+            await broker.close()
+    with caplog.at_level(logging.INFO, logger="gateway.broker.redis"):
+        run(main())
+    messages = [r.getMessage() for r in caplog.records if r.name == "gateway.broker.redis"]
+    assert messages.count("redis broker disconnected") == 1
+    assert messages.count("redis broker connected") == 2
+
+
+def test_inflight_publishes_fail_and_are_never_claimed(run, redis_server):
+    """Publications written but unanswered when Redis dies get BrokerUnavailable, not a seq."""
+    async def main():
+        broker, rec = await started(redis_server.url)
+        try:
+            await broker.subscribe("r")
+            # Redis holds every write (EVALSHA included) from now on: the batch stays unanswered.
+            await redis_command(redis_server, "CLIENT", "PAUSE", "20000", "WRITE")
+            tasks = [asyncio.ensure_future(broker.publish("r", b"%d" % i)) for i in range(10)]
+            await until(lambda: broker.stats()["publish_batches"] == 1)
+            redis_server.kill()
+            results = await asyncio.gather(*tasks, return_exceptions=True)
+            assert all(isinstance(r, BrokerUnavailable) for r in results), results
+            assert broker.stats()["publish_errors"] == 10
+            assert broker.stats()["local_deliveries"] == 0     # outcome unknown: no local copy either
+            await rec.wait_states([True, False])
+            assert rec.of("r") == []
+        finally:
+            await broker.close()
+    run(main())
+
+
+def test_a_silent_redis_counts_as_down(run, redis_server):
+    """Redis that stops answering (paused) is detected by the command timeout, then rejoined."""
+    async def main():
+        broker, rec = await started(redis_server.url, timeout=0.3)
+        try:
+            await broker.subscribe("r")
+            await redis_command(redis_server, "CLIENT", "PAUSE", "1500", "ALL")
+            with pytest.raises(BrokerUnavailable, match="Timeout"):
+                await broker.publish("r", b"1")
+            await rec.wait_states([True, False])
+            await rec.wait_states([True, False, True])   # the pause ends: reconnected
+            assert await broker.publish("r", b"2") >= 1
+            assert await numsub(redis_server, broker.channel("r")) == 1
+        finally:
+            await broker.close()
+    run(main())
+
+
+def test_missed_publications_are_counted_from_seq_gaps(run, redis_server):
+    """B is cut off while A keeps publishing: after B is back, messages_lost says how many it missed."""
+    async def main():
+        (a, _), (b, rec_b) = await started(redis_server.url), await started(redis_server.url)
+        try:
+            await b.subscribe("r")
+            await a.publish("r", b"1")
+            await rec_b.wait_count("r", 1)
+            # New connections now need a password (A's and B's current ones stay logged in),
+            # so B cannot come back until we allow it.
+            await redis_command(redis_server, "CONFIG", "SET", "requirepass", "let-me-in")
+            await redis_command(redis_server, "CLIENT", "KILL", "TYPE", "pubsub", password="let-me-in")  # only B subscribes
+            await rec_b.wait_states([True, False])
+            for i in range(5):
+                await a.publish("r", b"missed")
+            await until(lambda: b.connect_failures >= 1)
+            await redis_command(redis_server, "CONFIG", "SET", "requirepass", "", password="let-me-in")
+            await rec_b.wait_states([True, False, True])
+            seq = await a.publish("r", b"after")
+            assert seq == 7
+            assert await rec_b.wait_count("r", 2) == [(1, b"1"), (7, b"after")]
+            assert b.stats()["messages_lost"] == 5 and b.stats()["seq_resets"] == 0
+            assert a.connected and a.stats()["publish_errors"] == 0
+        finally:
+            await a.close()
+            await b.close()
+    run(main())
+
+
+def test_start_with_redis_down_then_up(run):
+    """A gateway may start before its Redis: not ready, refusing publishes, connected once Redis is up."""
+    async def main():
+        server = RedisServer()
+        broker, rec = await started(server.url)
+        try:
+            assert rec.states == [False] and not broker.connected
+            assert "broker disconnected" in broker.state()[1]
+            with pytest.raises(BrokerUnavailable):
+                await broker.publish("r", b"1")
+            server.start()
+            await rec.wait_states([False, True])
+            await broker.subscribe("r")
+            assert await broker.publish("r", b"1") == 1
+            assert await rec.wait_count("r", 1) == [(1, b"1")]
+        finally:
+            await broker.close()
+            server.close()
+    run(main())

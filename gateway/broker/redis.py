@@ -200,6 +200,7 @@ class RedisBroker(Broker):
         self.publish_batches = 0
         self.subscribe_errors = 0
         self.reconnects = 0
+        self.connect_failures = 0
         self.messages_received = 0
         self.messages_lost = 0
         self.seq_resets = 0
@@ -231,6 +232,7 @@ class RedisBroker(Broker):
         try:
             await self._connect()
         except Exception as exc:  # noqa: BLE001 - any failure here means "not connected yet"
+            self.connect_failures += 1
             await self._teardown(exc)
             self._set_state(False, exc)
             self._supervisor = self._loop.create_task(self._supervise(first_delay=True))
@@ -290,6 +292,7 @@ class RedisBroker(Broker):
             try:
                 await self._connect()
             except Exception as exc:  # noqa: BLE001 - retried with backoff
+                self.connect_failures += 1
                 await self._teardown(exc)
                 log.debug("redis reconnect failed", extra={"event": "broker_retry", "attempt": attempt,
                                                            "error": f"{type(exc).__name__}: {exc}"})
@@ -611,6 +614,7 @@ class RedisBroker(Broker):
             "publish_batches": self.publish_batches,
             "subscribe_errors": self.subscribe_errors,
             "reconnects": self.reconnects,
+            "connect_failures": self.connect_failures,
             "messages_received": self.messages_received,
             "messages_lost": self.messages_lost,
             "seq_resets": self.seq_resets,

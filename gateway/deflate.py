@@ -236,7 +236,12 @@ def negotiate(header: str, settings: DeflateSettings, allow_client_takeover: boo
 # -- the process-wide part: shared compressors, the context budget, stats --------------------
 
 class Deflate:
-    """One per process: settings, one shared compressor per window size, the context budget."""
+    """One per process: settings, one shared compressor per window size, the context budget.
+
+    Its plain integer attributes are the `deflate` metrics (gateway/metrics.py contract).
+    """
+
+    gauges = ("live_contexts",)
 
     def __init__(self, settings: DeflateSettings) -> None:
         self.settings = settings
@@ -244,7 +249,8 @@ class Deflate:
         self.live_contexts = 0            # per-connection inflaters alive now
         self.negotiated = 0               # connections that agreed on permessage-deflate
         self.declined = 0                 # offers declined as invalid
-        self.compressed_out = 0           # messages sent compressed
+        self.compressed_in = 0            # compressed messages received (inflated)
+        self.compressed_out = 0           # messages sent compressed (once per broadcast and window)
         self.bytes_before = 0             # their size before ...
         self.bytes_after = 0              # ... and after deflate
         self._exclude = settings.exclude_rooms
@@ -379,6 +385,7 @@ class PerMessageDeflate:
             raise FrameError(PROTOCOL_ERROR, f"invalid compressed data ({exc})") from None
         if len(data) > limit:
             raise FrameError(MESSAGE_TOO_BIG, f"decompressed message exceeds the {limit}-byte limit")
+        self._deflate.compressed_in += 1
         if inflater.eof:
             # The client ended its stream with a BFINAL block: the next message starts a new one.
             self._inflater = None

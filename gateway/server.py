@@ -82,6 +82,8 @@ class Gateway:
         self.metrics = Metrics(self, self.loop)
         # Feature stats objects to export ({name: obj}; see metrics.py for the contract).
         self.metric_sources: dict = {}
+        if self.deflate is not None:
+            self.metric_sources["deflate"] = self.deflate   # permessage-deflate counters
         if not config.metrics_port:
             self.http_routes["/metrics"] = self._metrics
         # Admission hooks run before the 101: (conn, request) -> extra headers or raise HandshakeRejected.

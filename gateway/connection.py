@@ -366,6 +366,10 @@ class Connection(asyncio.Protocol):
         self.ws = ws
         self.endpoint = endpoint
         self.phase = OPEN
+        # Nothing reads the request head after the 101 (auth keeps what it needs in
+        # `principal`): its headers dict and strings are ~1 KB per idle connection.
+        self.request = None
+        self._head = None
         gw.stats.handshake.observe(gw.loop.time() - self.last_seen)
         self.last_seen = gw.clock
         gw.connection_opened(self)

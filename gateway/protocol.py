@@ -68,9 +68,10 @@ class ServerProtocol:
         self._parser = FrameParser(max_message_bytes)
         self._utf8 = None               # created on the first fragmented text message
         self._frag_opcode = 0           # opcode of the message being reassembled, 0 if none
-        self._frag_parts: list = []
+        # Both None until needed: an idle connection holds no empty lists (memory at 50k).
+        self._frag_parts: list | None = None
         self._frag_size = 0
-        self._out: list = []
+        self._out: list | None = None   # frames queued since the last data_to_send()
         self.close_code = ABNORMAL      # what the connection ended with (1006 until known)
         self.close_reason = ""
         self.close_sent = False
@@ -118,7 +119,7 @@ class ServerProtocol:
                     break
             elif opcode == OP_PING:
                 if not self.close_sent:
-                    self._out.append(encode_frame(OP_PONG, payload))  # section 5.5.2
+                    self._queue(encode_frame(OP_PONG, payload))  # section 5.5.2
             elif opcode == OP_PONG:
                 self.pongs_received += 1
             else:  # OP_CLOSE
@@ -189,7 +190,7 @@ class ServerProtocol:
                 return False
             data = self._frag_parts[0] if len(self._frag_parts) == 1 else b"".join(self._frag_parts)
             self._frag_opcode = 0
-            self._frag_parts = []
+            self._frag_parts = None
             self._frag_size = 0
             if not self.close_sent:
                 messages.append((opcode, data))
@@ -203,7 +204,7 @@ class ServerProtocol:
         opcode, parts = self._frag_opcode, self._frag_parts
         self._frag_opcode = 0
         self._frag_compressed = False
-        self._frag_parts = []
+        self._frag_parts = None
         self._frag_size = 0
         return self._finish_compressed(opcode, b"".join(parts), messages)
 
@@ -241,19 +242,34 @@ class ServerProtocol:
 
     # -- sending ------------------------------------------------------------------------
 
+    def _queue(self, frame: bytes) -> None:
+        out = self._out
+        if out is None:
+            self._out = [frame]
+        else:
+            out.append(frame)
+
     def send(self, opcode: int, payload) -> None:
         """Queue one unfragmented message (dropped once a close frame was sent, section 5.5.1)."""
         if not self.close_sent:
-            self._out.append(encode_frame(opcode, payload))
+            out = self._out
+            if out is None:
+                self._out = [encode_frame(opcode, payload)]
+            else:
+                out.append(encode_frame(opcode, payload))
 
     def send_frame(self, frame: bytes) -> None:
         """Queue an already encoded frame (the shared bytes of a broadcast)."""
         if not self.close_sent:
-            self._out.append(frame)
+            out = self._out
+            if out is None:
+                self._out = [frame]
+            else:
+                out.append(frame)
 
     def ping(self, payload: bytes = b"") -> None:
         if not self.close_sent:
-            self._out.append(encode_frame(OP_PING, payload))
+            self._queue(encode_frame(OP_PING, payload))
 
     def close(self, code: int = NORMAL, reason: str = "") -> None:
         """Start the closing handshake (section 7.1.2)."""
@@ -263,7 +279,7 @@ class ServerProtocol:
         self._send_close(code, reason)
 
     def _send_close(self, code: int, reason: str) -> None:
-        self._out.append(encode_frame(OP_CLOSE, encode_close_payload(code, reason)))
+        self._queue(encode_frame(OP_CLOSE, encode_close_payload(code, reason)))
         self.close_sent = True
         self.state = State.CLOSING
 
@@ -291,8 +307,9 @@ class ServerProtocol:
             if not self.close_sent:
                 self._send_close(code, reason)
         out = self._out
-        if out:
-            self._out = []
+        if out is None:
+            return []
+        self._out = None
         return out
 
     @property
@@ -312,4 +329,4 @@ class DeflateServerProtocol(ServerProtocol):
 
     def send(self, opcode: int, payload) -> None:
         if not self.close_sent:
-            self._out.append(self.deflate.encode(opcode, payload))
+            self._queue(self.deflate.encode(opcode, payload))

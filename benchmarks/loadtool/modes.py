@@ -61,3 +61,11 @@ class Mode:
 
     async def run(self, ctx: WorkerContext, prepared, result: WorkerResult) -> None:
         raise NotImplementedError
+
+    def before_workers(self, params) -> None:
+        """In the parent, before any worker starts (e.g. a server baseline); may set
+        attributes on `params`, which the forked workers inherit."""
+
+    def finish(self, summary, params) -> None:
+        """In the parent, after the workers' results are merged: derive numbers that need
+        every worker's share (e.g. server bytes per connection held by all workers)."""

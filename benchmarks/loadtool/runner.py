@@ -27,10 +27,14 @@ _PARENT_SLACK = 30.0
 def run(mode, params):
     """Run `mode` with `params` (argparse.Namespace) and return a stats.Summary."""
     target = parse_url(params.url)
+    mode.before_workers(params)
     if params.procs <= 1:
         result = uvloop.run(_worker(mode, WorkerContext(params, target, 0, 1), None, params))
-        return merge([result])
-    return merge(_run_forked(mode, params, target))
+        summary = merge([result])
+    else:
+        summary = merge(_run_forked(mode, params, target))
+    mode.finish(summary, params)
+    return summary
 
 
 def _phase_budget(params) -> float:

@@ -19,9 +19,9 @@ from gateway.broker import BrokerUnavailable, create_broker
 from gateway.broker.redis import RedisBroker, parse_broker_url
 from gateway.config import load
 from gateway.errors import ConfigError
-from tests.broker_helpers import Recorder
+from tests.broker_helpers import Recorder, same_slot_room
 from tests.helpers import ROOT
-from tests.redis_server import RedisServer, redis_server  # noqa: F401 - fixture
+from tests.redis_server import RedisCluster, RedisServer, redis_cluster, redis_server  # noqa: F401 - fixtures
 
 
 def prefix() -> str:
@@ -421,3 +421,78 @@ def test_start_with_redis_down_then_up(run):
             await broker.close()
             server.close()
     run(main())
+
+
+# -- Redis Cluster: sharded pub/sub ------------------------------------------------------------
+
+def rooms_on_every_node(cluster: RedisCluster, broker: RedisBroker) -> dict[int, str]:
+    """One room per cluster node (port -> room), found by asking the cluster."""
+    found: dict[int, str] = {}
+    i = 0
+    while len(found) < len(cluster.nodes):
+        room = f"room-{i}"
+        found.setdefault(cluster.node_for(broker.channel(room)).port, room)
+        i += 1
+    return found
+
+
+async def node_command(node: RedisServer, *args):
+    async with aioredis.Redis(host="127.0.0.1", port=node.port, protocol=2) as r:
+        return await r.execute_command(*args)
+
+
+def test_cluster_uses_sharded_pubsub_on_the_owning_node(run, redis_cluster):
+    async def main():
+        p = prefix()
+        (a, rec_a), (b, _) = await started(redis_cluster.url, prefix=p), await started(redis_cluster.url, prefix=p)
+        try:
+            assert a.cluster and a.stats()["shards"] == 3
+            rooms = rooms_on_every_node(redis_cluster, a)
+            for room in rooms.values():
+                await a.subscribe(room)
+            for port, room in rooms.items():
+                channel = a.channel(room)
+                owner = next(n for n in redis_cluster.nodes if n.port == port)
+                assert dict(zip(*[iter(await node_command(owner, "PUBSUB", "SHARDNUMSUB", channel))] * 2)) == {channel: 1}
+                # Not the classic (broadcast-to-every-node) pub/sub.
+                assert await node_command(owner, "PUBSUB", "NUMSUB", channel) == [channel, 0]
+            sent = {room: await b.publish(room, room.encode()) for room in rooms.values()}
+            for room, seq in sent.items():
+                assert await rec_a.wait_count(room, 1) == [(seq, room.encode())]
+            port, room = next(iter(rooms.items()))
+            await a.unsubscribe(room)
+            # unsubscribe does not wait; a subscribe on the same shard's connection is a round trip after it.
+            await a.subscribe(same_slot_room(room))
+            owner = next(n for n in redis_cluster.nodes if n.port == port)
+            assert await node_command(owner, "PUBSUB", "SHARDNUMSUB", a.channel(room)) == [a.channel(room), 0]
+        finally:
+            await a.close()
+            await b.close()
+    run(main())
+
+
+def test_cluster_node_killed_and_restarted(run):
+    """A primary dies: the broker reports down; the node comes back: topology re-read, rooms
+    resubscribed on their shards, traffic flows again."""
+    async def main(cluster: RedisCluster):
+        broker, rec = await started(cluster.url, prefix=prefix())
+        try:
+            rooms = rooms_on_every_node(cluster, broker)
+            for room in rooms.values():
+                await broker.subscribe(room)
+            victim = cluster.nodes[1]
+            victim.kill()
+            await rec.wait_states([True, False])
+            with pytest.raises(BrokerUnavailable):
+                await broker.publish(rooms[victim.port], b"1")
+            victim.start()   # same port, same nodes.conf: it rejoins with its slots
+            await rec.wait_states([True, False, True])
+            for room in rooms.values():
+                seq = await broker.publish(room, b'"back"')
+                await rec.wait_for(lambda: (seq, b'"back"') in rec.of(room))
+            owner_channel = broker.channel(rooms[victim.port])
+            assert await node_command(victim, "PUBSUB", "SHARDNUMSUB", owner_channel) == [owner_channel, 1]
+        finally:
+            await broker.close()
+    with RedisCluster() as cluster:
+        run(main(cluster))

@@ -356,6 +356,13 @@ class RedisBroker(Broker):
         for shard in shards:
             await shard.pub.connect()
             await shard.sub.connect()
+            if self.cluster:
+                # A node that is back but not yet agreed on by the cluster answers CLUSTERDOWN:
+                # do not report connected until every shard says the cluster is ok.
+                await shard.pub.send_packed_command(_command(b"CLUSTER", b"INFO"))
+                info = await shard.pub.read_response()
+                if b"cluster_state:ok" not in info:
+                    raise RedisError(f"cluster not ready on {shard.address}")
             await shard.pub.send_packed_command(_command(b"SCRIPT", b"LOAD", PUBLISH_SCRIPT))
             self._sha = await shard.pub.read_response()
         # Resubscribe the rooms held, per shard, in chunks; wait for every confirmation.

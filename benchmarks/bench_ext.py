@@ -88,6 +88,25 @@ def test_feed_16_pipelined_32B_frames(benchmark, impl):
     assert len(frames) == 16 and parser.buffered == 0
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_feed_1MiB_frame_in_16KiB_reads(benchmark, impl):
+    # A large message arriving over many reads: buffering must stay linear.
+    mod = twin("frames", impl)
+    benchmark.group = "feed 1MiB frame as 64 reads of 16KiB"
+    data = client_frame(payload(1 << 20))
+    chunks = [data[i:i + 16384] for i in range(0, len(data), 16384)]
+
+    def run():
+        parser = mod.FrameParser(max_frame_bytes=2 << 20)
+        frames = []
+        for chunk in chunks:
+            frames += parser.feed(chunk)
+        return frames
+
+    frames = benchmark(run)
+    assert len(frames) == 1 and len(frames[0][3]) == 1 << 20
+
+
 @pytest.mark.parametrize("size", {"32B": 32, **SIZES})
 @pytest.mark.parametrize("impl", IMPLS)
 def test_encode_frame(benchmark, impl, size):

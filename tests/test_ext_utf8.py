@@ -74,9 +74,9 @@ def test_sequences_split_at_every_boundary(utf8, text):
         assert v.complete() is True
 
 
-@pytest.mark.parametrize("pos", [0, 7, 8, 15, 16, 17, 1000, 4095])
+@pytest.mark.parametrize("pos", [0, 7, 8, 15, 16, 17, 31, 32, 33, 47, 1000, 4095])
 def test_invalid_byte_inside_long_ascii_runs(utf8, pos):
-    # Exercises the 16- and 8-byte ASCII fast path of the compiled twin on both sides of the error.
+    # Exercises the 32- and 16-byte ASCII skips and the 16-byte DFA blocks of the compiled twin.
     data = bytearray(b"x" * 4096)
     data[pos] = 0xFF
     assert utf8.validate_utf8(bytes(data)) is False

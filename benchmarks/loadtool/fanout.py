@@ -24,6 +24,7 @@ Servers must not ping (gateway: --ping-interval 0): subscribers never parse fram
 Imports gateway_ext (frame encoding) and the loadtool modules only.
 """
 import asyncio
+import dataclasses
 from array import array
 from time import perf_counter
 
@@ -278,6 +279,9 @@ class FanoutMode(Mode):
                             help="publications in flight (default 1 = round mode; e.g. 32 = window mode)")
         parser.add_argument("--size", type=int, default=64, help="bytes of JSON data per publication (default 64)")
         parser.add_argument("--room", default="bench", help="room name (default bench)")
+        parser.add_argument("--subscriber-url", action="append", metavar="URL",
+                            help="put subscribers on this server instead, round-robin over repeats; the "
+                                 "publisher stays on --url (cross-process fan-out through a broker)")
 
     def params(self, args) -> dict:
         return {"subscribers": args.subscribers, "window": args.window, "size": args.size}
@@ -290,8 +294,17 @@ class FanoutMode(Mode):
         if params.subscribers < 1 or params.window < 1:
             raise SystemExit("fanout: --subscribers and --window must be at least 1")
         shared = _Shared(result, params.subscribers, params.window)
-        subs = await open_connections(ctx, result, lambda: SubscriberProtocol(shared, params.room),
-                                      params.subscribers, 0)
+        urls = getattr(params, "subscriber_url", None)
+        if urls:
+            # Subscribers spread over other processes: S // len(urls) each (+1 for the first few).
+            subs = []
+            for i, url in enumerate(urls):
+                count = params.subscribers // len(urls) + (1 if i < params.subscribers % len(urls) else 0)
+                there = dataclasses.replace(ctx, target=wsclient.parse_url(url))
+                subs += await open_connections(there, result, lambda: SubscriberProtocol(shared, params.room), count, 0)
+        else:
+            subs = await open_connections(ctx, result, lambda: SubscriberProtocol(shared, params.room),
+                                          params.subscribers, 0)
         if len(subs) != params.subscribers:
             shared.at = {0: len(subs)}
         joined = await asyncio.wait([s.joined for s in subs], timeout=params.open_timeout) if subs else (set(), set())

@@ -105,18 +105,8 @@ def run(config: Config, reload=None) -> int:
 
 def _run_workers(config: Config, reload=None) -> int:
     """Fork N workers sharing the port through SO_REUSEPORT; forward signals; reap them."""
+    forwarded = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2)
     children: list[int] = []
-    for index in range(config.workers):
-        pid = os.fork()
-        if pid == 0:  # child
-            try:
-                code = _run_one(config, reload=reload, worker=index)
-            except BaseException:
-                log.exception("worker crashed")
-                code = 1
-            os._exit(code)
-        children.append(pid)
-    log.info("workers started", extra={"event": "workers", "pids": children})
 
     def forward(sig, _frame):
         for pid in children:
@@ -125,8 +115,30 @@ def _run_workers(config: Config, reload=None) -> int:
             except ProcessLookupError:
                 pass
 
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2):
+    # Block these signals while forking so that none arrives before the parent forwards them
+    # (a Ctrl-C then would be a KeyboardInterrupt in the parent and orphan the workers).
+    signal.pthread_sigmask(signal.SIG_BLOCK, forwarded)
+    for index in range(config.workers):
+        pid = os.fork()
+        if pid == 0:  # child
+            # Own process group: a Ctrl-C (SIGINT to the terminal's foreground group) reaches the
+            # parent only, which forwards it once; a worker that got it twice would take the
+            # second copy as "exit now" and skip the drain.
+            os.setpgid(0, 0)
+            for sig in forwarded:
+                signal.signal(sig, signal.SIG_DFL)   # until the worker's event loop takes them over
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, forwarded)
+            try:
+                code = _run_one(config, reload=reload, worker=index)
+            except BaseException:
+                log.exception("worker crashed")
+                code = 1
+            os._exit(code)
+        children.append(pid)
+    log.info("workers started", extra={"event": "workers", "pids": children})
+    for sig in forwarded:
         signal.signal(sig, forward)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, forwarded)
     status = 0
     for pid in children:
         while True:

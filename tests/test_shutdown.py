@@ -5,6 +5,7 @@ SIGTERM: every client gets 1001 and the process exits 0 within drain_timeout; /r
 a second SIGTERM exits at once; SIGHUP reloads what is reloadable and keeps every client.
 """
 import asyncio
+import os
 import json
 import signal
 import time
@@ -196,13 +197,11 @@ def test_sighup_reloads_limits_and_keeps_clients(tmp_path):
 
 
 def test_workers_each_drain_once_and_have_their_own_metrics_port(redis_server):
-    metrics_port = free_port()
-    while metrics_port + 1 >= 65536:
-        metrics_port = free_port()
+    metrics_port = _free_port_pair()
     with GatewayProcess("--echo", "--workers", "2", "--broker", redis_server.url, "--metrics-port", str(metrics_port),
                         "--drain-window", "0.5", "--log-level", "warning") as gw:
         for port in (metrics_port, metrics_port + 1):   # each worker answers on its own port
-            assert "ws_gateway_connections_open" in _get(f"http://127.0.0.1:{port}/metrics")
+            assert "ws_gateway_connections_open" in _get_when_up(f"http://127.0.0.1:{port}/metrics", gw)
 
         async def main():
             clients = await _connect_many(gw.url("/echo"), 40)   # SO_REUSEPORT spreads them over both workers
@@ -220,3 +219,64 @@ def _get(url: str) -> str:
     import urllib.request
     with urllib.request.urlopen(url, timeout=5) as response:
         return response.read().decode()
+
+
+def _get_when_up(url: str, gw, timeout: float = 15.0) -> str:
+    """GET from a worker that may still be starting (/healthz proved only that one worker is up)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return _get(url)
+        except OSError as exc:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{url}: {exc}\n{gw.output()}") from None
+            time.sleep(0.05)   # another process is starting; nothing to await across processes
+
+
+def _free_port_pair() -> int:
+    """A port p with p and p + 1 both free right now (worker i listens on metrics_port + i)."""
+    import socket
+    while True:
+        port = free_port()
+        if port + 1 >= 65536:
+            continue
+        with socket.socket() as a, socket.socket() as b:
+            try:
+                a.bind(("127.0.0.1", port))
+                b.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
+
+
+def test_ctrl_c_to_the_process_group_drains_workers_once(redis_server):
+    """A terminal's Ctrl-C signals the whole foreground group: workers still drain (1001)."""
+    import subprocess
+    import sys
+    from tests.helpers import ROOT
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--echo", "--port", str(port), "--workers", "2",
+                             "--broker", redis_server.url, "--drain-window", "0.3", "--log-level", "warning"],
+                            cwd=ROOT, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        async def main():
+            deadline = time.monotonic() + 15
+            while True:   # the workers are starting in another process: retry the first connect
+                try:
+                    clients = await _connect_many(f"ws://127.0.0.1:{port}/echo", 20)
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise
+                    await asyncio.sleep(0.05)
+            os.killpg(proc.pid, signal.SIGINT)   # what the terminal does on Ctrl-C
+            await asyncio.wait_for(asyncio.gather(*(ws.wait_closed() for ws in clients)), 10)
+            return [ws.close_code for ws in clients]
+        assert uvloop.run(main()) == [1001] * 20
+        output, _ = proc.communicate(timeout=10)
+        assert proc.returncode == 0, output
+        assert "second signal" not in output
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

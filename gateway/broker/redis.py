@@ -356,15 +356,20 @@ class RedisBroker(Broker):
         for shard in shards:
             await shard.pub.connect()
             await shard.sub.connect()
-            if self.cluster:
-                # A node that is back but not yet agreed on by the cluster answers CLUSTERDOWN:
-                # do not report connected until every shard says the cluster is ok.
-                await shard.pub.send_packed_command(_command(b"CLUSTER", b"INFO"))
-                info = await shard.pub.read_response()
-                if b"cluster_state:ok" not in info:
-                    raise RedisError(f"cluster not ready on {shard.address}")
-            await shard.pub.send_packed_command(_command(b"SCRIPT", b"LOAD", PUBLISH_SCRIPT))
-            self._sha = await shard.pub.read_response()
+            # From here on our own `asyncio.timeout` blocks bound every exchange: redis-py's
+            # socket_timeout would wrap each send in asyncio.wait_for, a new task per write.
+            shard.pub.socket_timeout = shard.sub.socket_timeout = None
+        for shard in shards:
+            async with asyncio.timeout(self.timeout):
+                if self.cluster:
+                    # A node that is back but not yet agreed on by the cluster answers CLUSTERDOWN:
+                    # do not report connected until every shard says the cluster is ok.
+                    await shard.pub.send_packed_command(_command(b"CLUSTER", b"INFO"))
+                    info = await shard.pub.read_response()
+                    if b"cluster_state:ok" not in info:
+                        raise RedisError(f"cluster not ready on {shard.address}")
+                await shard.pub.send_packed_command(_command(b"SCRIPT", b"LOAD", PUBLISH_SCRIPT))
+                self._sha = await shard.pub.read_response()
         # Resubscribe the rooms held, per shard, in chunks; wait for every confirmation.
         by_shard: dict[int, list[bytes]] = collections.defaultdict(list)
         for channel in self._rooms:
@@ -379,7 +384,8 @@ class RedisBroker(Broker):
                     fut = self._loop.create_future()
                     shard.sub_waiters[channel].append(fut)
                     pending.add(fut)
-                await shard.sub.send_packed_command(_command(self._subscribe_cmd, *chunk))
+                async with asyncio.timeout(self.timeout):
+                    await shard.sub.send_packed_command(_command(self._subscribe_cmd, *chunk))
         deadline = self._loop.time() + self.timeout * 2
         while pending and not self._fault.done():
             done, pending = await asyncio.wait(pending | {self._fault}, timeout=deadline - self._loop.time(),
@@ -395,7 +401,8 @@ class RedisBroker(Broker):
             stale = [c for c in by_shard.get(id(shard), []) if c not in self._rooms]
             if stale:
                 shard.unsub_expected.update(stale)
-                await shard.sub.send_packed_command(_command(self._unsubscribe_cmd, *stale))
+                async with asyncio.timeout(self.timeout):
+                    await shard.sub.send_packed_command(_command(self._unsubscribe_cmd, *stale))
 
     def _report_fault(self, error: BaseException) -> None:
         if self._fault is not None and not self._fault.done():
@@ -435,6 +442,16 @@ class RedisBroker(Broker):
     # -- publishing --------------------------------------------------------------------
 
     async def publish(self, room: str, data: bytes) -> int:
+        return await self.publish_future(room, data)
+
+    def publish_future(self, room: str, data: bytes) -> asyncio.Future:
+        """Queue a publication now; the future gets its seq (or BrokerUnavailable).
+
+        Synchronous on purpose: publications queued in call order are sent, numbered and
+        delivered in that order (one FIFO per shard, a room lives on one shard), so a
+        caller may queue several before awaiting any. Raises BrokerUnavailable at once
+        while disconnected.
+        """
         if not self.connected:
             self.publish_errors += 1
             if self.local_fallback and self.channel(room) in self._rooms:
@@ -452,7 +469,7 @@ class RedisBroker(Broker):
         if shard.writer is None or shard.writer.done():
             shard.writer = self._loop.create_task(self._write_loop(shard))
         self.publishes += 1
-        return await fut
+        return fut
 
     def _evalsha_head(self) -> bytes:
         # EVALSHA sha 2 <key> <channel> <data> <ttl> <cmd>: 8 arguments, the first 3 fixed.
@@ -477,35 +494,38 @@ class RedisBroker(Broker):
                 self.publish_batches += 1
                 if not conn.is_connected:  # never let redis-py silently reconnect behind our back
                     raise BrokerUnavailable("publisher connection closed")
-                await conn.send_packed_command(
-                    [b"".join([head, _bulk(key), _bulk(channel), _bulk(data), tail]) for key, channel, data, _ in batch],
-                    check_health=False)
                 retry = []
                 fault = None
-                for item in batch:
-                    fut = item[3]
-                    try:
-                        reply = await conn.read_response()
-                    except NoScriptError:
-                        retry.append(item)  # SCRIPT FLUSH happened: not executed, safe to resend
-                        continue
-                    except ResponseError as exc:
-                        self.publish_errors += 1
+                # One deadline for the whole batch: a Redis that stops answering is a fault.
+                async with asyncio.timeout(self.timeout):
+                    await conn.send_packed_command(
+                        [b"".join([head, _bulk(key), _bulk(channel), _bulk(data), tail]) for key, channel, data, _ in batch],
+                        check_health=False)
+                    for item in batch:
+                        fut = item[3]
+                        try:
+                            reply = await conn.read_response()
+                        except NoScriptError:
+                            retry.append(item)  # SCRIPT FLUSH happened: not executed, safe to resend
+                            continue
+                        except ResponseError as exc:
+                            self.publish_errors += 1
+                            if not fut.done():
+                                fut.set_exception(BrokerUnavailable(f"redis refused the publication: {exc}"))
+                            if str(exc).encode().startswith(_REDIRECTS):
+                                fault = exc   # keep reading the batch's replies, then refresh the topology
+                            continue
                         if not fut.done():
-                            fut.set_exception(BrokerUnavailable(f"redis refused the publication: {exc}"))
-                        if str(exc).encode().startswith(_REDIRECTS):
-                            fault = exc   # keep reading the batch's replies, then refresh the topology
-                        continue
-                    if not fut.done():
-                        fut.set_result(reply)
+                            fut.set_result(reply)
                 shard.inflight = []
                 if fault is not None:
                     shard.queue[:0] = retry
                     self._report_fault(fault)
                     return
                 if retry:
-                    await conn.send_packed_command(_command(b"SCRIPT", b"LOAD", PUBLISH_SCRIPT))
-                    self._sha = await conn.read_response()
+                    async with asyncio.timeout(self.timeout):
+                        await conn.send_packed_command(_command(b"SCRIPT", b"LOAD", PUBLISH_SCRIPT))
+                        self._sha = await conn.read_response()
                     head = self._evalsha_head()
                     shard.queue[:0] = retry
         except asyncio.CancelledError:
@@ -530,8 +550,9 @@ class RedisBroker(Broker):
         try:
             if not shard.sub.is_connected:
                 raise BrokerUnavailable("pub/sub connection closed")
-            await shard.sub.send_packed_command(_command(self._subscribe_cmd, channel), check_health=False)
-            await asyncio.wait_for(fut, self.timeout)
+            async with asyncio.timeout(self.timeout):
+                await shard.sub.send_packed_command(_command(self._subscribe_cmd, channel), check_health=False)
+                await fut
         except BaseException as exc:
             self.subscribe_errors += 1
             if self._rooms.get(channel) == room:
@@ -553,7 +574,8 @@ class RedisBroker(Broker):
         try:
             if not shard.sub.is_connected:
                 raise BrokerUnavailable("pub/sub connection closed")
-            await shard.sub.send_packed_command(_command(self._unsubscribe_cmd, channel), check_health=False)
+            async with asyncio.timeout(self.timeout):
+                await shard.sub.send_packed_command(_command(self._unsubscribe_cmd, channel), check_health=False)
         except Exception as exc:  # noqa: BLE001 - the room is released either way
             self._report_fault(exc)
 

@@ -69,6 +69,8 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
                    help="transport buffer above which broadcast frames queue (default 65536)")
     p.add_argument("--max-queue-bytes", type=int, metavar="N",
                    help="per-connection queue of a slow consumer before its policy acts (default 1 MiB)")
+    p.add_argument("--send-buffer-bytes", type=int, metavar="N",
+                   help="SO_SNDBUF of /ws sockets, bounding kernel memory per slow client (default 0: kernel autotuning)")
     p.add_argument("--slow-consumer-policy", choices=["disconnect", "drop_oldest", "drop_newest", "latest"],
                    help="default policy for a full queue (default disconnect; per room: [[rooms.policy]])")
     p.add_argument("--metrics-host", metavar="ADDR", help="address of the --metrics-port listener (default 127.0.0.1)")

@@ -87,6 +87,9 @@ class Config:
     write_buffer_high_bytes: int = 65536
     max_queue_bytes: int = 1 << 20
     slow_consumer_policy: str = "disconnect"   # disconnect | drop_oldest | drop_newest | latest
+    # SO_SNDBUF of /ws sockets (the kernel doubles it); 0 keeps the kernel's autotuning, which
+    # lets one stalled client pin up to tcp_wmem's max (often 4 MiB) of kernel memory
+    send_buffer_bytes: int = 0
     # authentication (gateway/auth.py, docs/security.md); no key configured = open mode
     jwt_secret: str = ""               # HS256 secret, >= 32 bytes; prefer jwt_secret_file or $WS_GATEWAY_JWT_SECRET
     jwt_secret_file: str = ""          # file holding the HS256 secret (surrounding whitespace ignored)
@@ -314,6 +317,8 @@ def _problems(config: Config) -> list[tuple[str, str]]:
                  "write_buffer_high_bytes", "max_queue_bytes"):
         if getattr(config, name) < 1:
             out.append((name, "must be at least 1"))
+    if config.send_buffer_bytes < 0:
+        out.append(("send_buffer_bytes", "must be >= 0 (0 keeps the kernel's autotuning)"))
     if config.slow_consumer_policy not in SLOW_CONSUMER_POLICIES:
         out.append(("slow_consumer_policy", f"{config.slow_consumer_policy!r} is not one of "
                                             f"{', '.join(SLOW_CONSUMER_POLICIES)}"))

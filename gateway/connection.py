@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 
 from .errors import HandshakeRejected
 from .handshake import Request, accept, parse_request, reject, response, validate_upgrade
@@ -199,8 +200,16 @@ class Connection(asyncio.Protocol):
         if self.transport is not None and self.phase != CLOSED and not self.transport.is_reading():
             self.transport.resume_reading()
 
-    def set_write_buffer_limits(self, high: int) -> None:
-        """Pause (pause_writing -> `paused`) above `high` buffered bytes, resume below a quarter."""
+    def set_write_buffer_limits(self, high: int, sndbuf: int = 0) -> None:
+        """Pause (pause_writing -> `paused`) above `high` buffered bytes, resume below a quarter;
+        `sndbuf` > 0 also caps the kernel's send buffer (SO_SNDBUF), which stops its autotuning."""
+        if sndbuf > 0:
+            sock = self.transport.get_extra_info("socket")
+            if sock is not None:
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
+                except OSError as exc:  # pragma: no cover - not a TCP socket (e.g. a test double)
+                    log.debug("cannot set SO_SNDBUF", extra={"conn": self.id, "error": str(exc)})
         self.transport.set_write_buffer_limits(high=high, low=high // 4)
 
     def send(self, opcode: int, payload) -> None:

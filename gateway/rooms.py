@@ -86,7 +86,7 @@ class Hub:
     """See the module docstring. `policy_for(room_name)` gives each room its slow-consumer policy."""
 
     def __init__(self, broker: Broker, policy_for=None, loop: asyncio.AbstractEventLoop | None = None,
-                 deflate=None) -> None:
+                 deflate=None, max_unflushed_bytes: int = 1 << 20) -> None:
         self.broker = broker
         self.deflate = deflate           # deflate.Deflate (compress-once frames) or None
         self.policy_for = policy_for or (lambda name: None)
@@ -97,6 +97,11 @@ class Hub:
         self._flush_scheduled = False
         self._unsubscribing: dict[str, asyncio.Task] = {}
         self._sync_publish = getattr(broker, "publish_nowait", None)
+        # Inbound backpressure for synchronous publishes (see after_flush).
+        self.max_unflushed_bytes = max_unflushed_bytes
+        self.unflushed_bytes = 0
+        self._after_flush: list = []
+        self.publisher_pauses = 0        # times a publisher was paused until the fan-out caught up
         self.broker_connected = False
         # Counters (plain ints; metrics reads them at scrape time).
         self.publishes = 0               # publications this process handed to the broker
@@ -277,10 +282,32 @@ class Hub:
         return self._sync_publish is not None
 
     def publish_nowait(self, room: str, data: bytes) -> int:
-        """Publish without awaiting (brokers with a synchronous path: memory); returns seq."""
+        """Publish without awaiting (brokers with a synchronous path: memory); returns seq.
+
+        Callers check `must_throttle` afterwards: past `max_unflushed_bytes` they stop
+        reading their client until `after_flush` says this pass's frames went out.
+        """
         seq = self._sync_publish(room, data)
         self.publishes += 1
+        self.unflushed_bytes += len(data)
         return seq
+
+    @property
+    def must_throttle(self) -> bool:
+        return self.unflushed_bytes > self.max_unflushed_bytes
+
+    def after_flush(self, callback) -> None:
+        """Run `callback()` once the publications accepted so far have been fanned out.
+
+        A publisher that can write faster than the fan-out (a libuv read loop can hand over
+        megabytes in one pass) is paused until then, so one pass never holds more than about
+        max_unflushed_bytes of frames, however fast the inbound socket is.
+        """
+        self._after_flush.append(callback)
+        if not self._flush_scheduled:
+            # After the handle_publication callbacks already queued (call_soon is FIFO).
+            self._flush_scheduled = True
+            self.loop.call_soon(self._flush)
 
     async def publish(self, room: str, data: bytes) -> int:
         """Publish already-serialised JSON `data` to `room` (clients and backends); returns seq.
@@ -325,8 +352,13 @@ class Hub:
     def _flush(self) -> None:
         """Once per loop pass: each dirty room's frames, joined once, to each member."""
         self._flush_scheduled = False
+        self.unflushed_bytes = 0
         dirty = self._dirty
         self._dirty = []
+        if self._after_flush:
+            waiting = self._after_flush
+            self._after_flush = []
+            self.loop.call_soon(self._run_after_flush, waiting)
         for room in dirty:
             frames = room.frames
             if not frames:
@@ -355,6 +387,13 @@ class Hub:
             frames = [frame(OP_TEXT, payload, key) for payload in payloads]
             batch = frames[0] if len(frames) == 1 else b"".join(frames)
             self._deliver(room, members, frames, batch)
+
+    def _run_after_flush(self, callbacks: list) -> None:
+        for callback in callbacks:
+            try:
+                callback()
+            except Exception:
+                log.exception("after_flush callback failed")
 
     def _deliver(self, room: Room, members: dict, frames: list, batch: bytes) -> None:
         # A copy: deliver() may make a member leave (slow-consumer disconnect).

@@ -39,8 +39,6 @@ from .handshake import select_subprotocol
 log = logging.getLogger("gateway.session")
 
 OP_TEXT, OP_BINARY = 0x1, 0x2
-# How much of a slow consumer's queue is handed to the transport per write while draining.
-_DRAIN_CHUNK = 256 * 1024
 
 
 class SessionStats:
@@ -64,7 +62,7 @@ class Session:
     """Per-connection state (`conn.state`); also the hub's member."""
 
     __slots__ = ("conn", "endpoint", "msgpack", "queue", "errors", "backlog", "task", "closed",
-                 "reading_paused", "__weakref__", "deflate_key")
+                 "reading_paused", "throttled", "__weakref__", "deflate_key")
 
     def __init__(self, conn, endpoint: "RoomsEndpoint", msgpack: bool) -> None:
         self.conn = conn
@@ -76,6 +74,7 @@ class Session:
         self.task: asyncio.Task | None = None
         self.closed = False
         self.reading_paused = False
+        self.throttled = False                    # paused until the hub's fan-out catches up
         # permessage-deflate window (None: not negotiated): the hub's compress-once group.
         codec = getattr(conn.ws, "deflate", None)
         self.deflate_key = None if codec is None else codec.key
@@ -84,12 +83,25 @@ class Session:
 
     def deliver(self, room, frames: list, batch: bytes) -> None:
         conn = self.conn
-        if self.queue is None and not conn.paused:
-            if not self.closed:
-                conn.send_shared(batch)
-            return
         if self.closed:
             return
+        if self.queue is None and not conn.paused:
+            if len(batch) <= self.endpoint.write_buffer_high:
+                conn.send_shared(batch)      # the common case: the pass's frames in one write
+                return
+            # A pass bigger than the high-water mark: frame by frame while the transport
+            # takes them, so a client that stalls mid-pass gets the rest through its queue
+            # and its policy, not a transport buffer grown by the whole pass.
+            conn.flush()                     # what is corked goes first (order), then write now
+            for i, frame in enumerate(frames):
+                conn.send_shared(frame)
+                if conn.paused:
+                    frames = frames[i + 1:]
+                    break
+            else:
+                return
+            if not frames or self.closed:
+                return
         queue = self.queue
         if queue is None:
             ep = self.endpoint
@@ -147,7 +159,7 @@ class RoomsEndpoint:
         self.sessions += 1
         # Pause (and queue in the gateway, under the policy) once this much waits in the
         # transport; resume at a quarter so a draining client gets a few writes' worth.
-        conn.set_write_buffer_limits(self.write_buffer_high)
+        conn.set_write_buffer_limits(self.write_buffer_high, self.config.send_buffer_bytes)
 
     def on_messages(self, conn, messages) -> None:
         session = conn.state
@@ -157,10 +169,32 @@ class RoomsEndpoint:
             session.backlog.extend(messages)   # reading is paused; this is the rest of one read
             return
         self._process(session, messages)
-        if conn.paused and not session.reading_paused and not session.closed:
+        if session.closed:
+            return
+        if conn.paused and not session.reading_paused:
             # The client does not read what we send: stop reading what it sends.
             session.reading_paused = True
             conn.pause_reading()
+        if self.hub.must_throttle and not session.throttled:
+            # It publishes faster than this pass can fan out: read it again after the flush.
+            self.hub.publisher_pauses += 1
+            session.throttled = True
+            if not session.reading_paused:
+                session.reading_paused = True
+                conn.pause_reading()
+            self.hub.after_flush(lambda: self._unthrottle(session))
+
+    def _unthrottle(self, session: Session) -> None:
+        session.throttled = False
+        self._maybe_resume(session)
+
+    def _maybe_resume(self, session: Session) -> None:
+        """Read the client again once no reason to pause remains."""
+        conn = session.conn
+        if (session.reading_paused and not conn.paused and session.backlog is None and not session.throttled
+                and not session.closed):
+            session.reading_paused = False
+            conn.resume_reading()
 
     def on_writable(self, conn) -> None:
         session = conn.state
@@ -169,7 +203,7 @@ class RoomsEndpoint:
         queue = session.queue
         if queue is not None:
             while queue and not conn.paused and not session.closed:
-                for frame in queue.pop(_DRAIN_CHUNK):
+                for frame in queue.pop(self.write_buffer_high):
                     conn.send_frame(frame)
                 conn.flush()
             if not queue and not session.closed:
@@ -178,9 +212,7 @@ class RoomsEndpoint:
                     session.reply(commands.dropped(room, count))
                 session.queue = None
                 conn.flush()
-        if session.reading_paused and not conn.paused and session.backlog is None and not session.closed:
-            session.reading_paused = False
-            conn.resume_reading()
+        self._maybe_resume(session)
 
     def on_rate_limited(self, conn) -> None:
         """defences.py: this connection's inbound message budget ran out. Say why in the
@@ -337,10 +369,7 @@ class RoomsEndpoint:
             return
         if backlog:
             self._process(session, backlog)
-        conn = session.conn
-        if session.backlog is None and session.reading_paused and not conn.paused:
-            session.reading_paused = False
-            conn.resume_reading()
+        self._maybe_resume(session)
 
     def _refuse(self, session: Session, exc: CommandError) -> None:
         conn = session.conn

@@ -210,3 +210,26 @@ def test_member_leaving_during_delivery_does_not_break_the_loop(run):
         await settle()
         assert hub.rooms == {} and hub.member_errors == 0
     run(main())
+
+
+def test_publishers_are_throttled_until_the_pass_is_fanned_out(run):
+    async def main():
+        hub = Hub(MemoryBroker(), max_unflushed_bytes=100)
+        await hub.start()
+        m = FakeMember()
+        await hub.join(m, "r")
+        order = []
+        hub.publish_nowait("r", b"1" * 60)
+        assert not hub.must_throttle
+        hub.publish_nowait("r", b"2" * 60)
+        assert hub.must_throttle
+        hub.after_flush(lambda: order.append(("resumed", len(m.calls))))
+        await settle()
+        assert order == [("resumed", 1)]          # after the frames went to the member
+        assert not hub.must_throttle and hub.unflushed_bytes == 0
+        # Without local members there is no fan-out, but the callback still runs.
+        hub.publish_nowait("nobody", b"x" * 200)
+        hub.after_flush(lambda: order.append("empty"))
+        await settle()
+        assert order[-1] == "empty"
+    run(main())

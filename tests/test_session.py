@@ -329,3 +329,23 @@ def test_readiness_reflects_the_broker(run):
             answer = await reader.read(1000)
             assert b" 503 " in answer and b"broker" in answer
     run(main())
+
+
+def test_a_flooding_publisher_is_paused_and_resumed_without_loss(run):
+    """One read can carry many publications: past max_unflushed_bytes the publisher is not
+    read again until the pass's frames went out, and nothing is lost."""
+    async def main():
+        async with serve(rate_limit=0) as gw:
+            gw.hub.max_unflushed_bytes = 10_000
+            sub = await Client.open(gw)
+            await sub.request(op="join", room="flood", id=1)
+            pub = await Client.open(gw)
+            n = 300
+            for i in range(n):
+                await pub.send(op="publish", room="flood", data={"i": i, "pad": "p" * 500})
+            got = [(await sub.recv())["data"]["i"] for _ in range(n)]
+            assert got == list(range(n))
+            assert gw.hub.publisher_pauses > 0
+            await pub.close()
+            await sub.close()
+    run(main())

@@ -333,3 +333,23 @@ def test_redis_cluster_sharded_fanout(run, sharded):
             await ca.close()
             await cb.close()
     run(main())
+
+
+def test_loadtool_fanout_across_processes(three):
+    """benchmarks/bench_cross_process.py's client: publisher on A, subscribers spread over B and C."""
+    import json
+    import subprocess
+    import sys
+    from tests.helpers import ROOT
+    a, b, c = three
+    before = [metric(gw, "ws_gateway_broker_messages_received_total") for gw in (b, c)]
+    out = subprocess.run([sys.executable, "-m", "benchmarks.loadtool", "fanout", "--url", a.url("/ws"),
+                          "--subscriber-url", b.url("/ws"), "--subscriber-url", c.url("/ws"),
+                          "--subscribers", "20", "--window", "4", "--duration", "0.5", "--warmup", "0.2",
+                          "--room", new_room("loadtool")], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    result = json.loads(next(l for l in out.stdout.splitlines() if l.startswith("RESULT "))[7:])
+    assert result["errors"] == 0 and result["extra"]["subscribers"] == 20, out.stdout + out.stderr
+    assert result["count"] > 0
+    # Both B and C had subscribers: both received the room's traffic through Redis.
+    after = [metric(gw, "ws_gateway_broker_messages_received_total") for gw in (b, c)]
+    assert after[0] > before[0] and after[1] > before[1]

@@ -185,6 +185,7 @@ cdef class FrameParser:
         self._cap = 0
 
     def __init__(self, max_frame_bytes=1 << 20, require_mask=True, allow_rsv1=False):
+        self._len = 0                       # like the twin, (re-)initialising empties the buffer
         self.max_frame_bytes = max_frame_bytes
         self.require_mask = require_mask
         self.allow_rsv1 = allow_rsv1

@@ -77,6 +77,8 @@ class Defences:
         self._wheel: dict[int, set] = {}          # expiry second -> connections
         self._wheel_next = int(time.time())
         self._warned_forwarded = False
+        # One bound method for every connection's TokenBucket, not one object per connection.
+        self._on_rate_limited = self.rate_limited
 
     def install(self) -> "Defences":
         gw = self.gateway
@@ -159,7 +161,7 @@ class Defences:
         if self.rate > 0:
             endpoint = self.gateway.endpoints.get(request.path)
             if not getattr(endpoint, "rate_limit_exempt", False):
-                conn.limiter = TokenBucket(self.rate, self.burst, self.rate_limited)
+                conn.limiter = TokenBucket(self.rate, self.burst, self._on_rate_limited)
         return None
 
     # -- open connections -----------------------------------------------------------------

@@ -113,3 +113,31 @@ def test_close_reason_is_truncated_to_fit_control_frame():
     (frame,) = sent(p)
     assert len(frame[3]) <= 125
     frame[3][2:].decode("utf-8")
+
+
+def test_connections_share_one_parser_between_partial_frames():
+    # Idle memory: no parser of its own while reads end on frame boundaries; one while a
+    # partial frame is pending, dropped again once it is complete.
+    a, b = ServerProtocol(), ServerProtocol()
+    assert a.receive_data(cf(1, b"one")) == [(1, b"one")]
+    assert a._parser is None and b._parser is None
+    fa, fb = cf(1, b"a" * 300), cf(2, b"b" * 200)
+    assert a.receive_data(fa[:150]) == []
+    assert b.receive_data(fb[:7]) == []         # interleaved partial frames stay apart
+    assert a._parser is not None and b._parser is not None and a._parser is not b._parser
+    assert b.receive_data(fb[7:] + cf(1, b"c")) == [(2, b"b" * 200), (1, b"c")]
+    assert a.receive_data(fa[150:]) == [(1, b"a" * 300)]
+    assert a._parser is None and b._parser is None
+    assert ServerProtocol().receive_data(cf(1, b"x")) == [(1, b"x")]
+
+
+def test_a_broken_stream_does_not_break_the_shared_parser():
+    bad, good = ServerProtocol(), ServerProtocol()
+    bad.receive_data(encode_frame(1, b"unmasked"))       # 1002: client frames must be masked
+    assert bad.failed and close_code(sent(bad)) == 1002
+    good.receive_data(cf(1, b"x")[:2])
+    assert good.receive_data(cf(1, b"x")[2:]) == [(1, b"x")]
+    bad2 = ServerProtocol()
+    assert bad2.receive_data(cf(1, b"ok") + encode_frame(1, b"no")) == [(1, b"ok")]  # frames before the error
+    assert bad2.failed
+    assert ServerProtocol().receive_data(cf(2, b"fine")) == [(2, b"fine")]

@@ -132,3 +132,41 @@ def test_token_in_query_from_a_browser_page(browser, page_port):
             assert (result["code"], result["reason"]) == (GatewayCloseCode.TOKEN_EXPIRED, "token expired")
             assert time.time() >= exp
     uvloop.run(main())
+
+
+def test_demo_page_passes_its_query_token(browser, tmp_path):
+    """The project's own demo page (`--demo`) with auth on, through the CLI flags."""
+    from selenium.webdriver.common.by import By
+    from tests.helpers import GatewayProcess
+    from tests.test_demo_browser import log_lines, page_state, wait_for   # the demo test's helpers
+
+    secret = tmp_path / "jwt.secret"
+    secret.write_text(t.SECRET)
+    port = free_port()
+    origin = f"http://127.0.0.1:{port}"
+    gw = GatewayProcess("--demo", "--jwt-secret-file", str(secret), "--allowed-origins", origin,
+                        "--ping-interval", "0", "--drain-window", "0", port=port).start()
+    try:
+        token = t.hs256(sub="demo-user", rooms=["lobby"])
+        browser.get(f"{origin}/?token={urllib.parse.quote(token)}")
+        wait_for(browser, lambda d: page_state(d) == "open", "the page to connect with its token")
+        browser.find_element(By.ID, "join").click()                          # the default room: lobby
+        wait_for(browser, lambda d: "ok: join lobby" in log_lines(d), "the join's ack")
+        room = browser.find_element(By.ID, "room")
+        room.clear()
+        room.send_keys("admin")
+        browser.find_element(By.ID, "join").click()
+        wait_for(browser, lambda d: any(line.startswith("error (forbidden) for join admin") for line in log_lines(d)),
+                 "the forbidden join's error")
+
+        bad = t.hs256(secret=t.OTHER_SECRET, sub="demo-user")
+        browser.get(f"{origin}/?token={urllib.parse.quote(bad)}")
+        wait_for(browser, lambda d: "closed (1006" in d.find_element(By.ID, "detail").text,
+                 "the refused connection")
+        assert page_state(browser) == "closed"
+    finally:
+        gw.stop()
+    out = gw.output()
+    assert '"user":"demo-user"' in out and '"event":"open"' in out
+    assert "signature verification failed" in out and '"status":401' in out
+    assert token not in out and bad not in out                               # never logged

@@ -5,6 +5,7 @@ The page is served by a small HTTP server of its own (like an app at app.example
 gateway at ws.example.com), so the browser's real `Origin` header meets the allow-list:
 a valid token connects, joins and publishes; a bad token and a foreign origin are refused;
 an expiring token is closed with 4001 and the browser's close event shows that code.
+The project's own demo page (`--demo`, same origin) is driven too, with auth on.
 """
 import http.server
 import shutil

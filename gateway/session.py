@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import inspect
 import logging
 
@@ -62,7 +63,7 @@ class Session:
     """Per-connection state (`conn.state`); also the hub's member."""
 
     __slots__ = ("conn", "endpoint", "msgpack", "queue", "errors", "backlog", "task", "closed",
-                 "reading_paused", "throttled", "__weakref__", "deflate_key")
+                 "reading_paused", "throttled", "__weakref__", "deflate_key", "publishing")
 
     def __init__(self, conn, endpoint: "RoomsEndpoint", msgpack: bool) -> None:
         self.conn = conn
@@ -75,6 +76,7 @@ class Session:
         self.closed = False
         self.reading_paused = False
         self.throttled = False                    # paused until the hub's fan-out catches up
+        self.publishing = 0                       # queued publishes awaiting their seq (Redis)
         # permessage-deflate window (None: not negotiated): the hub's compress-once group.
         codec = getattr(conn.ws, "deflate", None)
         self.deflate_key = None if codec is None else codec.key
@@ -296,7 +298,28 @@ class RoomsEndpoint:
         if hub.can_publish_nowait:
             self._ack(session, cmd, hub.publish_nowait(cmd.room, cmd.data))
             return None
+        if hub.can_publish_queued and session.publishing < MAX_QUEUED_PUBLISHES:
+            # The broker numbers publications in call order, so the next request need not
+            # wait for this one's round trip; its ack follows when Redis answers. Past the
+            # cap the publish is awaited below, which pauses reading (backpressure).
+            try:
+                fut = hub.publish_queued(cmd.room, cmd.data)
+            except BrokerUnavailable as exc:
+                raise CommandError("broker_unavailable", f"cannot publish now: {exc}"[:200], cmd.id) from None
+            session.publishing += 1
+            fut.add_done_callback(functools.partial(self._published, session, cmd))
+            return None
         return self._publish_async(session, cmd)
+
+    def _published(self, session: Session, cmd, fut: asyncio.Future) -> None:
+        session.publishing -= 1
+        if session.closed or fut.cancelled():
+            return
+        exc = fut.exception()
+        if exc is None:
+            self._ack(session, cmd, fut.result())
+        else:
+            self._refuse(session, CommandError("broker_unavailable", f"cannot publish now: {exc}"[:200], cmd.id))
 
     async def _publish_async(self, session: Session, cmd) -> None:
         try:

@@ -50,6 +50,8 @@ def install_rooms(gateway: Gateway, config: Config):
     endpoint = RoomsEndpoint(hub, config)
     gateway.endpoints["/ws"] = endpoint
     gateway.hub = hub   # backends publish through it: `await gateway.hub.publish(room, json_bytes)`
+    from .metrics import LatencyHistogram
+    hub.fanout = LatencyHistogram()   # exported as ws_gateway_hub_fanout_seconds
     sources = getattr(gateway, "metric_sources", None)
     if isinstance(sources, dict):
         sources["session"] = endpoint.stats

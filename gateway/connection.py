@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import time
 
 from .errors import HandshakeRejected
 from .handshake import Request, accept, parse_request, reject, response, validate_upgrade
@@ -101,8 +102,9 @@ class Connection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "")
         gw.stats.accepted += 1
-        # Until the upgrade, last_seen holds the accept time (for the handshake latency metric).
-        self.last_seen = gw.loop.time()
+        # Until the upgrade, last_seen holds the accept time (for the handshake latency metric;
+        # perf_counter because uvloop's loop.time() moves in 1 ms steps).
+        self.last_seen = time.perf_counter()
         # Slowloris guard: the request head (and body) must arrive within the timeout.
         self._timer = gw.loop.call_later(gw.config.handshake_timeout, self._handshake_timeout)
 
@@ -391,7 +393,7 @@ class Connection(asyncio.Protocol):
         # `principal`): its headers dict and strings are ~1 KB per idle connection.
         self.request = None
         self._head = None
-        gw.stats.handshake.observe(gw.loop.time() - self.last_seen)
+        gw.stats.handshake.observe(time.perf_counter() - self.last_seen)
         self.last_seen = gw.clock
         gw.connection_opened(self)
         log.info("connection opened", extra={

@@ -13,7 +13,7 @@ What a stats object must look like to be exported (the contract for other featur
     object's `labels` dict (`{"dropped": "policy"}`) or `reason` by default;
   - a `LatencyHistogram` becomes a histogram (`..._seconds`), e.g. fan-out latency;
   - a `str` is a state: a gauge `..._state{state="connected"} 1` (broker state);
-  - names starting with `_` and anything else are ignored.
+  - names starting with `_` or `max_` (settings) and anything else are ignored.
 Sources are discovered defensively (they land as features do): `gateway.metric_sources`
 ({name: object}), then the `SOURCE_ATTRS` attributes (`hub`, `broker`, `limits`, ...) of the
 gateway, of its endpoints and of what was found there (the hub's broker). What is exported
@@ -48,7 +48,7 @@ LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0
 GAUGE_NAMES = frozenset({
     "rooms", "members", "subscriptions", "queue_bytes", "queued_bytes", "queued_frames",
     "paused", "connected", "state", "pending", "inflight", "open", "connections", "shards",
-    "contexts", "queues",
+    "contexts", "queues", "unflushed_bytes",
 })
 
 # Where to look for feature stats on the gateway (and on its endpoints), by source name.
@@ -281,7 +281,8 @@ def _attributes(obj) -> dict:
         names.extend(vars(obj))
     out = {}
     for name in dict.fromkeys(names):
-        if name.startswith("_") or name in ("gauges", "labels"):
+        # `max_*` are settings (limits), not measurements: not exported from feature objects.
+        if name.startswith(("_", "max_")) or name in ("gauges", "labels"):
             continue
         try:
             out[name] = getattr(obj, name)

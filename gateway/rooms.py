@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 from gateway_ext import encode_frame
 
@@ -117,6 +118,10 @@ class Hub:
         self.unsubscribes = 0
         self.subscribe_failures = 0
         self.member_errors = 0           # a member's deliver() raised (a bug; the member is dropped)
+        # Fan-out latency: first publication of a pass -> that pass's writes done (after the
+        # Corker's flush). Set by app to a metrics.LatencyHistogram; one timer read per pass.
+        self.fanout = None
+        self._pass_started = 0.0
 
     # -- life cycle -------------------------------------------------------------------------
 
@@ -365,6 +370,9 @@ class Hub:
             return
         self.publications_received += 1
         if not room.frames:
+            if not self._dirty and self.fanout is not None:
+                # Once per pass, not per publication; perf_counter: uvloop's loop.time() has 1 ms steps.
+                self._pass_started = time.perf_counter()
             self._dirty.append(room)
             if not self._flush_scheduled:
                 self._flush_scheduled = True
@@ -406,6 +414,9 @@ class Hub:
                 self._deliver(room, room.mp_members, mp_frames, batch)
             if room.z_members and payloads:
                 self._deliver_compressed(room, payloads)
+        if self.fanout is not None and dirty:
+            # Queued after the deliveries scheduled the Corker: runs once the frames are written.
+            self.loop.call_soon(self._fanout_done, self._pass_started)
 
     def _deliver_compressed(self, room: Room, payloads: list) -> None:
         # RFC 7692: one compressed frame per publication per window size, shared by the group.
@@ -414,6 +425,9 @@ class Hub:
             frames = [frame(OP_TEXT, payload, key) for payload in payloads]
             batch = frames[0] if len(frames) == 1 else b"".join(frames)
             self._deliver(room, members, frames, batch)
+
+    def _fanout_done(self, started: float) -> None:
+        self.fanout.observe(time.perf_counter() - started)
 
     def _run_after_flush(self, callbacks: list) -> None:
         for callback in callbacks:

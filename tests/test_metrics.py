@@ -87,6 +87,11 @@ def test_rooms_counters_move(run):
         assert value(during, "ws_gateway_hub_publishes_total") - value(before, "ws_gateway_hub_publishes_total") == 1
         assert value(during, "ws_gateway_hub_deliveries_total") - value(before, "ws_gateway_hub_deliveries_total") == 2
         assert value(during, "ws_gateway_hub_broker_connected") == 1
+        # Fan-out latency: one observation per loop pass that delivered publications.
+        fanout = value(during, "ws_gateway_hub_fanout_seconds_count") - value(before, "ws_gateway_hub_fanout_seconds_count")
+        assert fanout >= 1
+        assert value(during, "ws_gateway_hub_fanout_seconds_sum") > 0
+        assert ("ws_gateway_hub_max_unflushed_bytes_total", frozenset()) not in during   # a setting, not a metric
         assert ("ws_gateway_queue_bytes", frozenset()) in during
     run(main())
 

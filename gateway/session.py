@@ -40,6 +40,9 @@ from .handshake import select_subprotocol
 log = logging.getLogger("gateway.session")
 
 OP_TEXT, OP_BINARY = 0x1, 0x2
+# Publishes per connection queued on an order-keeping broker (Redis) before the next one is
+# awaited instead: enough to fill a pipeline, bounded so a flooding client pauses.
+MAX_QUEUED_PUBLISHES = 64
 
 
 class SessionStats:

@@ -78,6 +78,9 @@ class State(IntEnum):
     CLOSED = 3
 
 
+_OPEN = State.OPEN   # module constant: one global load on the per-read check
+
+
 def encode_close_payload(code: int, reason: str = "") -> bytes:
     """Close frame body: 2-byte code + UTF-8 reason, at most 125 bytes (RFC 6455 section 5.5.1)."""
     if code == NO_STATUS:
@@ -129,7 +132,7 @@ class ServerProtocol:
 
     def receive_data(self, data) -> list:
         """Feed bytes from the socket; return the complete messages they finish."""
-        if self.close_received or self.failed or self.state is State.CLOSED:
+        if self.state is not _OPEN and (self.close_received or self.failed or self.state is State.CLOSED):
             return []  # section 5.5.1: nothing after a close frame is processed
         own = self._parser
         parser = own or self._shared.parser
@@ -146,8 +149,11 @@ class ServerProtocol:
         elif own is not None:
             self._parser = None   # drained: back to the shared parser, freeing this one and its buffer
         messages = []
+        # Hot loop: opcodes as literals (1 text, 2 binary, 0 continuation, 9 ping, 10 pong)
+        # and the validator bound locally -- each global lookup here costs per frame.
+        utf8_ok = validate_utf8
         for opcode, fin, rsv1, payload in frames:
-            if opcode == OP_TEXT or opcode == OP_BINARY:
+            if opcode == 1 or opcode == 2:
                 if self._frag_opcode:
                     self._fail(PROTOCOL_ERROR, "new message started before the fragmented one finished")
                     break
@@ -155,7 +161,7 @@ class ServerProtocol:
                     if not self._start_compressed(opcode, fin, payload, messages):
                         break
                 elif fin:
-                    if opcode == OP_TEXT and not validate_utf8(payload):
+                    if opcode == 1 and not utf8_ok(payload):
                         self._fail(INVALID_DATA, "text message is not valid UTF-8")
                         break
                     if self.close_sent:

@@ -353,3 +353,58 @@ def test_loadtool_fanout_across_processes(three):
     # Both B and C had subscribers: both received the room's traffic through Redis.
     after = [metric(gw, "ws_gateway_broker_messages_received_total") for gw in (b, c)]
     assert after[0] > before[0] and after[1] > before[1]
+
+
+# -- one process, Redis broker: the session's queued (pipelined) publishes ---------------------
+
+def test_queued_publishes_keep_order_and_share_round_trips(run, redis_for_cluster):
+    """A client's publishes are queued without waiting for each Redis round trip: acks and
+    messages still follow request order, seqs are consecutive, and batches carry many."""
+    from tests.helpers import serve
+    room = new_room("pipelined")
+
+    async def main():
+        async with serve(broker=redis_for_cluster.url, rate_limit=0) as gw:
+            async with websockets.connect(f"ws://127.0.0.1:{gw.port}/ws") as ws:
+                client = Client(ws)
+                await client.join(room)
+                n = 300           # past MAX_QUEUED_PUBLISHES: the rest wait their turn
+                for i in range(n):
+                    await client.send(op="publish", room=room, data=i, id=i)
+                acks, messages = [], []
+                while len(acks) < n or len(messages) < n:
+                    m = await client.recv()
+                    (acks if m["op"] == "ack" else messages).append(m)
+                assert [a["id"] for a in acks] == list(range(n))
+                seqs = [a["seq"] for a in acks]
+                assert seqs == list(range(seqs[0], seqs[0] + n))
+                assert [(m["data"], m["seq"]) for m in messages] == list(zip(range(n), seqs))
+                stats = gw.hub.broker.stats()
+                assert stats["publishes"] == n and stats["publish_batches"] < n
+                assert gw.hub.publishes == n and gw.hub.publish_failures == 0
+    run(main())
+
+
+def test_queued_publishes_unanswered_when_redis_dies_get_errors(run):
+    from tests.helpers import serve
+    room = new_room("inflight")
+
+    async def main(server):
+        async with serve(broker=server.url, rate_limit=0) as gw:
+            async with websockets.connect(f"ws://127.0.0.1:{gw.port}/ws") as ws:
+                client = Client(ws)
+                await client.join(room)
+                with server.client() as r:
+                    r.execute_command("CLIENT", "PAUSE", "20000", "WRITE")   # Redis holds the EVALSHAs
+                for i in range(5):
+                    await client.send(op="publish", room=room, data=i, id=i)
+                await until(lambda: gw.hub.broker.stats()["publishes"] == 5, "the publishes to be queued")
+                server.kill()
+                replies = [await client.recv() for _ in range(5)]
+                assert [(r["op"], r["id"], r["code"]) for r in replies] == [("error", i, "broker_unavailable") for i in range(5)]
+                assert gw.hub.publish_failures == 5 and gw.hub.publishes == 0
+                # The connection is still fine.
+                await client.send(op="leave", room=room, id="bye")
+                assert (await client.recv())["op"] == "ack"
+    with RedisServer() as server:
+        run(main(server))

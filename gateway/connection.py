@@ -105,8 +105,9 @@ class Connection(asyncio.Protocol):
         # Until the upgrade, last_seen holds the accept time (for the handshake latency metric;
         # perf_counter because uvloop's loop.time() moves in 1 ms steps).
         self.last_seen = time.perf_counter()
-        # Slowloris guard: the request head (and body) must arrive within the timeout.
-        self._timer = gw.loop.call_later(gw.config.handshake_timeout, self._handshake_timeout)
+        # Slowloris guard: the request head (and body) must arrive within the timeout. No
+        # timer per client: the gateway's sweep expires them in accept order (server.py).
+        gw.handshaking[self] = gw.loop.time()
 
     def data_received(self, data: bytes) -> None:
         ws = self.ws
@@ -142,6 +143,8 @@ class Connection(asyncio.Protocol):
         if self.phase == CLOSED:
             return
         previous, self.phase = self.phase, CLOSED
+        if previous != OPEN:
+            self.gateway.handshaking.pop(self, None)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -288,8 +291,8 @@ class Connection(asyncio.Protocol):
 
     # -- HTTP phase -----------------------------------------------------------------------
 
-    def _handshake_timeout(self) -> None:
-        self._timer = None
+    def handshake_timeout(self) -> None:
+        """Called by the gateway's sweep when the request did not arrive in time."""
         if self.phase in (HEAD, BODY):
             self.gateway.stats.rejected["timeout"] += 1
             log.info("handshake timeout", extra={"event": "reject", "conn": self.id, "peer": self.peer, "status": 408})
@@ -383,9 +386,7 @@ class Connection(asyncio.Protocol):
         subprotocol = endpoint.select_subprotocol(request)
         ws, extensions = self._negotiate_extensions(request)
         self.transport.write(accept(key, subprotocol, extensions, extra_headers))
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        gw.handshaking.pop(self, None)
         self.ws = ws
         self.endpoint = endpoint
         self.phase = OPEN
@@ -430,9 +431,7 @@ class Connection(asyncio.Protocol):
         self._respond(reject(exc))
 
     def _respond(self, data: bytes) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self.gateway.handshaking.pop(self, None)
         self.phase = ANSWERED
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)

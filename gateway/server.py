@@ -75,6 +75,9 @@ class Gateway:
         self.corker = Corker(self.loop)
         self.deflate = Deflate.from_config(config)   # permessage-deflate policy, None when off
         self.connections: set[Connection] = set()
+        # Connections still in the HTTP phase -> accept time (loop clock), in accept order:
+        # the sweep expires the oldest ones (handshake_timeout) without a timer per client.
+        self.handshaking: dict[Connection, float] = {}
         self.endpoints: dict[str, object] = {}
         if config.echo:
             self.endpoints["/echo"] = EchoEndpoint()
@@ -217,7 +220,7 @@ class Gateway:
 
     def _sweep_interval(self) -> float:
         c = self.config
-        candidates = [1.0, c.ping_timeout / 4]
+        candidates = [1.0, c.ping_timeout / 4, c.handshake_timeout / 4]
         if c.ping_interval > 0:
             candidates.append(c.ping_interval / 4)
         return max(0.05, min(candidates))
@@ -228,6 +231,15 @@ class Gateway:
     def _sweep(self) -> None:
         now = self.clock = self.loop.time()
         c = self.config
+        pending = self.handshaking
+        if pending:
+            expired = now - c.handshake_timeout
+            while pending:
+                conn = next(iter(pending))
+                if pending[conn] > expired:
+                    break       # accept order: every later one is younger
+                del pending[conn]
+                conn.handshake_timeout()
         if c.ping_interval > 0 and now >= self._next_ping_scan:
             self._next_ping_scan = now + min(c.ping_interval, c.ping_timeout) / 4
             interval, deadline = c.ping_interval, c.ping_interval + c.ping_timeout
@@ -412,6 +424,7 @@ class _PrivateSite:
         self.endpoints: dict = {}
         self.http_routes = routes
         self.corker = gateway.corker
+        self.handshaking = gateway.handshaking   # expired by the gateway's sweep
         self._ids = itertools.count(1)
 
     @property

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import resource
 import signal
 import sys
 
@@ -89,9 +90,20 @@ def _run_one(config: Config, sock=None, reload=None, worker: int = 0) -> int:
     return uvloop.run(_serve(config, sock, reload, worker))
 
 
+def raise_nofile_limit() -> tuple[int, int]:
+    """Raise the soft open-files limit to the hard limit: each connection is one fd."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError) as exc:  # pragma: no cover - depends on the host
+            log.warning("cannot raise RLIMIT_NOFILE", extra={"error": str(exc)})
+    return soft, hard
+
+
 def run(config: Config, reload=None) -> int:
     """Run the gateway until a signal; `reload()` re-reads the configuration on SIGHUP."""
-    from .cli import raise_nofile_limit
     logs.setup(config.log_level, config.log_format)
     try:
         defences.preflight(config)   # unreadable key file, bad origin/proxy entry: refuse to start

@@ -9,7 +9,6 @@ import asyncio
 import dataclasses
 import logging
 import os
-import resource
 import sys
 
 from . import __version__
@@ -17,18 +16,6 @@ from .config import Config, load
 from .errors import ConfigError
 
 log = logging.getLogger("gateway.cli")
-
-
-def raise_nofile_limit() -> tuple[int, int]:
-    """Raise the soft open-files limit to the hard limit: each connection is one fd."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            soft = hard
-        except (ValueError, OSError) as exc:  # pragma: no cover - depends on the host
-            log.warning("cannot raise RLIMIT_NOFILE", extra={"error": str(exc)})
-    return soft, hard
 
 
 def _add_serve_flags(p: argparse.ArgumentParser) -> None:

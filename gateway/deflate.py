@@ -9,7 +9,8 @@ one decompressor per connection: 64-300 KiB each, most of it idle. Here:
   Z_FULL_FLUSH resets its state, so nothing of one message (or one client) can be referenced
   by the next. Because the stream depends only on the message and the window size, a
   broadcast is compressed ONCE per publication and window size and the same frame bytes go
-  to every member (`FrameSet`). Per-connection compressor state: none.
+  to every member (`Deflate.frame`, called by rooms.Hub per group of members with the same
+  window). Per-connection compressor state: none.
 - Client -> server: by default the server also answers `client_no_context_takeover`
   (section 7.1.1.2: a server MAY include it, a client MUST support it), so each inbound
   message is inflated by a short-lived decompressor that is dropped right after. With
@@ -321,35 +322,6 @@ class Deflate:
             if len(self._room_cache) < 65536:
                 self._room_cache[room] = result
         return result
-
-    def frames_for(self, opcode: int, payload) -> "FrameSet":
-        return FrameSet(self, opcode, payload)
-
-
-class FrameSet:
-    """The frames of one outgoing message: plain once, compressed once per window size.
-
-    Fan-out asks `get(key)` for each member (key = `PerMessageDeflate.key`, None for a
-    connection without compression); each variant is encoded on first use only.
-    """
-
-    __slots__ = ("_deflate", "_opcode", "_payload", "_frames")
-
-    def __init__(self, deflate: Deflate | None, opcode: int, payload) -> None:
-        self._deflate = deflate
-        self._opcode = opcode
-        self._payload = payload
-        self._frames: dict = {}
-
-    def get(self, key) -> bytes:
-        frame = self._frames.get(key)
-        if frame is None:
-            if key is None:
-                frame = encode_frame(self._opcode, self._payload)
-            else:
-                frame = self._deflate.frame(self._opcode, self._payload, key)
-            self._frames[key] = frame
-        return frame
 
 
 # -- the per-connection codec ----------------------------------------------------------------

@@ -12,7 +12,7 @@ import pytest
 from websockets.extensions.permessage_deflate import ClientPerMessageDeflateFactory
 
 from gateway.deflate import (
-    Deflate, DeflateSettings, FrameSet, Offer, OfferError, PerMessageDeflate, negotiate, parse_extensions,
+    Deflate, DeflateSettings, Offer, OfferError, PerMessageDeflate, negotiate, parse_extensions,
     parse_offer,
 )
 from gateway.protocol import DeflateServerProtocol, ServerProtocol
@@ -196,15 +196,6 @@ def test_small_and_incompressible_messages_go_plain():
     assert frame[0] == 0xC1  # FIN + RSV1 + text (RFC 7692 section 6)
     [(opcode, fin, rsv1, payload)] = FrameParser(1 << 20, require_mask=False, allow_rsv1=True).feed(frame)
     assert rsv1 and inflate(payload) == b"y" * 1000
-
-
-def test_frameset_compresses_once_per_window():
-    deflate = Deflate(DeflateSettings(min_bytes=0))
-    frames = FrameSet(deflate, 1, b"hello hello hello hello hello" * 10)
-    assert frames.get(15) is frames.get(15)
-    assert frames.get(None) == encode_frame(1, b"hello hello hello hello hello" * 10)
-    frames.get(9)
-    assert deflate.compressed_out == 2  # one per window size, not one per member
 
 
 def test_room_exclusion_patterns():

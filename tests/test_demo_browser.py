@@ -102,6 +102,9 @@ def test_demo_page_round_trip_and_reconnect(browser):
         browser.get(f"http://127.0.0.1:{port}/?token=abc.def")
         wait_for(browser, lambda d: page_state(d) == "open", "the page to connect")
         assert browser.execute_script("return window.wsGatewayDemo.url") == f"ws://127.0.0.1:{port}/ws?token=abc.def"
+        # Chromium always offers permessage-deflate (RFC 7692); the gateway accepts it by default.
+        extensions = browser.execute_script("return window.wsGatewayDemo.extensions")
+        assert extensions.startswith("permessage-deflate; server_no_context_takeover"), extensions
 
         room = browser.find_element(By.ID, "room")
         room.clear()
@@ -116,6 +119,13 @@ def test_demo_page_round_trip_and_reconnect(browser):
             browser.find_element(By.ID, "publish").click()
             doc = py.wait_text("hello from the browser")
             assert doc["room"] == "demo" and doc["seq"] == 2
+            # Above compression_min_bytes: compressed to the page and (by Chromium) from it.
+            long_text = "compressed both ways " * 30 + "end"
+            py.publish(long_text)
+            wait_for(browser, page_shows(long_text), "a compressed message on the page")
+            browser.find_element(By.ID, "text").send_keys(long_text + " from the browser")
+            browser.find_element(By.ID, "publish").click()
+            py.wait_text(long_text + " from the browser")
 
         # Restart the gateway on the same port: the page notices, backs off, reconnects and re-joins.
         gw.stop()

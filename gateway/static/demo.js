@@ -54,6 +54,7 @@
     ws = new WebSocket(wsUrl);
     ws.onopen = () => {
       attempt = 0;
+      window.wsGatewayDemo.extensions = ws.extensions;   // "permessage-deflate; ..." when negotiated
       setStatus(true, "");
       log("connected", "system");
       for (const room of rooms) send("join", { room }, `join ${room}`);

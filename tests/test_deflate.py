@@ -333,3 +333,11 @@ def test_eof_releases_the_context():
     p.receive_eof()
     p.receive_eof()
     assert deflate.live_contexts == 0
+
+
+def test_empty_compressed_message():
+    # RFC 7692 section 7.2.3.6: an empty message may be sent compressed (a lone 0x00 byte or nothing).
+    p = proto()
+    wire = encode_frame(1, b"", rsv1=True, mask=MASK) + encode_frame(2, b"\x00", rsv1=True, mask=MASK)
+    assert p.receive_data(wire) == [(1, b""), (2, b"")]
+    assert not p.failed

@@ -9,7 +9,8 @@ seconds of settling, worker 0 reads the server's RSS ("open") and starts meterin
 CPU; after `--duration` more seconds it reads CPU and RSS again ("end"). Connections
 answer the server's pings (keepalive stays on, as in production) and send nothing else,
 so what the window shows is what idle connections cost the server: its keepalive sweep
-and pings. Run the window longer than the server's ping interval to include the pings.
+and pings. With `--join ROOM` (rooms servers) each connection first joins ROOM and waits
+for the ack, so the weight includes room membership, as for a real idle subscriber. Run the window longer than the server's ping interval to include the pings.
 
 Reported (the RESULT line): `rate` = server RSS bytes per held connection,
 (end - baseline) / connections -- lower is better, so in `compare` A/B < 1 means A is
@@ -23,6 +24,7 @@ hundred KB cancel out against the baseline).
 import asyncio
 from time import perf_counter
 
+import orjson
 from gateway_ext import Opcode
 
 from . import serverproc, wsclient
@@ -55,13 +57,15 @@ def walk_frames(buf: bytes):
 
 
 class _Shared:
-    __slots__ = ("result", "open", "pings", "messages")
+    __slots__ = ("result", "open", "pings", "messages", "join", "joined")
 
-    def __init__(self, result) -> None:
+    def __init__(self, result, join: bytes | None = None) -> None:
         self.result = result
         self.open = set()
         self.pings = 0
         self.messages = 0
+        self.join = join       # the /ws join request every connection sends first, or None
+        self.joined = 0        # acks received for it
 
 
 class IdleProtocol(asyncio.Protocol):
@@ -82,6 +86,8 @@ class IdleProtocol(asyncio.Protocol):
     def connection_made(self, transport) -> None:
         self.transport = transport
         self.shared.open.add(self)
+        if self.shared.join is not None:
+            transport.write(wsclient.client_frame(Opcode.TEXT, self.shared.join, self.mask))
 
     def data_received(self, data: bytes) -> None:
         buf = self.buf + data if self.buf else data
@@ -100,6 +106,8 @@ class IdleProtocol(asyncio.Protocol):
                 if not self.closed.done():
                     self.closed.set_result(None)
                 return
+            elif opcode == Opcode.TEXT and payload.startswith(b'{"op":"ack"'):
+                self.shared.joined += 1
             elif opcode != Opcode.PONG:
                 self.shared.messages += 1
 
@@ -131,19 +139,28 @@ class IdleMode(Mode):
 
     def add_arguments(self, parser) -> None:
         parser.add_argument("--connections", type=int, default=1000, help="connections in total (default 1000)")
+        parser.add_argument("--join", metavar="ROOM",
+                            help="rooms servers (/ws): each connection joins ROOM first, as real subscribers do")
         serverproc.add_arguments(parser)
 
     def params(self, args) -> dict:
-        return {"connections": args.connections}
+        return {"connections": args.connections, "join": args.join}
 
     def before_workers(self, params) -> None:
         params.rss_before = serverproc.rss_bytes(**serverproc.target_of(params))
 
     async def prepare(self, ctx, result):
         first, count = ctx.share(ctx.params.connections)
-        shared = _Shared(result)
+        join = ctx.params.join
+        shared = _Shared(result, join and orjson.dumps({"op": "join", "room": join, "id": 1}))
         protocols = await open_connections(ctx, result, lambda: IdleProtocol(shared), count, first)
         result.extra["connections_opened"] = len(protocols)
+        if join:
+            deadline = perf_counter() + ctx.params.open_timeout
+            while shared.joined < len(protocols) and perf_counter() < deadline:
+                await asyncio.sleep(0.05)
+            if shared.joined < len(protocols):
+                result.error(f"join not acknowledged ({len(protocols) - shared.joined})")
         return shared, protocols
 
     async def run(self, ctx, prepared, result) -> None:

@@ -396,12 +396,19 @@ class Connection(asyncio.Protocol):
         self._head = None
         gw.stats.handshake.observe(time.perf_counter() - self.last_seen)
         self.last_seen = gw.clock
-        gw.connection_opened(self)
-        log.info("connection opened", extra={
-            "event": "open", "conn": self.id, "peer": self.peer, "client": self.client_ip, "user": self.user,
-            "path": request.path, "subprotocol": subprotocol or "", "extensions": extensions or "",
-        })
-        endpoint.on_open(self, subprotocol)
+        try:
+            gw.connection_opened(self)
+            log.info("connection opened", extra={
+                "event": "open", "conn": self.id, "peer": self.peer, "client": self.client_ip, "user": self.user,
+                "path": request.path, "subprotocol": subprotocol or "", "extensions": extensions or "",
+            })
+            endpoint.on_open(self, subprotocol)
+        except Exception:
+            # The 101 is on the wire: from here a failure is a WebSocket close (1011, RFC 6455
+            # section 7.4.1), never an HTTP response written into the upgraded stream.
+            log.exception("internal error while opening a connection", extra={"conn": self.id, "peer": self.peer})
+            self.close(1011, "internal error")
+            return
         if rest:
             self.data_received(rest)
         else:

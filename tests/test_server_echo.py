@@ -161,3 +161,20 @@ def test_server_shutdown_sends_1001(run):
                     await ws.recv()
                 assert ws.close_code == 1001
     run(main())
+
+
+def test_open_hook_failure_after_101_closes_1011_not_http_500(run):
+    async def main():
+        async with serve() as gw:
+            def broken_hook(conn):
+                raise RuntimeError("bug in an open hook")
+            gw.open_hooks.append(broken_hook)
+            async with websockets.connect(ws_url(gw)) as ws:
+                with pytest.raises(websockets.ConnectionClosed):
+                    await ws.recv()
+            assert ws.close_code == 1011
+            gw.open_hooks.remove(broken_hook)
+            async with websockets.connect(ws_url(gw)) as ws:
+                await ws.send("fine")
+                assert await ws.recv() == "fine"
+    run(main())

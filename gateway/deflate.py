@@ -329,7 +329,7 @@ class Deflate:
 class PerMessageDeflate:
     """One connection's agreed parameters. Holds zlib state only with client context takeover."""
 
-    __slots__ = ("_deflate", "key", "_client_wbits", "_inflater", "_persistent", "max_bytes")
+    __slots__ = ("_deflate", "key", "_client_wbits", "_inflater", "_persistent", "max_bytes", "min_bytes")
 
     def __init__(self, deflate: Deflate, agreement: Agreement, max_bytes: int = 1 << 20) -> None:
         self._deflate = deflate
@@ -339,6 +339,7 @@ class PerMessageDeflate:
         self._persistent = not agreement.client_no_context_takeover
         self._inflater = None
         self.max_bytes = max_bytes
+        self.min_bytes = deflate.settings.min_bytes   # replies shorter than this go plain
         if self._persistent:
             deflate.live_contexts += 1
 

@@ -380,8 +380,15 @@ class DeflateServerProtocol(ServerProtocol):
     without compression -- carries no "is compression on?" test.
     """
 
-    __slots__ = ()
+    __slots__ = ("_min_bytes",)
+
+    def __init__(self, max_message_bytes: int = 1 << 20, deflate=None) -> None:
+        super().__init__(max_message_bytes, deflate)
+        self._min_bytes = deflate.min_bytes  # shorter replies skip the codec call entirely
 
     def send(self, opcode: int, payload) -> None:
         if not self.close_sent:
-            self._queue(self.deflate.encode(opcode, payload))
+            if len(payload) < self._min_bytes:
+                self._queue(encode_frame(opcode, payload))
+            else:
+                self._queue(self.deflate.encode(opcode, payload))

@@ -2,9 +2,10 @@
 
 Separate from modes.py because mode modules import the interface from there.
 """
+from .churn import ChurnMode
 from .echo import EchoMode
 from .fanout import FanoutMode
 from .handshake import HandshakeMode
 from .idle import IdleMode
 
-MODES = {mode.name: mode for mode in (EchoMode(), HandshakeMode(), FanoutMode(), IdleMode())}
+MODES = {mode.name: mode for mode in (EchoMode(), HandshakeMode(), FanoutMode(), IdleMode(), ChurnMode())}

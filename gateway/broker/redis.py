@@ -286,7 +286,8 @@ class RedisBroker(Broker):
                 await self._teardown(error)
                 self._set_state(False, error)
                 attempt = 1
-            # Full jitter: many gateways that lost the same Redis do not reconnect in lockstep.
+            # Jittered (uniform in [delay/2, delay]): gateways that lost the same Redis do not
+            # all reconnect in the same instant.
             delay = min(self.reconnect_max, self.reconnect_min * 2 ** (attempt - 1))
             await asyncio.sleep(random.uniform(delay / 2, delay))
             try:

@@ -4,8 +4,8 @@
         --publish-rate 20 --server-pid PID            # all 5,000 dropped and back at once
     ... --rate 500 --duration 20                      # or 500 dropped + reconnected per second
 
-N clients join a room (rooms protocol, /ws) while worker 0's publisher publishes to it
-`--publish-rate` times a second for the whole run. After `--warmup`, every client's TCP
+N clients join a room (rooms protocol, /ws) while publishers (one per worker) publish to
+it `--publish-rate` times a second in total for the whole run. After `--warmup`, every client's TCP
 connection is aborted at the same instant (a network drop: RST, no close handshake) and
 the client reconnects at once: connect + upgrade + join, until the join is acknowledged
 (`--storms` times). With `--rate R` clients are instead dropped and reconnected R per
@@ -203,7 +203,7 @@ class ChurnMode(Mode):
         parser.add_argument("--storms", type=int, default=1, help="all-at-once storms, one after the other (default 1)")
         parser.add_argument("--room", default="churn", help="room name (default churn)")
         parser.add_argument("--publish-rate", type=float, default=20.0,
-                            help="publications/s to the room during the run, from worker 0 (default 20; 0 = none)")
+                            help="publications/s to the room during the run, all workers together (default 20; 0 = none)")
         parser.add_argument("--size", type=int, default=64, help="bytes of JSON data per publication (default 64)")
         parser.add_argument("--storm-timeout", type=float, default=60.0,
                             help="seconds for every client to be back (default 60); later = stuck")
@@ -228,7 +228,9 @@ class ChurnMode(Mode):
             if c.joined.done() and c.joined.exception() is not None:
                 result.error("join failed")
         publisher = None
-        if ctx.index == 0 and params.publish_rate > 0:
+        if params.publish_rate > 0:
+            # One publisher per worker (each publishing its share of the rate): a worker's
+            # rejoined clients are verified while its own publisher still runs.
             pubs = await open_connections(ctx, result, lambda: _Publisher(shared, params.room), 1, 0)
             publisher = pubs[0] if pubs else None
         result.extra["clients"] = len(clients)
@@ -240,7 +242,8 @@ class ChurnMode(Mode):
         params = ctx.params
         shared, clients, publisher = prepared
         if publisher is not None:
-            publisher.task = asyncio.ensure_future(publisher.publish_every(1.0 / params.publish_rate, params.size))
+            interval = ctx.procs / params.publish_rate
+            publisher.task = asyncio.ensure_future(publisher.publish_every(interval, params.size))
         await asyncio.sleep(params.warmup)
         meter = ctx.cpu_meter()
         meter.start()

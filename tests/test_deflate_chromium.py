@@ -7,6 +7,8 @@ it -- a bad stream would make Chromium close with 1002 instead) and publishes a 
 without compression, reads both publications.
 """
 import asyncio
+import os
+import signal
 import shutil
 import tempfile
 
@@ -47,16 +49,22 @@ def test_chromium_negotiates_and_round_trips_compressed(run):
                 page = PAGE.replace("PORT", str(gw.port)).encode()
                 gw.http_routes["/deflate-test.html"] = lambda request, body: response(200, page, "text/html")
                 url = f"http://127.0.0.1:{gw.port}/deflate-test.html"
-                with tempfile.TemporaryDirectory() as profile:
+                # Chromium's helper processes may still be writing the profile while it is removed.
+                with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as profile:
                     browser = await asyncio.create_subprocess_exec(
                         CHROMIUM, "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
                         f"--user-data-dir={profile}", "--remote-debugging-port=0", url,
-                        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+                        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+                        start_new_session=True)
                     try:
                         first = orjson.loads(await asyncio.wait_for(observer.recv(), 60))
                         report = orjson.loads(await asyncio.wait_for(observer.recv(), 30))
                     finally:
-                        browser.kill()
+                        # The whole process group: renderer/GPU/crashpad children too.
+                        try:
+                            os.killpg(browser.pid, signal.SIGKILL)
+                        except ProcessLookupError:
+                            pass
                         await browser.wait()
             assert first["data"]["big"].startswith("hello chromium")
             extensions = report["data"]["extensions"]

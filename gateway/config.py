@@ -520,6 +520,16 @@ def load(path: str | None = None, env: dict[str, str] | None = None, overrides: 
     return load_with_sources(path, env, overrides).config
 
 
+def redact_url(url: str) -> str:
+    """A URL with the password of its userinfo part replaced (RFC 3986 section 3.2.1)."""
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, hostpart = rest.rpartition("@")
+    if not sep or not at or ":" not in userinfo:
+        return url
+    user = userinfo.split(":", 1)[0]
+    return f"{scheme}://{user}:<redacted>@{hostpart}"
+
+
 def to_toml(config: Config, sources: dict[str, str] | None = None) -> str:
     """The configuration as a TOML document that `load` reads back to the same values."""
     sources = sources or {}
@@ -531,6 +541,8 @@ def to_toml(config: Config, sources: dict[str, str] | None = None) -> str:
             # check-config output lands in terminals, tickets and CI logs: never print secrets.
             lines.append(f'{name} = "<redacted>"'.ljust(40) + f"  # {origin}")
             continue
+        if isinstance(value, str) and "://" in value:
+            value = redact_url(value)   # e.g. redis://:password@host -> redis://:<redacted>@host
         lines.append(f"{name} = {_toml_value(value)}".ljust(40) + f"  # {origin}")
     for table, section in config.extra.items():
         lines.append("")

@@ -157,3 +157,14 @@ def test_array_of_tables_errors_point_at_their_entry(tmp_path):
         assert info.value.errors == [f"{path}:6: gadgets.rule[1].size: must be positive"]
     finally:
         cfg._SECTION_CHECKS.pop("gadgets")
+
+
+def test_check_config_output_redacts_broker_password(tmp_path):
+    from gateway.config import load, redact_url, to_toml
+    path = tmp_path / "g.toml"
+    path.write_text('broker = "redis://:hunter2-secret@127.0.0.1:6390/0"\n')
+    text = to_toml(load(str(path), env={}))
+    assert "hunter2-secret" not in text
+    assert "redis://:<redacted>@127.0.0.1:6390/0" in text
+    assert redact_url("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
+    assert redact_url("rediss://user:pw@h:1") == "rediss://user:<redacted>@h:1"

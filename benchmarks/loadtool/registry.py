@@ -7,5 +7,6 @@ from .echo import EchoMode
 from .fanout import FanoutMode
 from .handshake import HandshakeMode
 from .idle import IdleMode
+from .slow import SlowMode
 
-MODES = {mode.name: mode for mode in (EchoMode(), HandshakeMode(), FanoutMode(), IdleMode(), ChurnMode())}
+MODES = {mode.name: mode for mode in (EchoMode(), HandshakeMode(), FanoutMode(), IdleMode(), ChurnMode(), SlowMode())}

@@ -72,6 +72,9 @@ def shared_parser(max_bytes: int, allow_rsv1: bool) -> SharedParser:
     return shared
 
 
+_EMPTY_PING = encode_frame(OP_PING, b"")
+
+
 class State(IntEnum):
     OPEN = 1
     CLOSING = 2
@@ -324,7 +327,8 @@ class ServerProtocol:
 
     def ping(self, payload: bytes = b"") -> None:
         if not self.close_sent:
-            self._queue(encode_frame(OP_PING, payload))
+            # The keepalive ping is always the same empty frame: build it once.
+            self._queue(encode_frame(OP_PING, payload) if payload else _EMPTY_PING)
 
     def close(self, code: int = NORMAL, reason: str = "") -> None:
         """Start the closing handshake (section 7.1.2)."""

@@ -46,6 +46,8 @@ from .metrics import LatencyHistogram, Metrics
 
 log = logging.getLogger("gateway.server")
 
+PING_SLICE = 512   # keepalive pings written per event-loop pass (see Gateway._send_pings)
+
 
 class Stats:
     """Hot-path counters: plain integers, read by metrics at scrape time."""
@@ -243,6 +245,7 @@ class Gateway:
         if c.ping_interval > 0 and now >= self._next_ping_scan:
             self._next_ping_scan = now + min(c.ping_interval, c.ping_timeout) / 4
             interval, deadline = c.ping_interval, c.ping_interval + c.ping_timeout
+            due = []
             for conn in list(self.connections):
                 idle = now - conn.last_seen
                 if idle < interval:
@@ -255,14 +258,28 @@ class Gateway:
                     conn.abort()
                 elif not conn.pinged:
                     conn.pinged = True
-                    conn.ws.ping(b"")
-                    conn.flush()
+                    due.append(conn)
+            if due:
+                self._send_pings(due, 0)
         for hook in self.sweep_hooks:
             try:
                 hook(now)
             except Exception:  # a failing hook must not stop keepalive for everyone
                 log.exception("sweep hook failed")
         self._schedule_sweep()
+
+    def _send_pings(self, due: list, start: int) -> None:
+        """Ping `due[start:]`, PING_SLICE per event-loop pass.
+
+        Connections opened together fall due together: 19,000 pings written in one pass
+        would hold every fan-out and handshake back for tens of milliseconds.
+        """
+        end = start + PING_SLICE
+        for conn in due[start:end]:
+            conn.ws.ping()       # no-op once a close frame was sent; flush() skips closed ones
+            conn.flush()
+        if end < len(due):
+            self.loop.call_soon(self._send_pings, due, end)
 
     async def stop_accepting(self) -> None:
         self.ready = False

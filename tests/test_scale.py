@@ -107,3 +107,27 @@ def test_slow_handshakes_expire_in_the_sweep_without_timers():
             for writer in writers:
                 writer.close()
     asyncio.run(main())
+
+
+def test_keepalive_pings_leave_in_slices_and_reach_everyone(monkeypatch):
+    import websockets
+
+    from gateway import server as server_mod
+    from tests.helpers import ws_url
+
+    monkeypatch.setattr(server_mod, "PING_SLICE", 3)   # 10 connections -> 4 loop passes
+
+    async def main():
+        async with serve(ping_interval=0.2, ping_timeout=5) as gw:
+            # websockets answers pings by itself (its own keepalive pings stay off).
+            clients = [await websockets.connect(ws_url(gw), ping_interval=None) for _ in range(10)]
+            for _ in range(100):
+                await asyncio.sleep(0.05)
+                if all(conn.ws.pongs_received for conn in gw.connections):
+                    break
+            assert len(gw.connections) == 10
+            assert all(conn.ws.pongs_received for conn in gw.connections)
+            assert gw.stats.keepalive_timeouts == 0
+            for client in clients:
+                await client.close()
+    asyncio.run(main())

@@ -131,3 +131,14 @@ def test_keepalive_pings_leave_in_slices_and_reach_everyone(monkeypatch):
             for client in clients:
                 await client.close()
     asyncio.run(main())
+
+
+def test_slow_readers_do_not_cost_fast_subscribers_messages(gateway):
+    result = loadtool("slow", "--url", gateway.url("/ws"), "--subscribers", "100", "--slow-share", "0.1",
+                      "--publish-rate", "50", "--size", "512", "--server-pid", str(gateway.proc.pid),
+                      "--warmup", "0.5", "--duration", "2", "--catch-up", "2")
+    assert result["errors"] == 0, result["error_kinds"]
+    extra = result["extra"]
+    assert extra["fast_subscribers"] == 90 and extra["slow_subscribers"] == 10
+    assert extra["fast_gaps"] == 0
+    assert result["count"] > 0 and result["samples"] > 0

@@ -223,9 +223,14 @@ class ServerProtocol:
         if opcode == OP_TEXT and not validate_utf8(data):
             self._fail(INVALID_DATA, "text message is not valid UTF-8")
             return False
+        if not self._account_inflated(len(data)):
+            return False
         if not self.close_sent:
             messages.append((opcode, data))
         return True
+
+    def _account_inflated(self, n: int) -> bool:
+        return True  # only DeflateServerProtocol inflates; see its per-read budget
 
     def _continue_fragments(self, fin: bool, payload: bytes, messages: list) -> bool:
         opcode = self._frag_opcode
@@ -384,11 +389,30 @@ class DeflateServerProtocol(ServerProtocol):
     without compression -- carries no "is compression on?" test.
     """
 
-    __slots__ = ("_min_bytes",)
+    __slots__ = ("_min_bytes", "_inflated", "_inflate_budget")
+
+    # Decompression amplification (RFC 7692 section 8.1 leaves resource limits to us): each
+    # message is capped at max_message_bytes, but one read of ~256 KiB can hold thousands
+    # of tiny compressed messages that each inflate to the cap. The inflated total of one
+    # read is therefore capped too, at this many messages' worth (at least 8 MiB).
+    INFLATE_BUDGET_MESSAGES = 4
 
     def __init__(self, max_message_bytes: int = 1 << 20, deflate=None) -> None:
         super().__init__(max_message_bytes, deflate)
         self._min_bytes = deflate.min_bytes  # shorter replies skip the codec call entirely
+        self._inflated = 0
+        self._inflate_budget = max(8 << 20, self.INFLATE_BUDGET_MESSAGES * max_message_bytes)
+
+    def receive_data(self, data) -> list:
+        self._inflated = 0
+        return super().receive_data(data)
+
+    def _account_inflated(self, n: int) -> bool:
+        self._inflated += n
+        if self._inflated > self._inflate_budget:
+            self._fail(MESSAGE_TOO_BIG, f"compressed messages in one read inflate past {self._inflate_budget} bytes")
+            return False
+        return True
 
     def send(self, opcode: int, payload) -> None:
         if not self.close_sent:

@@ -341,3 +341,18 @@ def test_empty_compressed_message():
     wire = encode_frame(1, b"", rsv1=True, mask=MASK) + encode_frame(2, b"\x00", rsv1=True, mask=MASK)
     assert p.receive_data(wire) == [(1, b""), (2, b"")]
     assert not p.failed
+
+
+def test_one_read_of_many_small_bombs_is_capped_per_read():
+    # Each message inflates to just under the per-message cap (allowed on its own), but 12 of
+    # them in one read would allocate 12 MiB from ~12 KiB: the per-read budget (8 MiB here) stops it.
+    limit = 1 << 20
+    one = encode_frame(1, client_deflate(b"a" * (limit - 16)), rsv1=True, mask=b"\x01\x02\x03\x04")
+    p = proto(limit)
+    messages = p.receive_data(one * 12)
+    assert 0 < len(messages) < 12          # the messages within the budget are still delivered
+    assert p.failed and close_code(p) == 1009
+    # Spread over separate reads, the same messages are fine.
+    q = proto(limit)
+    assert sum(len(q.receive_data(one)) for _ in range(12)) == 12
+    assert not q.failed

@@ -24,9 +24,11 @@ import time
 
 from .errors import HandshakeRejected
 from .handshake import Request, accept, parse_request, reject, response, validate_upgrade
+from .logs import LifecycleLog
 from .protocol import DeflateServerProtocol, ServerProtocol
 
 log = logging.getLogger("gateway.connection")
+lifecycle = LifecycleLog("gateway.connection")   # open/close/reject lines, once per connection
 
 # Life-cycle phases of a Connection: reading the request head, reading an HTTP body,
 # HTTP response sent (ignore the rest), WebSocket open, gone.
@@ -157,7 +159,7 @@ class Connection(asyncio.Protocol):
                 self.endpoint.on_close(self)
             except Exception:  # a bug in an endpoint must not leak the connection
                 log.exception("endpoint on_close failed", extra={"conn": self.id})
-            log.info("connection closed", extra={
+            lifecycle.info("connection closed", {
                 "event": "close", "conn": self.id, "peer": self.peer, "user": self.user,
                 "code": ws.close_code, "reason": ws.close_reason or (str(exc) if exc else ""),
             })
@@ -295,7 +297,7 @@ class Connection(asyncio.Protocol):
         """Called by the gateway's sweep when the request did not arrive in time."""
         if self.phase in (HEAD, BODY):
             self.gateway.stats.rejected["timeout"] += 1
-            log.info("handshake timeout", extra={"event": "reject", "conn": self.id, "peer": self.peer, "status": 408})
+            lifecycle.info("handshake timeout", {"event": "reject", "conn": self.id, "peer": self.peer, "status": 408})
             self._respond(response(408, b"request not received in time\n"))
 
     def _receive_http(self, data: bytes) -> None:
@@ -398,7 +400,7 @@ class Connection(asyncio.Protocol):
         self.last_seen = gw.clock
         try:
             gw.connection_opened(self)
-            log.info("connection opened", extra={
+            lifecycle.info("connection opened", {
                 "event": "open", "conn": self.id, "peer": self.peer, "client": self.client_ip, "user": self.user,
                 "path": request.path, "subprotocol": subprotocol or "", "extensions": extensions or "",
             })
@@ -431,7 +433,7 @@ class Connection(asyncio.Protocol):
     def _reject(self, exc: HandshakeRejected) -> None:
         stats = self.gateway.stats
         stats.rejected[str(exc.status)] += 1
-        log.info("request rejected", extra={
+        lifecycle.info("request rejected", {
             "event": "reject", "conn": self.id, "peer": self.peer, "client": self.client_ip, "status": exc.status,
             "reason": exc.reason,
         })

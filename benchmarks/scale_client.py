@@ -24,6 +24,7 @@ import orjson
 import uvloop
 
 from benchmarks.loadtool import wsclient
+from benchmarks.loadtool.clientprotocol import ClientProtocol
 from gateway_ext import FrameError, FrameParser, Opcode
 
 _OPEN_CONCURRENCY = 128
@@ -68,18 +69,15 @@ class Worker:
         self.pipe.send(("low", low, perf_counter()))
 
 
-class Subscriber(asyncio.Protocol):
-    __slots__ = ("w", "mask", "transport", "parser", "k", "joined", "closing", "closed")
+class Subscriber(ClientProtocol):
+    __slots__ = ("w", "parser", "k", "joined")
 
     def __init__(self, worker: Worker) -> None:
+        super().__init__()
         self.w = worker
-        self.mask = wsclient.random_mask()
-        self.transport = None
         self.parser = FrameParser(1 << 20, require_mask=False)
         self.k = 0
         self.joined = False
-        self.closing = False
-        self.closed = asyncio.get_running_loop().create_future()
 
     def connection_made(self, transport) -> None:
         self.transport = transport
@@ -110,15 +108,11 @@ class Subscriber(asyncio.Protocol):
                     self.w.error(f"unexpected: {payload[:60]!r}")
             elif opcode == Opcode.PING:
                 self.w.pings += 1
-                self.transport.write(wsclient.client_frame(Opcode.PONG, payload, self.mask))
+                self.pong(payload)
             elif opcode == Opcode.CLOSE:
-                if not self.closing:
-                    code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
+                code = self.close_received(payload)
+                if code is not None:
                     self.w.error(f"server closed ({code})")
-                    self.closing = True
-                    self.transport.write(wsclient.close_frame(self.mask))
-                if not self.closed.done():
-                    self.closed.set_result(None)
         if n:
             w = self.w
             w.deliveries += n
@@ -128,21 +122,12 @@ class Subscriber(asyncio.Protocol):
                 old, self.k = self.k, k
                 w.advanced(old, k)
 
-    def begin_close(self) -> None:
-        if not self.closing and not self.transport.is_closing():
-            self.closing = True
-            self.transport.write(wsclient.close_frame(self.mask))
-
-    def eof_received(self):
-        return False
-
     def connection_lost(self, exc) -> None:
         self.w.open.discard(self)
-        if not self.closing:
-            self.closing = True
-            self.w.error("connection lost")
-        if not self.closed.done():
-            self.closed.set_result(None)
+        super().connection_lost(exc)
+
+    def lost_early(self, exc) -> None:
+        self.w.error("connection lost")
 
 
 async def _open(worker: Worker, target, count: int, sources, connect_timeout: float) -> list:

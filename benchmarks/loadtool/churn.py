@@ -28,6 +28,7 @@ import orjson
 from gateway_ext import Opcode
 
 from . import serverproc, wsclient
+from .clientprotocol import ClientProtocol, lost_reason
 from .echo import close_all, open_connections
 from .fanout import data_of
 from .idle import walk_frames
@@ -46,22 +47,17 @@ class _Shared:
         self.open = set()
 
 
-class ChurnClient(asyncio.Protocol):
+class ChurnClient(ClientProtocol):
     """Joins on connect; `joined` when acked, `delivered` at the first publication after that."""
 
-    __slots__ = ("shared", "mask", "transport", "buf", "closing", "closed", "lost", "joined", "delivered",
-                 "dropping")
+    __slots__ = ("shared", "buf", "joined", "delivered", "dropping")
 
     def __init__(self, shared: _Shared) -> None:
+        super().__init__()
         self.shared = shared
-        self.mask = wsclient.random_mask()
-        self.transport = None
         self.buf = b""
-        self.closing = False
         self.dropping = False      # we abort it on purpose: not an error
         loop = asyncio.get_running_loop()
-        self.closed = loop.create_future()
-        self.lost = loop.create_future()
         self.joined = loop.create_future()
         self.delivered = loop.create_future()
 
@@ -86,15 +82,11 @@ class ChurnClient(asyncio.Protocol):
                 elif not self.joined.done():
                     self.joined.set_exception(ConnectionError(f"join refused: {payload[:60]!r}"))
             elif opcode == Opcode.PING:
-                self.transport.write(wsclient.client_frame(Opcode.PONG, payload, self.mask))
+                self.pong(payload)
             elif opcode == Opcode.CLOSE:
-                if not self.closing:
-                    code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
+                code = self.close_received(payload)
+                if code is not None:
                     self.shared.result.error(f"server closed a client ({code})")
-                    self.closing = True
-                    self.transport.write(wsclient.close_frame(self.mask))
-                if not self.closed.done():
-                    self.closed.set_result(None)
                 return
 
     def drop(self) -> None:
@@ -102,43 +94,26 @@ class ChurnClient(asyncio.Protocol):
         self.dropping = self.closing = True
         self.transport.abort()
 
-    def begin_close(self) -> None:
-        if not self.closing and not self.transport.is_closing():
-            self.closing = True
-            self.transport.write(wsclient.close_frame(self.mask))
-
-    def eof_received(self):
-        if not self.closed.done():
-            self.closed.set_result(None)
-        return False
-
     def connection_lost(self, exc) -> None:
         self.shared.open.discard(self)
-        if not self.closing:
-            self.closing = True
-            self.shared.result.error("client lost" if exc is None else f"client lost: {type(exc).__name__}")
-        for future in (self.closed, self.lost):
-            if not future.done():
-                future.set_result(None)
+        super().connection_lost(exc)
         if not self.joined.done():
             self.joined.set_exception(ConnectionError("lost before the join's ack"))
 
+    def lost_early(self, exc) -> None:
+        self.shared.result.error(lost_reason("client", exc))
 
-class _Publisher(asyncio.Protocol):
+
+class _Publisher(ClientProtocol):
     """Publishes to the room at a fixed rate for the whole run; answers pings."""
 
-    __slots__ = ("shared", "room", "mask", "transport", "buf", "closing", "closed", "lost", "k", "task")
+    __slots__ = ("shared", "room", "buf", "k", "task")
 
     def __init__(self, shared: _Shared, room: str) -> None:
+        super().__init__()
         self.shared = shared
         self.room = room
-        self.mask = wsclient.random_mask()
-        self.transport = None
         self.buf = b""
-        self.closing = False
-        loop = asyncio.get_running_loop()
-        self.closed = loop.create_future()
-        self.lost = loop.create_future()
         self.k = 0
         self.task = None
 
@@ -161,7 +136,7 @@ class _Publisher(asyncio.Protocol):
         self.buf = buf[used:]
         for opcode, payload in frames:
             if opcode == Opcode.PING:
-                self.transport.write(wsclient.client_frame(Opcode.PONG, payload, self.mask))
+                self.pong(payload)
             elif opcode == Opcode.TEXT and b'"op":"error"' in payload:
                 self.shared.result.error(f"publish refused: {payload[:60]!r}")
             elif opcode == Opcode.CLOSE:
@@ -171,23 +146,8 @@ class _Publisher(asyncio.Protocol):
                 if not self.closed.done():
                     self.closed.set_result(None)
 
-    def begin_close(self) -> None:
-        if not self.closing and not self.transport.is_closing():
-            self.closing = True
-            self.transport.write(wsclient.close_frame(self.mask))
-
-    def eof_received(self):
-        if not self.closed.done():
-            self.closed.set_result(None)
-        return False
-
-    def connection_lost(self, exc) -> None:
-        if not self.closing:
-            self.closing = True
-            self.shared.result.error("publisher lost")
-        for future in (self.closed, self.lost):
-            if not future.done():
-                future.set_result(None)
+    def lost_early(self, exc) -> None:
+        self.shared.result.error("publisher lost")
 
 
 class ChurnMode(Mode):

@@ -24,6 +24,7 @@ from time import perf_counter
 from gateway_ext import FrameError, FrameParser, Opcode
 
 from . import wsclient
+from .clientprotocol import ClientProtocol, lost_reason
 from .modes import Mode
 
 _MAX_FRAME = 1 << 26
@@ -46,31 +47,30 @@ class _Shared:
         self.open = set()
 
 
-class EchoProtocol(asyncio.Protocol):
+class EchoProtocol(ClientProtocol):
     __slots__ = (
-        "_shared", "_frame", "_expect", "_flen", "_inflight", "_mask", "_tail", "_slow", "_parser",
-        "transport", "sent", "recv", "_probe", "_probe_t", "closing", "closed", "lost",
+        "_shared", "_frame", "_expect", "_flen", "_inflight", "_tail", "_slow", "_parser",
+        "sent", "recv", "_probe", "_probe_t",
     )
 
     def __init__(self, shared: _Shared, opcode: int, payload: bytes, inflight: int) -> None:
+        super().__init__()
         self._shared = shared
-        self._mask = wsclient.random_mask()
-        self._frame = wsclient.client_frame(opcode, payload, self._mask)
+        self._frame = wsclient.client_frame(opcode, payload, self.mask)
         self._expect = wsclient.server_frame(opcode, payload)
         self._flen = len(self._expect)
         self._inflight = inflight
         self._tail = b""          # start of an echo whose rest has not arrived yet
         self._slow = False        # True while the FrameParser holds a partial frame
         self._parser = None       # created on first need
-        self.transport = None
         self.sent = 0
         self.recv = 0
         self._probe = 0           # echo count that completes the probed frame; 0 = none
         self._probe_t = 0.0
-        self.closing = False
-        loop = asyncio.get_running_loop()
-        self.closed = loop.create_future()   # the server's close frame or EOF arrived
-        self.lost = loop.create_future()     # the TCP connection is gone
+
+    @property
+    def _mask(self) -> bytes:
+        return self.mask
 
     def connection_made(self, transport) -> None:
         self.transport = transport
@@ -129,23 +129,14 @@ class EchoProtocol(asyncio.Protocol):
             if opcode <= Opcode.BINARY:
                 n += fin
             elif opcode == Opcode.PING:
-                self.transport.write(wsclient.client_frame(Opcode.PONG, payload, self._mask))
+                self.pong(payload)
             elif opcode == Opcode.CLOSE:
-                self._close_received(payload)
+                code = self.close_received(payload)
+                if code is not None:
+                    self._shared.result.error(f"server closed the connection ({code})")
                 break
         self._slow = parser.buffered > 0
         return n
-
-    def _close_received(self, payload: bytes) -> None:
-        if not self.closing:
-            code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
-            self._shared.result.error(f"server closed the connection ({code})")
-            self.closing = True
-            self.transport.write(wsclient.close_frame(self._mask))
-        if not self.closed.done():
-            self.closed.set_result(None)
-        # RFC 6455 section 7.1.1: the server closes TCP first; close_all() waits a little
-        # for its EOF before closing from this side.
 
     def _fail(self, reason: str) -> None:
         if not self.closing:
@@ -153,22 +144,12 @@ class EchoProtocol(asyncio.Protocol):
             self.closing = True
         self.transport.abort()
 
-    def begin_close(self) -> None:
-        if not self.closing and not self.transport.is_closing():
-            self.closing = True
-            self.transport.write(wsclient.close_frame(self._mask))
-
-    def eof_received(self):
-        return False
-
     def connection_lost(self, exc) -> None:
         self._shared.open.discard(self)
-        if not self.closing:
-            self._shared.result.error("connection lost" if exc is None else f"connection lost: {type(exc).__name__}")
-            self.closing = True
-        for future in (self.closed, self.lost):
-            if not future.done():
-                future.set_result(None)
+        super().connection_lost(exc)
+
+    def lost_early(self, exc) -> None:
+        self._shared.result.error(lost_reason("connection", exc))
 
 
 async def open_connections(ctx, result, make_protocol, count: int, first: int) -> list:

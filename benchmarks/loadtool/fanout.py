@@ -32,6 +32,7 @@ import orjson
 from gateway_ext import FrameError, FrameParser, Opcode
 
 from . import wsclient
+from .clientprotocol import ClientProtocol, lost_reason
 from .echo import close_all, open_connections
 from .modes import Mode
 
@@ -97,25 +98,19 @@ class _Shared:
             self.publisher.top_up()
 
 
-class SubscriberProtocol(asyncio.Protocol):
+class SubscriberProtocol(ClientProtocol):
     """asyncio.Protocol of one subscriber: join, then count messages by their last k."""
 
-    __slots__ = ("shared", "mask", "room", "transport", "k", "tail", "parser", "joined", "closed", "lost",
-                 "closing")
+    __slots__ = ("shared", "room", "k", "tail", "parser", "joined")
 
     def __init__(self, shared: _Shared, room: str) -> None:
+        super().__init__()
         self.shared = shared
-        self.mask = wsclient.random_mask()
         self.room = room
-        self.transport = None
         self.k = 0
         self.tail = b""
         self.parser = FrameParser(1 << 20, require_mask=False)   # until the join's ack
-        loop = asyncio.get_running_loop()
-        self.joined = loop.create_future()
-        self.closed = loop.create_future()
-        self.lost = loop.create_future()
-        self.closing = False
+        self.joined = asyncio.get_running_loop().create_future()
 
     def connection_made(self, transport) -> None:
         self.transport = transport
@@ -173,44 +168,27 @@ class SubscriberProtocol(asyncio.Protocol):
         self.closing = True
         self.transport.abort()
 
-    def begin_close(self) -> None:
-        if not self.closing and not self.transport.is_closing():
-            self.closing = True
-            self.transport.write(wsclient.close_frame(self.mask))
-
-    def eof_received(self):
-        if not self.closed.done():
-            self.closed.set_result(None)
-        return False
-
     def connection_lost(self, exc) -> None:
         self.shared.open.discard(self)
-        if not self.closing:
-            self.closing = True
-            self.shared.result.error("subscriber lost" if exc is None else f"subscriber lost: {type(exc).__name__}")
-        for future in (self.closed, self.lost):
-            if not future.done():
-                future.set_result(None)
+        super().connection_lost(exc)
         if not self.joined.done():
             self.joined.set_exception(RuntimeError("connection lost before the join's ack"))
 
+    def lost_early(self, exc) -> None:
+        self.shared.result.error(lost_reason("subscriber", exc))
 
-class PublisherProtocol(asyncio.Protocol):
+
+class PublisherProtocol(ClientProtocol):
     """Keeps `window` publications in flight; reads only to notice errors and the close."""
 
-    __slots__ = ("shared", "mask", "room", "size", "transport", "parser", "closed", "lost", "closing")
+    __slots__ = ("shared", "room", "size", "parser")
 
     def __init__(self, shared: _Shared, room: str, size: int) -> None:
+        super().__init__()
         self.shared = shared
-        self.mask = wsclient.random_mask()
         self.room = room
         self.size = size
-        self.transport = None
         self.parser = FrameParser(1 << 20, require_mask=False)
-        loop = asyncio.get_running_loop()
-        self.closed = loop.create_future()
-        self.lost = loop.create_future()
-        self.closing = False
 
     def connection_made(self, transport) -> None:
         self.transport = transport
@@ -241,30 +219,11 @@ class PublisherProtocol(asyncio.Protocol):
             if opcode == Opcode.TEXT and b'"error"' in payload:
                 self.shared.result.error(f"publish refused: {orjson.loads(payload).get('code')}")
             elif opcode == Opcode.CLOSE:
-                if not self.closing:
+                if self.close_received(payload) is not None:
                     self.shared.result.error("server closed the publisher")
-                    self.closing = True
-                    self.transport.write(wsclient.close_frame(self.mask))
-                if not self.closed.done():
-                    self.closed.set_result(None)
 
-    def begin_close(self) -> None:
-        if not self.closing and not self.transport.is_closing():
-            self.closing = True
-            self.transport.write(wsclient.close_frame(self.mask))
-
-    def eof_received(self):
-        if not self.closed.done():
-            self.closed.set_result(None)
-        return False
-
-    def connection_lost(self, exc) -> None:
-        if not self.closing:
-            self.closing = True
-            self.shared.result.error("publisher lost")
-        for future in (self.closed, self.lost):
-            if not future.done():
-                future.set_result(None)
+    def lost_early(self, exc) -> None:
+        self.shared.result.error("publisher lost")
 
 
 class FanoutMode(Mode):

@@ -28,6 +28,7 @@ import orjson
 from gateway_ext import Opcode
 
 from . import serverproc, wsclient
+from .clientprotocol import ClientProtocol, lost_reason
 from .echo import close_all, open_connections
 from .modes import Mode
 
@@ -68,20 +69,15 @@ class _Shared:
         self.joined = 0        # acks received for it
 
 
-class IdleProtocol(asyncio.Protocol):
+class IdleProtocol(ClientProtocol):
     """A silent client that answers pings; a server close during the hold is an error."""
 
-    __slots__ = ("shared", "mask", "transport", "buf", "closing", "closed", "lost")
+    __slots__ = ("shared", "buf")
 
     def __init__(self, shared: _Shared) -> None:
+        super().__init__()
         self.shared = shared
-        self.mask = wsclient.random_mask()
-        self.transport = None
         self.buf = b""
-        self.closing = False
-        loop = asyncio.get_running_loop()
-        self.closed = loop.create_future()   # the server's close frame or EOF arrived
-        self.lost = loop.create_future()     # the TCP connection is gone
 
     def connection_made(self, transport) -> None:
         self.transport = transport
@@ -96,39 +92,23 @@ class IdleProtocol(asyncio.Protocol):
         for opcode, payload in frames:
             if opcode == Opcode.PING:
                 self.shared.pings += 1
-                self.transport.write(wsclient.client_frame(Opcode.PONG, payload, self.mask))
+                self.pong(payload)
             elif opcode == Opcode.CLOSE:
-                if not self.closing:
-                    code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
+                code = self.close_received(payload)
+                if code is not None:
                     self.shared.result.error(f"server closed the connection ({code})")
-                    self.closing = True
-                    self.transport.write(wsclient.close_frame(self.mask))
-                if not self.closed.done():
-                    self.closed.set_result(None)
                 return
             elif opcode == Opcode.TEXT and payload.startswith(b'{"op":"ack"'):
                 self.shared.joined += 1
             elif opcode != Opcode.PONG:
                 self.shared.messages += 1
 
-    def begin_close(self) -> None:
-        if not self.closing and not self.transport.is_closing():
-            self.closing = True
-            self.transport.write(wsclient.close_frame(self.mask))
-
-    def eof_received(self):
-        if not self.closed.done():
-            self.closed.set_result(None)
-        return False
-
     def connection_lost(self, exc) -> None:
         self.shared.open.discard(self)
-        if not self.closing:
-            self.closing = True
-            self.shared.result.error("connection lost" if exc is None else f"connection lost: {type(exc).__name__}")
-        for future in (self.closed, self.lost):
-            if not future.done():
-                future.set_result(None)
+        super().connection_lost(exc)
+
+    def lost_early(self, exc) -> None:
+        self.shared.result.error(lost_reason("connection", exc))
 
 
 class IdleMode(Mode):

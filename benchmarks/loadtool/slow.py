@@ -32,6 +32,7 @@ import orjson
 from gateway_ext import FrameError, FrameParser, Opcode
 
 from . import serverproc, wsclient
+from .clientprotocol import ClientProtocol
 from .echo import close_all, open_connections
 from .fanout import data_of
 from .modes import Mode
@@ -85,23 +86,17 @@ class _Shared:
         self.low = low
 
 
-class Subscriber(asyncio.Protocol):
-    __slots__ = ("shared", "slow", "mask", "transport", "parser", "k", "joined", "closing", "closed", "lost",
-                 "reader")
+class Subscriber(ClientProtocol):
+    __slots__ = ("shared", "slow", "parser", "k", "joined", "reader")
 
     def __init__(self, shared: _Shared, slow: bool) -> None:
+        super().__init__()
         self.shared = shared
         self.slow = slow
-        self.mask = wsclient.random_mask()
-        self.transport = None
         self.parser = FrameParser(1 << 20, require_mask=False)
         self.k = 0
-        self.closing = False
         self.reader = None
-        loop = asyncio.get_running_loop()
-        self.joined = loop.create_future()
-        self.closed = loop.create_future()
-        self.lost = loop.create_future()
+        self.joined = asyncio.get_running_loop().create_future()
 
     def connection_made(self, transport) -> None:
         self.transport = transport
@@ -157,18 +152,14 @@ class Subscriber(asyncio.Protocol):
                 elif payload.startswith(b'{"op":"dropped"'):
                     shared.slow_dropped += 1
             elif opcode == Opcode.PING:
-                self.transport.write(wsclient.client_frame(Opcode.PONG, payload, self.mask))
+                self.pong(payload)
             elif opcode == Opcode.CLOSE:
-                code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
-                if not self.closing:
-                    self.closing = True
+                code = self.close_received(payload)
+                if code is not None:
                     if self.slow:
                         shared.slow_closed[str(code)] += 1
                     else:
                         shared.result.error(f"server closed a fast subscriber ({code})")
-                    self.transport.write(wsclient.close_frame(self.mask))
-                if not self.closed.done():
-                    self.closed.set_result(None)
                 return
         if not n:
             return
@@ -194,38 +185,26 @@ class Subscriber(asyncio.Protocol):
             return
         self.transport.write(wsclient.close_frame(self.mask))
 
-    def eof_received(self):
-        if not self.closed.done():
-            self.closed.set_result(None)
-        return False
-
     def connection_lost(self, exc) -> None:
         self.shared.open.discard(self)
-        if not self.closing:
-            self.closing = True
-            if self.slow:
-                self.shared.slow_closed["lost"] += 1
-            else:
-                self.shared.result.error("fast subscriber lost")
-        for future in (self.closed, self.lost):
-            if not future.done():
-                future.set_result(None)
+        super().connection_lost(exc)
         if not self.joined.done():
             self.joined.set_exception(ConnectionError("lost before the join's ack"))
 
+    def lost_early(self, exc) -> None:
+        if self.slow:
+            self.shared.slow_closed["lost"] += 1
+        else:
+            self.shared.result.error("fast subscriber lost")
 
-class _Publisher(asyncio.Protocol):
-    __slots__ = ("shared", "mask", "transport", "closing", "closed", "lost", "parser")
+
+class _Publisher(ClientProtocol):
+    __slots__ = ("shared", "parser")
 
     def __init__(self, shared: _Shared) -> None:
+        super().__init__()
         self.shared = shared
-        self.mask = wsclient.random_mask()
-        self.transport = None
         self.parser = FrameParser(1 << 20, require_mask=False)
-        self.closing = False
-        loop = asyncio.get_running_loop()
-        self.closed = loop.create_future()
-        self.lost = loop.create_future()
 
     def connection_made(self, transport) -> None:
         self.transport = transport
@@ -237,29 +216,14 @@ class _Publisher(asyncio.Protocol):
             return
         for opcode, _fin, _rsv1, payload in frames:
             if opcode == Opcode.PING:
-                self.transport.write(wsclient.client_frame(Opcode.PONG, payload, self.mask))
+                self.pong(payload)
             elif opcode == Opcode.TEXT and b'"op":"error"' in payload:
                 self.shared.result.error(f"publish refused: {payload[:60]!r}")
             elif opcode == Opcode.CLOSE and not self.closed.done():
                 self.closed.set_result(None)
 
-    def begin_close(self) -> None:
-        if not self.closing and not self.transport.is_closing():
-            self.closing = True
-            self.transport.write(wsclient.close_frame(self.mask))
-
-    def eof_received(self):
-        if not self.closed.done():
-            self.closed.set_result(None)
-        return False
-
-    def connection_lost(self, exc) -> None:
-        if not self.closing:
-            self.closing = True
-            self.shared.result.error("publisher lost")
-        for future in (self.closed, self.lost):
-            if not future.done():
-                future.set_result(None)
+    def lost_early(self, exc) -> None:
+        self.shared.result.error("publisher lost")
 
 
 class SlowMode(Mode):

@@ -25,6 +25,7 @@ import uvloop
 
 from benchmarks.loadtool import wsclient
 from benchmarks.loadtool.clientprotocol import ClientProtocol
+from benchmarks.loadtool.lowwater import LowWater
 from gateway_ext import FrameError, FrameParser, Opcode
 
 _OPEN_CONCURRENCY = 128
@@ -32,15 +33,13 @@ _MESSAGE = b'{"op":"message"'
 _ACK = b'{"op":"ack"'
 
 
-class Worker:
-    """One process's subscribers and what they saw."""
+class Worker(LowWater):
+    """One process's subscribers and what they saw (`low`: every subscriber of it has every k <= low)."""
 
     def __init__(self, pipe, room: str) -> None:
+        super().__init__()
         self.pipe = pipe
         self.join = orjson.dumps({"op": "join", "room": room, "id": 1})
-        self.at = {0: 0}          # k -> subscribers whose last message is k
-        self.low = 0              # every subscriber of this worker has every k <= low
-        self.top = 0              # highest k any subscriber has
         self.deliveries = 0
         self.pings = 0
         self.joined = 0
@@ -50,22 +49,7 @@ class Worker:
     def error(self, kind: str) -> None:
         self.errors[kind[:80]] += 1
 
-    def advanced(self, old: int, new: int) -> None:
-        at = self.at
-        at[new] = at.get(new, 0) + 1
-        if new > self.top:
-            self.top = new
-        left = at[old] - 1
-        if left:
-            at[old] = left
-            return
-        del at[old]
-        if old != self.low:
-            return
-        low = old
-        while low < self.top and low not in at:
-            low += 1
-        self.low = low
+    def completed(self, old_low: int, low: int) -> None:
         self.pipe.send(("low", low, perf_counter()))
 
 

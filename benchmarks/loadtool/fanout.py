@@ -34,6 +34,7 @@ from gateway_ext import FrameError, FrameParser, Opcode
 from . import wsclient
 from .clientprotocol import ClientProtocol, lost_reason
 from .echo import close_all, open_connections
+from .lowwater import LowWater
 from .modes import Mode
 
 _MARK = b'"k":'
@@ -46,15 +47,14 @@ def data_of(k: int, size: int) -> bytes:
     return b'{"k":%d,"p":"%s"}' % (k, b"x" * max(0, size - len(bare)))
 
 
-class _Shared:
+class _Shared(LowWater):
     """One worker's view: subscribers per k, the lowest k everyone has, the publisher's window."""
 
-    __slots__ = ("at", "low", "top", "deliveries", "sent_at", "latencies", "measuring", "publisher",
+    __slots__ = ("top", "deliveries", "sent_at", "latencies", "measuring", "publisher",
                  "window", "running", "result", "open", "done")
 
     def __init__(self, result, subscribers: int, window: int) -> None:
-        self.at = {0: subscribers}   # k -> subscribers whose last message is k
-        self.low = 0                 # every subscriber has every k <= low
+        super().__init__(subscribers)
         self.top = 0                 # last k published
         self.deliveries = 0
         self.sent_at: dict = {}      # k -> perf_counter() when published
@@ -67,25 +67,7 @@ class _Shared:
         self.open = set()
         self.done = None
 
-    def advanced(self, old: int, new: int) -> None:
-        at = self.at
-        at[new] = at.get(new, 0) + 1
-        left = at[old] - 1
-        if left:
-            at[old] = left
-            return
-        del at[old]
-        if old != self.low:
-            return
-        low = old
-        top = self.top
-        while low < top and low not in at:
-            low += 1
-        old_low = self.low
-        self.low = low
-        self._completed(old_low, low)
-
-    def _completed(self, old_low: int, low: int) -> None:
+    def completed(self, old_low: int, low: int) -> None:
         """Publications old_low+1 .. low reached every subscriber."""
         now = perf_counter()
         sent_at = self.sent_at

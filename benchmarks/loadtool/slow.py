@@ -35,22 +35,21 @@ from . import serverproc, wsclient
 from .clientprotocol import ClientProtocol
 from .echo import close_all, open_connections
 from .fanout import data_of
+from .lowwater import LowWater
 from .modes import Mode
 
 _MESSAGE = b'{"op":"message"'
 
 
-class _Shared:
+class _Shared(LowWater):
     """Fast subscribers per last-seen k (the lowest k all fast ones have) and slow-side counters."""
 
-    __slots__ = ("result", "at", "low", "top", "sent_at", "latencies", "measuring", "deliveries", "gaps",
+    __slots__ = ("result", "sent_at", "latencies", "measuring", "deliveries", "gaps",
                  "slow_messages", "slow_closed", "slow_dropped", "join", "open", "running")
 
     def __init__(self, result, room: str) -> None:
+        super().__init__()
         self.result = result
-        self.at = {0: 0}
-        self.low = 0
-        self.top = 0
         self.sent_at: dict = {}
         self.latencies = array("d")
         self.measuring = False
@@ -63,27 +62,12 @@ class _Shared:
         self.open = set()
         self.running = True
 
-    def advanced(self, old: int, new: int) -> None:
-        at = self.at
-        at[new] = at.get(new, 0) + 1
-        if new > self.top:
-            self.top = new
-        left = at[old] - 1
-        if left:
-            at[old] = left
-            return
-        del at[old]
-        if old != self.low:
-            return
-        low = old
-        while low < self.top and low not in at:
-            low += 1
+    def completed(self, old_low: int, low: int) -> None:
         now = perf_counter()
-        for k in range(self.low + 1, low + 1):
+        for k in range(old_low + 1, low + 1):
             t = self.sent_at.pop(k, None)
             if t is not None and self.measuring:
                 self.latencies.append(now - t)
-        self.low = low
 
 
 class Subscriber(ClientProtocol):

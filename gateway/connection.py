@@ -118,10 +118,11 @@ class Connection(asyncio.Protocol):
             return
         gw = self.gateway
         self.last_seen = gw.clock
-        gw.stats.bytes_in += len(data)
+        stats = gw.stats
+        stats.bytes_in += len(data)
         messages = ws.receive_data(data)
         if messages:
-            gw.stats.messages_in += len(messages)
+            stats.messages_in += len(messages)
             limiter = self.limiter
             if limiter is None:
                 self.endpoint.on_messages(self, messages)
@@ -134,7 +135,20 @@ class Connection(asyncio.Protocol):
                     limiter.exceeded(self, messages, allowed)   # the allowed ones, an error reply, close 4002
         if self._corked:
             return  # the Corker will flush this pass
-        self.flush()
+        # flush(), inlined for the one-read-one-write case (this runs once per read).
+        out = ws.data_to_send()
+        if out:
+            if len(out) == 1:
+                frame = out[0]
+                self.transport.write(frame)
+                stats.bytes_out += len(frame)
+                stats.frames_out += 1
+            else:
+                self.transport.writelines(out)  # uvloop: one writev for all frames
+                stats.bytes_out += sum(map(len, out))
+                stats.frames_out += len(out)
+        if ws.close_sent:
+            self._after_close_sent()
 
     def eof_received(self):
         if self.ws is not None:
@@ -240,9 +254,13 @@ class Connection(asyncio.Protocol):
                 self.transport.writelines(out)  # uvloop: one writev for all frames
                 stats.bytes_out += sum(map(len, out))
             stats.frames_out += len(out)
-        if ws.close_sent and not self._closing:
+        if ws.close_sent:
+            self._after_close_sent()
+
+    def _after_close_sent(self) -> None:
+        if not self._closing:
             self._start_closing()
-        elif self._closing and ws.close_received:
+        elif self.ws.close_received:
             self._finish_close()
 
     def close(self, code: int = 1000, reason: str = "") -> None:

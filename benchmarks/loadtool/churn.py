@@ -28,7 +28,7 @@ import orjson
 from gateway_ext import Opcode
 
 from . import serverproc, wsclient
-from .clientprotocol import ClientProtocol, lost_reason
+from .clientprotocol import ClientProtocol, acked, lost_reason
 from .echo import close_all, open_connections
 from .fanout import data_of
 from .idle import walk_frames
@@ -181,12 +181,7 @@ class ChurnMode(Mode):
         first, count = ctx.share(params.clients)
         shared = _Shared(result, params.room)
         clients = await open_connections(ctx, result, lambda: ChurnClient(shared), count, first)
-        if clients:
-            done, _ = await asyncio.wait([c.joined for c in clients], timeout=params.open_timeout)
-        clients = [c for c in clients if c.joined.done() and c.joined.exception() is None]
-        for c in clients:
-            if c.joined.done() and c.joined.exception() is not None:
-                result.error("join failed")
+        clients = await acked(clients, params.open_timeout)
         publisher = None
         if params.publish_rate > 0:
             # One publisher per worker (each publishing its share of the rate): a worker's

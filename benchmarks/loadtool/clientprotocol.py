@@ -75,3 +75,10 @@ class ClientProtocol(asyncio.Protocol):
 def lost_reason(what: str, exc) -> str:
     """`what lost`, with the exception's type when there is one."""
     return f"{what} lost" if exc is None else f"{what} lost: {type(exc).__name__}"
+
+
+async def acked(protocols, timeout: float) -> list:
+    """Wait up to `timeout` for the protocols' `joined` futures; those whose join was acknowledged."""
+    if protocols:
+        await asyncio.wait([p.joined for p in protocols], timeout=timeout)
+    return [p for p in protocols if p.joined.done() and p.joined.exception() is None]

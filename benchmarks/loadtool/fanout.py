@@ -32,7 +32,7 @@ import orjson
 from gateway_ext import FrameError, FrameParser, Opcode
 
 from . import wsclient
-from .clientprotocol import ClientProtocol, lost_reason
+from .clientprotocol import ClientProtocol, acked, lost_reason
 from .echo import close_all, open_connections
 from .lowwater import LowWater
 from .modes import Mode
@@ -248,11 +248,7 @@ class FanoutMode(Mode):
                                           params.subscribers, 0)
         if len(subs) != params.subscribers:
             shared.at = {0: len(subs)}
-        joined = await asyncio.wait([s.joined for s in subs], timeout=params.open_timeout) if subs else (set(), set())
-        for fut in joined[0]:
-            if fut.exception() is not None:
-                pass  # counted as an error by the protocol
-        ok = [s for s in subs if s.joined.done() and s.joined.exception() is None]
+        ok = await acked(subs, params.open_timeout)   # a refused or lost join is counted by the protocol
         shared.at = {0: len(ok)}
         pubs = await open_connections(ctx, result, lambda: PublisherProtocol(shared, params.room, params.size), 1, 0)
         result.extra["subscribers"] = len(ok)

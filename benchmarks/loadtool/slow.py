@@ -32,7 +32,7 @@ import orjson
 from gateway_ext import FrameError, FrameParser, Opcode
 
 from . import serverproc, wsclient
-from .clientprotocol import ClientProtocol
+from .clientprotocol import ClientProtocol, acked
 from .echo import close_all, open_connections
 from .fanout import data_of
 from .lowwater import LowWater
@@ -254,9 +254,7 @@ class SlowMode(Mode):
             return Subscriber(shared, made[0] <= n_slow)
 
         subs = await open_connections(ctx, result, make, params.subscribers, 0)
-        if subs:
-            await asyncio.wait([s.joined for s in subs], timeout=params.open_timeout)
-        subs = [s for s in subs if s.joined.done() and s.joined.exception() is None]
+        subs = await acked(subs, params.open_timeout)
         fast = [s for s in subs if not s.slow]
         shared.at = {0: len(fast)}
         pubs = await open_connections(ctx, result, lambda: _Publisher(shared), 1, 0)

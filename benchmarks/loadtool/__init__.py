@@ -9,6 +9,8 @@ Module map (one job each):
   modes.py      the Mode interface; registry.py lists the modes (one line per mode)
   runner.py     runs a mode in N worker processes in lock-step and merges their results
   wsclient.py   URL parsing, the HTTP upgrade handshake, client frame helpers, socket setup
+  clientprotocol.py  the client connection life cycle the modes share (close handshake, lost)
+  lowwater.py   the lowest k every subscriber of a room has (time to last subscriber)
   echo.py       echo mode: K messages in flight per connection
   handshake.py  handshake mode: open + close WebSockets as fast as possible
   stats.py      per-worker results, merging and percentiles

@@ -25,7 +25,7 @@ import time
 from .errors import HandshakeRejected
 from .handshake import Request, accept, parse_request, reject, response, validate_upgrade
 from .logs import LifecycleLog
-from .protocol import DeflateServerProtocol, ServerProtocol
+from .protocol import ServerProtocol
 
 log = logging.getLogger("gateway.connection")
 lifecycle = LifecycleLog("gateway.connection")   # open/close/reject lines, once per connection
@@ -445,7 +445,7 @@ class Connection(asyncio.Protocol):
                 log.info("permessage-deflate offer declined", extra={
                     "event": "extension_declined", "conn": self.id, "peer": self.peer, "reason": "; ".join(declined)})
             if codec is not None:
-                return DeflateServerProtocol(gw.config.max_message_bytes, codec), answer
+                return ServerProtocol(gw.config.max_message_bytes, codec), answer
         return ServerProtocol(gw.config.max_message_bytes), None
 
     def _reject(self, exc: HandshakeRejected) -> None:

@@ -11,7 +11,7 @@ signatures, exceptions and return types. This module exports one of them:
 """
 import os
 
-from .constants import CloseCode, Opcode, is_valid_close_code
+from .constants import CloseCode, Opcode, State, encode_close_payload, is_valid_close_code
 from .errors import FrameError
 
 IMPLEMENTATION = "python"
@@ -20,12 +20,14 @@ if os.environ.get("WS_GATEWAY_PURE_PYTHON", "") not in ("", "0"):
     from ._encode_py import encode_frame
     from ._frames_py import FrameParser
     from ._mask_py import apply_mask
+    from ._protocol_py import ServerProtocol
     from ._utf8_py import Utf8Validator, validate_utf8
 else:
     try:
         from ._encode_c import encode_frame
         from ._frames_c import FrameParser
         from ._mask_c import apply_mask
+        from ._protocol_c import ServerProtocol
         from ._utf8_c import Utf8Validator, validate_utf8
         IMPLEMENTATION = "cython"
     except ImportError as exc:
@@ -37,9 +39,11 @@ else:
         from ._encode_py import encode_frame
         from ._frames_py import FrameParser
         from ._mask_py import apply_mask
+        from ._protocol_py import ServerProtocol
         from ._utf8_py import Utf8Validator, validate_utf8
 
 __all__ = [
     "IMPLEMENTATION", "CloseCode", "Opcode", "FrameError", "is_valid_close_code",
     "apply_mask", "validate_utf8", "Utf8Validator", "FrameParser", "encode_frame",
+    "State", "encode_close_payload", "ServerProtocol",
 ]

@@ -52,3 +52,22 @@ def is_valid_close_code(code: int) -> bool:
 
 
 _SENDABLE_RFC_CODES = frozenset({1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014})
+
+
+class State(IntEnum):
+    """Life cycle of a connection's protocol object (RFC 6455 section 7):
+    OPEN -> CLOSING (a close frame was sent or received) -> CLOSED (the transport went away)."""
+
+    OPEN = 1
+    CLOSING = 2
+    CLOSED = 3
+
+
+def encode_close_payload(code: int, reason: str = "") -> bytes:
+    """Close frame body: 2-byte code + UTF-8 reason, at most 125 bytes (RFC 6455 section 5.5.1)."""
+    if code == CloseCode.NO_STATUS:
+        return b""
+    raw = reason.encode("utf-8")[:123]
+    # Truncating may cut a multi-byte character; drop the partial tail.
+    raw = raw.decode("utf-8", "ignore").encode("utf-8")
+    return code.to_bytes(2, "big") + raw

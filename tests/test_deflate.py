@@ -15,8 +15,8 @@ from gateway.deflate import (
     Deflate, DeflateSettings, Offer, OfferError, PerMessageDeflate, negotiate, parse_extensions,
     parse_offer,
 )
-from gateway.protocol import DeflateServerProtocol, ServerProtocol
 from gateway_ext import FrameError, FrameParser, encode_frame
+from tests.ext_twins import twin_fixture
 
 MASK = b"\x01\x02\x03\x04"
 SETTINGS = DeflateSettings()
@@ -244,8 +244,14 @@ def test_client_ending_stream_with_bfinal_is_accepted():
 
 # -- the protocol ---------------------------------------------------------------------------------
 
-def proto(max_bytes=1 << 20, **settings):
-    return DeflateServerProtocol(max_bytes, codec(max_bytes, **settings))
+protocol = twin_fixture("protocol")   # every protocol test runs on both twins
+
+
+@pytest.fixture
+def proto(protocol):
+    def make(max_bytes=1 << 20, **settings):
+        return protocol.ServerProtocol(max_bytes, codec(max_bytes, **settings))
+    return make
 
 
 def close_code(p):
@@ -255,7 +261,7 @@ def close_code(p):
     return int.from_bytes(frames[-1][3][:2], "big")
 
 
-def test_compressed_message_single_and_fragmented():
+def test_compressed_message_single_and_fragmented(proto):
     p = proto()
     text = "héllo wörld " * 50
     data = client_deflate(text.encode())
@@ -270,7 +276,7 @@ def test_compressed_message_single_and_fragmented():
     assert not p.failed
 
 
-def test_context_takeover_client_stream():
+def test_context_takeover_client_stream(proto):
     p = proto(client_context_takeover=True)
     comp = zlib.compressobj(6, zlib.DEFLATED, -12)
     msgs = [b"the same words again and again " * 5, b"the same words again and again " * 6]
@@ -278,7 +284,7 @@ def test_context_takeover_client_stream():
     assert p.receive_data(wire) == [(1, m) for m in msgs]
 
 
-def test_client_ignoring_no_context_takeover_is_failed():
+def test_client_ignoring_no_context_takeover_is_failed(proto):
     p = proto()  # we answered client_no_context_takeover: each message must stand alone
     comp = zlib.compressobj(6, zlib.DEFLATED, -12)
     first = client_deflate(b"a long repeated sentence, quite long indeed" * 3, comp=comp)
@@ -305,19 +311,19 @@ BOMB = client_deflate(b"\x00" * 50_000)
     (encode_frame(2, client_deflate(b"\x00" * 5000), rsv1=True, mask=MASK), 1009),
     (encode_frame(2, BOMB[:5], fin=False, rsv1=True, mask=MASK) + encode_frame(0, BOMB[5:], mask=MASK), 1009),
 ])
-def test_compressed_protocol_errors(wire, code):
+def test_compressed_protocol_errors(proto, wire, code):
     p = proto(max_bytes=4096)
     p.receive_data(wire)
     assert p.failed and close_code(p) == code
 
 
-def test_rsv1_without_negotiation_is_a_protocol_error():
-    p = ServerProtocol()
+def test_rsv1_without_negotiation_is_a_protocol_error(protocol):
+    p = protocol.ServerProtocol()
     p.receive_data(encode_frame(1, client_deflate(b"hello"), rsv1=True, mask=MASK))
     assert p.failed and close_code(p) == 1002
 
 
-def test_replies_are_compressed_when_worth_it():
+def test_replies_are_compressed_when_worth_it(proto):
     p = proto(min_bytes=64)
     p.send(1, b"short")
     p.send(1, b"long and repetitive " * 20)
@@ -326,7 +332,7 @@ def test_replies_are_compressed_when_worth_it():
     assert frames[0][3] == b"short" and inflate(frames[1][3]) == b"long and repetitive " * 20
 
 
-def test_eof_releases_the_context():
+def test_eof_releases_the_context(proto):
     p = proto(client_context_takeover=True)
     deflate = p.deflate._deflate
     assert deflate.live_contexts == 1
@@ -335,7 +341,7 @@ def test_eof_releases_the_context():
     assert deflate.live_contexts == 0
 
 
-def test_empty_compressed_message():
+def test_empty_compressed_message(proto):
     # RFC 7692 section 7.2.3.6: an empty message may be sent compressed (a lone 0x00 byte or nothing).
     p = proto()
     wire = encode_frame(1, b"", rsv1=True, mask=MASK) + encode_frame(2, b"\x00", rsv1=True, mask=MASK)
@@ -343,7 +349,7 @@ def test_empty_compressed_message():
     assert not p.failed
 
 
-def test_one_read_of_many_small_bombs_is_capped_per_read():
+def test_one_read_of_many_small_bombs_is_capped_per_read(proto):
     # Each message inflates to just under the per-message cap (allowed on its own), but 12 of
     # them in one read would allocate 12 MiB from ~12 KiB: the per-read budget (8 MiB here) stops it.
     limit = 1 << 20

@@ -220,3 +220,61 @@ def test_public_signatures_match():
         assert getattr(c, name) == getattr(py, name), name
     c = _frames_c.FrameParser(max_frame_bytes=5, require_mask=False, allow_rsv1=True)
     assert (c.max_frame_bytes, c.require_mask, c.allow_rsv1) == (5, False, True)
+
+
+# -- the protocol state machine ------------------------------------------------------------
+
+@st.composite
+def client_frame(draw):
+    """A client frame for the protocol: mostly well-formed, with fragments, control frames,
+    closes with random bodies, text that may not be UTF-8, and now and then a broken frame."""
+    kind = draw(st.sampled_from(["data"] * 5 + ["cont"] * 3 + ["ping", "pong", "close", "any"]))
+    if kind == "any":
+        return draw(any_frame())
+    if kind == "close":
+        body = draw(st.one_of(st.just(b""), st.binary(max_size=1),
+                              st.integers(0, 5000).map(lambda c: c.to_bytes(2, "big")).flatmap(
+                                  lambda code: UTF8_SOUP.map(lambda r: code + r[:60]))))
+        return build_frame(8, body[:125], mask=draw(KEYS))
+    if kind in ("ping", "pong"):
+        return build_frame(9 if kind == "ping" else 10, draw(st.binary(max_size=20)), mask=draw(KEYS))
+    payload = draw(st.one_of(UTF8_SOUP, sized_payload()))
+    opcode = 0 if kind == "cont" else draw(st.sampled_from([1, 2]))
+    return build_frame(opcode, payload, fin=draw(st.booleans()), mask=draw(KEYS))
+
+
+@st.composite
+def protocol_scenario(draw):
+    frames = draw(st.lists(client_frame(), max_size=8))
+    chunks = draw(chunked(b"".join(frames)))
+    # Between reads the application may send a message or start the close itself.
+    actions = draw(st.lists(st.tuples(st.integers(0, len(chunks)), st.sampled_from(["send", "close", "ping"])),
+                            max_size=3))
+    return draw(st.sampled_from([125, 300, 1 << 20])), chunks, actions
+
+
+def run_protocol(module, max_bytes, chunks, actions):
+    p = module.ServerProtocol(max_bytes)
+    log = []
+    for i, chunk in enumerate(chunks):
+        for at, action in actions:
+            if at == i:
+                if action == "send":
+                    p.send(2, b"reply %d" % i)
+                elif action == "close":
+                    p.close(4000 + i, "bye")
+                else:
+                    p.ping()
+        log.append(("messages", p.receive_data(chunk)))
+        log.append(("out", b"".join(p.data_to_send())))
+    log.append(("end", p.state, p.close_code, p.close_reason, p.close_sent, p.close_received, p.failed,
+                p.pongs_received, p.has_output, p.wants_transport_closed))
+    return log
+
+
+@SETTINGS
+@given(protocol_scenario())
+def test_protocol_twins_agree_on_any_stream(scenario):
+    _protocol_c = load_cython("protocol")
+    from gateway_ext import _protocol_py
+    assert run_protocol(_protocol_c, *scenario) == run_protocol(_protocol_py, *scenario)

@@ -1,10 +1,15 @@
-"""Sans-I/O protocol: client frames in, messages and server frames out (RFC 6455 sections 5-7)."""
+"""Sans-I/O protocol: client frames in, messages and server frames out (RFC 6455 sections 5-7).
+
+Every test runs on both twins (gateway_ext._protocol_py and _protocol_c).
+"""
 import os
 
 import pytest
 
-from gateway.protocol import ServerProtocol, State
-from gateway_ext import FrameParser, encode_frame
+from gateway_ext import FrameParser, State, encode_frame
+from tests.ext_twins import twin_fixture
+
+protocol = twin_fixture("protocol")
 
 MASK = os.urandom(4)
 
@@ -24,15 +29,15 @@ def close_code(frames):
     return int.from_bytes(payload[:2], "big")
 
 
-def test_single_messages_and_pipelining():
-    p = ServerProtocol()
+def test_single_messages_and_pipelining(protocol):
+    p = protocol.ServerProtocol()
     msgs = p.receive_data(cf(1, "héllo".encode()) + cf(2, b"\x00\xff") + cf(1, b"x")[:3])
     assert msgs == [(1, "héllo".encode()), (2, b"\x00\xff")]
     assert p.receive_data(cf(1, b"x")[3:]) == [(1, b"x")]
 
 
-def test_fragmented_message_with_interleaved_ping():
-    p = ServerProtocol()
+def test_fragmented_message_with_interleaved_ping(protocol):
+    p = protocol.ServerProtocol()
     data = cf(1, b"ab", fin=False) + cf(9, b"p") + cf(0, b"cd", fin=False) + cf(0, b"ef")
     assert p.receive_data(data) == [(1, b"abcdef")]
     assert sent(p) == [(10, True, False, b"p")]
@@ -51,28 +56,28 @@ def test_fragmented_message_with_interleaved_ping():
     (bytes([0x91, 0x80]) + MASK, 1002),                    # RSV1 without extension
     (cf(9, b"x" * 126), 1002),                             # control frame too long
 ])
-def test_failures_send_the_right_close_code(data, code):
-    p = ServerProtocol()
+def test_failures_send_the_right_close_code(protocol, data, code):
+    p = protocol.ServerProtocol()
     assert p.receive_data(data) == []
     assert p.failed or p.close_received
     assert close_code(sent(p)) == code
     assert p.state is State.CLOSING
 
 
-def test_message_too_big_across_fragments():
-    p = ServerProtocol(max_message_bytes=200)
+def test_message_too_big_across_fragments(protocol):
+    p = protocol.ServerProtocol(max_message_bytes=200)
     p.receive_data(cf(2, b"a" * 150, fin=False) + cf(0, b"b" * 100))
     assert close_code(sent(p)) == 1009
 
 
-def test_frame_too_big():
-    p = ServerProtocol(max_message_bytes=200)
+def test_frame_too_big(protocol):
+    p = protocol.ServerProtocol(max_message_bytes=200)
     p.receive_data(cf(2, b"a" * 201))
     assert close_code(sent(p)) == 1009
 
 
-def test_valid_messages_before_a_failure_are_answered_before_the_close():
-    p = ServerProtocol()
+def test_valid_messages_before_a_failure_are_answered_before_the_close(protocol):
+    p = protocol.ServerProtocol()
     msgs = p.receive_data(cf(1, b"first") + bytes([0x83, 0x80]) + MASK)
     assert msgs == [(1, b"first")]
     for op, payload in msgs:
@@ -81,8 +86,8 @@ def test_valid_messages_before_a_failure_are_answered_before_the_close():
     assert [f[0] for f in frames] == [1, 8]
 
 
-def test_close_handshake_initiated_by_client():
-    p = ServerProtocol()
+def test_close_handshake_initiated_by_client(protocol):
+    p = protocol.ServerProtocol()
     p.receive_data(cf(8, (1001).to_bytes(2, "big") + b"bye"))
     assert p.close_received and p.close_code == 1001 and p.close_reason == "bye"
     assert close_code(sent(p)) == 1001
@@ -90,15 +95,15 @@ def test_close_handshake_initiated_by_client():
     assert p.receive_data(cf(1, b"late")) == []
 
 
-def test_close_without_status_is_answered_with_1000():
-    p = ServerProtocol()
+def test_close_without_status_is_answered_with_1000(protocol):
+    p = protocol.ServerProtocol()
     p.receive_data(cf(8))
     assert p.close_code == 1005
     assert close_code(sent(p)) == 1000
 
 
-def test_close_initiated_by_server_then_data_is_discarded():
-    p = ServerProtocol()
+def test_close_initiated_by_server_then_data_is_discarded(protocol):
+    p = protocol.ServerProtocol()
     p.close(1001, "going away")
     assert close_code(sent(p)) == 1001
     p.send(1, b"dropped")
@@ -107,18 +112,18 @@ def test_close_initiated_by_server_then_data_is_discarded():
     assert p.wants_transport_closed
 
 
-def test_close_reason_is_truncated_to_fit_control_frame():
-    p = ServerProtocol()
+def test_close_reason_is_truncated_to_fit_control_frame(protocol):
+    p = protocol.ServerProtocol()
     p.close(1000, "é" * 100)
     (frame,) = sent(p)
     assert len(frame[3]) <= 125
     frame[3][2:].decode("utf-8")
 
 
-def test_connections_share_one_parser_between_partial_frames():
+def test_connections_share_one_parser_between_partial_frames(protocol):
     # Idle memory: no parser of its own while reads end on frame boundaries; one while a
     # partial frame is pending, dropped again once it is complete.
-    a, b = ServerProtocol(), ServerProtocol()
+    a, b = protocol.ServerProtocol(), protocol.ServerProtocol()
     assert a.receive_data(cf(1, b"one")) == [(1, b"one")]
     assert a._parser is None and b._parser is None
     fa, fb = cf(1, b"a" * 300), cf(2, b"b" * 200)
@@ -128,16 +133,16 @@ def test_connections_share_one_parser_between_partial_frames():
     assert b.receive_data(fb[7:] + cf(1, b"c")) == [(2, b"b" * 200), (1, b"c")]
     assert a.receive_data(fa[150:]) == [(1, b"a" * 300)]
     assert a._parser is None and b._parser is None
-    assert ServerProtocol().receive_data(cf(1, b"x")) == [(1, b"x")]
+    assert protocol.ServerProtocol().receive_data(cf(1, b"x")) == [(1, b"x")]
 
 
-def test_a_broken_stream_does_not_break_the_shared_parser():
-    bad, good = ServerProtocol(), ServerProtocol()
+def test_a_broken_stream_does_not_break_the_shared_parser(protocol):
+    bad, good = protocol.ServerProtocol(), protocol.ServerProtocol()
     bad.receive_data(encode_frame(1, b"unmasked"))       # 1002: client frames must be masked
     assert bad.failed and close_code(sent(bad)) == 1002
     good.receive_data(cf(1, b"x")[:2])
     assert good.receive_data(cf(1, b"x")[2:]) == [(1, b"x")]
-    bad2 = ServerProtocol()
+    bad2 = protocol.ServerProtocol()
     assert bad2.receive_data(cf(1, b"ok") + encode_frame(1, b"no")) == [(1, b"ok")]  # frames before the error
     assert bad2.failed
-    assert ServerProtocol().receive_data(cf(2, b"fine")) == [(2, b"fine")]
+    assert protocol.ServerProtocol().receive_data(cf(2, b"fine")) == [(2, b"fine")]

@@ -9,7 +9,7 @@ import os
 
 from setuptools import Extension, setup
 
-EXT_MODULES = ["_mask_c", "_utf8_c", "_frames_c", "_encode_c", "_protocol_c"]
+EXT_MODULES = ["_mask_c", "_utf8_c", "_frames_c", "_encode_c", "_protocol_c", "_stream_c"]
 
 
 def _flag(name: str) -> bool:

@@ -7,6 +7,9 @@ Data flow of one connection:
              -> frames queued on the protocol -> flush(): ONE transport write per read
                 (or per event-loop pass for frames pushed by the hub, via the Corker)
 
+The [open] part runs in gateway_ext.WebSocketStream, this class's compiled base (it runs
+per read and per delivery); everything once-per-connection is here.
+
 Write coalescing ("corking") is the point of this module: everything produced while handling
 one read, and every broadcast frame that reaches this connection in one loop pass, leaves in
 a single `write`/`writelines` call, i.e. one syscall instead of one per frame.
@@ -22,6 +25,9 @@ import logging
 import socket
 import time
 
+from gateway_ext import WebSocketStream
+from gateway_ext.constants import ANSWERED, BODY, CLOSED, HEAD, OPEN
+
 from .errors import HandshakeRejected
 from .handshake import Request, accept, parse_request, reject, response, validate_upgrade
 from .logs import LifecycleLog
@@ -30,70 +36,36 @@ from .protocol import ServerProtocol
 log = logging.getLogger("gateway.connection")
 lifecycle = LifecycleLog("gateway.connection")   # open/close/reject lines, once per connection
 
-# Life-cycle phases of a Connection: reading the request head, reading an HTTP body,
-# HTTP response sent (ignore the rest), WebSocket open, gone.
-HEAD, BODY, ANSWERED, OPEN, CLOSED = 0, 1, 2, 3, 4
 
+class Connection(WebSocketStream, asyncio.Protocol):
+    """One client socket. `gateway` is the process-wide Gateway (see server.py).
 
-class Corker:
-    """Flushes every connection that got frames during one event-loop pass, once, at its end.
-
-    The hub pushes a broadcast frame to thousands of members; each member only appends it
-    to its pending list and registers here. One `call_soon` per pass then flushes them all,
-    so W publications in one pass cost one write per member, not W.
+    The per-read and per-write path of an open connection -- data_received, send,
+    send_frame, send_shared, flush -- and the fields it uses (transport, ws, endpoint,
+    limiter, phase, last_seen, paused) are inherited from gateway_ext's WebSocketStream
+    (compiled, with a pure-Python twin); this class supplies its hooks `_receive_http`
+    and `_after_close_sent`.
     """
 
-    __slots__ = ("_loop", "_dirty", "_scheduled")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
-        self._dirty: list = []
-        self._scheduled = False
-
-    def schedule(self, conn: "Connection") -> None:
-        self._dirty.append(conn)
-        if not self._scheduled:
-            self._scheduled = True
-            self._loop.call_soon(self._flush_all)
-
-    def _flush_all(self) -> None:
-        dirty = self._dirty
-        self._dirty = []
-        self._scheduled = False
-        for conn in dirty:
-            conn.flush()
-
-
-class Connection(asyncio.Protocol):
-    """One client socket. `gateway` is the process-wide Gateway (see server.py)."""
-
     __slots__ = (
-        "gateway", "transport", "id", "peer", "phase", "request", "ws", "endpoint",
-        "_head", "_body_needed", "_timer", "_corked", "paused", "last_seen", "pinged",
-        "principal", "state", "_closing", "_client_ip", "limiter",
+        "gateway", "id", "peer", "request", "_head", "_body_needed", "_timer", "pinged",
+        "principal", "state", "_closing", "_client_ip",
     )
 
     def __init__(self, gateway) -> None:
+        super().__init__(gateway.stats, gateway.corker)
         self.gateway = gateway
-        self.transport = None
         self.id = 0
         self.peer = ""
-        self.phase = HEAD
         self.request: Request | None = None
-        self.ws: ServerProtocol | None = None
-        self.endpoint = None
         self._head = bytearray()
         self._body_needed = 0
         self._timer = None
-        self._corked = False
-        self.paused = False
-        self.last_seen = 0
         self.pinged = False
         self.principal = None     # who this is (set by auth at the handshake)
         self.state = None         # per-endpoint state (e.g. the rooms session)
         self._closing = False
         self._client_ip = ""      # see client_ip; None: the host part of `peer`
-        self.limiter = None       # inbound message TokenBucket (defences.py); None: no rate limit
 
     # -- asyncio callbacks ----------------------------------------------------------------
 
@@ -110,45 +82,6 @@ class Connection(asyncio.Protocol):
         # Slowloris guard: the request head (and body) must arrive within the timeout. No
         # timer per client: the gateway's sweep expires them in accept order (server.py).
         gw.handshaking[self] = gw.loop.time()
-
-    def data_received(self, data: bytes) -> None:
-        ws = self.ws
-        if ws is None:
-            self._receive_http(data)
-            return
-        gw = self.gateway
-        self.last_seen = gw.clock
-        stats = gw.stats
-        stats.bytes_in += len(data)
-        messages = ws.receive_data(data)
-        if messages:
-            stats.messages_in += len(messages)
-            limiter = self.limiter
-            if limiter is None:
-                self.endpoint.on_messages(self, messages)
-            else:
-                # One clock read and a few float operations per read, whatever the batch size.
-                allowed = limiter.take(len(messages))
-                if allowed == len(messages):
-                    self.endpoint.on_messages(self, messages)
-                else:
-                    limiter.exceeded(self, messages, allowed)   # the allowed ones, an error reply, close 4002
-        if self._corked:
-            return  # the Corker will flush this pass
-        # flush(), inlined for the one-read-one-write case (this runs once per read).
-        out = ws.data_to_send()
-        if out:
-            if len(out) == 1:
-                frame = out[0]
-                self.transport.write(frame)
-                stats.bytes_out += len(frame)
-                stats.frames_out += 1
-            else:
-                self.transport.writelines(out)  # uvloop: one writev for all frames
-                stats.bytes_out += sum(map(len, out))
-                stats.frames_out += len(out)
-        if ws.close_sent:
-            self._after_close_sent()
 
     def eof_received(self):
         if self.ws is not None:
@@ -188,30 +121,6 @@ class Connection(asyncio.Protocol):
 
     # -- output ---------------------------------------------------------------------------
 
-    def send_frame(self, frame: bytes) -> None:
-        """Queue a pre-encoded frame; it leaves with this loop pass's single write."""
-        self.ws.send_frame(frame)
-        if not self._corked:
-            self._corked = True
-            self.gateway.corker.schedule(self)
-
-    def send_shared(self, data: bytes) -> None:
-        """Write bytes shared by many connections (the hub's per-pass batch) now, in order.
-
-        Frames of this pass still corked here go first (the data joins their write);
-        otherwise it goes straight to the transport, saving the Corker's extra pass.
-        (When nothing is corked the protocol has nothing queued: see data_received/flush.)
-        """
-        if self._corked:
-            self.send_frame(data)
-            return
-        if self.ws.close_sent or self.phase == CLOSED:
-            return  # RFC 6455 section 5.5.1: nothing after our close frame
-        self.transport.write(data)
-        stats = self.gateway.stats
-        stats.frames_out += 1
-        stats.bytes_out += len(data)
-
     def pause_reading(self) -> None:
         """Stop reading this client (an endpoint applying backpressure); idempotent."""
         if self.transport is not None and self.phase != CLOSED and self.transport.is_reading():
@@ -232,30 +141,6 @@ class Connection(asyncio.Protocol):
                 except OSError as exc:  # pragma: no cover - not a TCP socket (e.g. a test double)
                     log.debug("cannot set SO_SNDBUF", extra={"conn": self.id, "error": str(exc)})
         self.transport.set_write_buffer_limits(high=high, low=high // 4)
-
-    def send(self, opcode: int, payload) -> None:
-        self.ws.send(opcode, payload)
-        if not self._corked:
-            self._corked = True
-            self.gateway.corker.schedule(self)
-
-    def flush(self) -> None:
-        self._corked = False
-        ws = self.ws
-        if ws is None or self.phase == CLOSED:
-            return
-        out = ws.data_to_send()
-        if out:
-            stats = self.gateway.stats
-            if len(out) == 1:
-                self.transport.write(out[0])
-                stats.bytes_out += len(out[0])
-            else:
-                self.transport.writelines(out)  # uvloop: one writev for all frames
-                stats.bytes_out += sum(map(len, out))
-            stats.frames_out += len(out)
-        if ws.close_sent:
-            self._after_close_sent()
 
     def _after_close_sent(self) -> None:
         if not self._closing:

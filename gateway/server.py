@@ -34,9 +34,11 @@ import os
 import signal
 import socket
 
+from gateway_ext import Corker, StreamStats
+
 from . import logs, systemd
 from .config import RELOADABLE, Config, make_ssl_context
-from .connection import Connection, Corker
+from .connection import Connection
 from .deflate import Deflate
 from .echo import EchoEndpoint
 from .errors import ConfigError, HandshakeRejected
@@ -49,20 +51,18 @@ log = logging.getLogger("gateway.server")
 PING_SLICE = 512   # keepalive pings written per event-loop pass (see Gateway._send_pings)
 
 
-class Stats:
-    """Hot-path counters: plain integers, read by metrics at scrape time."""
+class Stats(StreamStats):
+    """Counters read by metrics at scrape time. The per-read ones (messages_in, frames_out,
+    bytes_in, bytes_out) and the coarse clock `now` live in the compiled StreamStats base,
+    so the read path updates them without attribute lookups."""
 
-    __slots__ = ("accepted", "opened", "closed", "messages_in", "frames_out", "rejected", "keepalive_timeouts",
-                 "bytes_in", "bytes_out", "close_codes", "handshake")
+    __slots__ = ("accepted", "opened", "closed", "rejected", "keepalive_timeouts", "close_codes", "handshake")
 
     def __init__(self) -> None:
+        super().__init__()
         self.accepted = 0
         self.opened = 0
         self.closed = 0
-        self.messages_in = 0
-        self.frames_out = 0
-        self.bytes_in = 0
-        self.bytes_out = 0
         self.keepalive_timeouts = 0
         self.rejected: collections.Counter = collections.Counter()
         self.close_codes: collections.Counter = collections.Counter()   # once per connection, not per message
@@ -109,7 +109,7 @@ class Gateway:
         self.draining = False
         self._all_closed: asyncio.Event | None = None
         self._ssl = None
-        self.clock = self.loop.time()
+        self.clock = self.stats.now = self.loop.time()
         self.ready = False
         self._ids = itertools.count(1)
         self._servers: list[asyncio.AbstractServer] = []
@@ -231,7 +231,7 @@ class Gateway:
         self._sweeper = self.loop.call_later(self._sweep_interval(), self._sweep)
 
     def _sweep(self) -> None:
-        now = self.clock = self.loop.time()
+        now = self.clock = self.stats.now = self.loop.time()
         c = self.config
         pending = self.handshaking
         if pending:

@@ -21,6 +21,7 @@ if os.environ.get("WS_GATEWAY_PURE_PYTHON", "") not in ("", "0"):
     from ._frames_py import FrameParser
     from ._mask_py import apply_mask
     from ._protocol_py import ServerProtocol
+    from ._stream_py import Corker, StreamStats, WebSocketStream
     from ._utf8_py import Utf8Validator, validate_utf8
 else:
     try:
@@ -28,6 +29,7 @@ else:
         from ._frames_c import FrameParser
         from ._mask_c import apply_mask
         from ._protocol_c import ServerProtocol
+        from ._stream_c import Corker, StreamStats, WebSocketStream
         from ._utf8_c import Utf8Validator, validate_utf8
         IMPLEMENTATION = "cython"
     except ImportError as exc:
@@ -40,10 +42,11 @@ else:
         from ._frames_py import FrameParser
         from ._mask_py import apply_mask
         from ._protocol_py import ServerProtocol
+        from ._stream_py import Corker, StreamStats, WebSocketStream
         from ._utf8_py import Utf8Validator, validate_utf8
 
 __all__ = [
     "IMPLEMENTATION", "CloseCode", "Opcode", "FrameError", "is_valid_close_code",
     "apply_mask", "validate_utf8", "Utf8Validator", "FrameParser", "encode_frame",
-    "State", "encode_close_payload", "ServerProtocol",
+    "State", "encode_close_payload", "ServerProtocol", "Corker", "StreamStats", "WebSocketStream",
 ]

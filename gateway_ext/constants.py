@@ -54,6 +54,11 @@ def is_valid_close_code(code: int) -> bool:
 _SENDABLE_RFC_CODES = frozenset({1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014})
 
 
+# Life-cycle phases of a connection (gateway.connection, gateway_ext._stream_*): reading the
+# request head, reading an HTTP body, HTTP response sent (ignore the rest), WebSocket open, gone.
+HEAD, BODY, ANSWERED, OPEN, CLOSED = 0, 1, 2, 3, 4
+
+
 class State(IntEnum):
     """Life cycle of a connection's protocol object (RFC 6455 section 7):
     OPEN -> CLOSING (a close frame was sent or received) -> CLOSED (the transport went away)."""

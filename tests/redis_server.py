@@ -41,6 +41,7 @@ class RedisServer:
     """`redis-server` on 127.0.0.1:<free port>; `kill()` / `restart()` keep the port."""
 
     def __init__(self, port: int | None = None, *, unix_socket: bool = False, cluster: bool = False) -> None:
+        self._port_chosen = port is None   # ours to change if another process takes it first
         self.port = port or free_port()
         self.dir = tempfile.mkdtemp(prefix=f"redis-{self.port}-")
         self.unix_path = os.path.join(self.dir, "redis.sock") if unix_socket else None
@@ -71,6 +72,21 @@ class RedisServer:
         return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5)
 
     def start(self, timeout: float = 10.0) -> "RedisServer":
+        for attempt in range(3):
+            try:
+                return self._start(timeout)
+            except RuntimeError as exc:
+                # free_port() releases the port before redis binds it: another process can
+                # win the race. A port we picked ourselves (never one a restart must keep,
+                # i.e. before the first successful start) is simply picked again.
+                if "Address already in use" not in str(exc) or not self._port_chosen or attempt == 2:
+                    raise
+                self.port = free_port()
+                if self.cluster:
+                    self.bus_port = free_port()
+        raise AssertionError("unreachable")
+
+    def _start(self, timeout: float) -> "RedisServer":
         self.proc = subprocess.Popen(self.args(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
         def up() -> bool:
@@ -79,6 +95,7 @@ class RedisServer:
             with self.client() as c:
                 return c.ping()
         _wait(up, timeout, f"redis-server on port {self.port}")
+        self._port_chosen = False   # from now on restart() must come back on the same port
         return self
 
     def log(self) -> str:

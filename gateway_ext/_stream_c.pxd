@@ -1,0 +1,41 @@
+# cython: language_level=3
+"""Contract of `_stream_c`: the per-read and per-write path of an open connection (see `_stream_py`)."""
+
+from ._protocol_c cimport ServerProtocol
+
+
+cdef class StreamStats:
+    cdef public long long messages_in
+    cdef public long long frames_out
+    cdef public long long bytes_in
+    cdef public long long bytes_out
+    # Loop time of the gateway's last sweep (stamps last_seen without a clock read per read).
+    cdef public double now
+
+
+cdef class WebSocketStream
+
+
+cdef class Corker:
+    cdef object _loop
+    cdef list _dirty
+    cdef bint _scheduled
+
+    cdef int _schedule(self, WebSocketStream conn) except -1
+
+
+cdef class WebSocketStream:
+    cdef public object transport
+    cdef public ServerProtocol ws
+    cdef public object endpoint
+    cdef public object limiter
+    cdef public StreamStats stats
+    cdef public Corker corker
+    cdef public int phase
+    cdef public double last_seen
+    cdef public bint paused
+    cdef public bint _corked
+
+    cdef int _write(self, ServerProtocol ws) except -1
+    cdef int _flush(self) except -1
+    cdef int _send_frame(self, bytes frame) except -1

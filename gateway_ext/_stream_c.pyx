@@ -1,0 +1,179 @@
+# cython: language_level=3, binding=False, embedsignature.format=clinic
+"""Compiled twin of `_stream_py`: the per-read and per-write path of an open connection.
+
+Same contract as the twin (read its docstring): `WebSocketStream` is the base class of
+`gateway.connection.Connection`; `data_received` of an upgraded connection runs here
+without a Python frame until the endpoint's `on_messages`, and the protocol calls
+(`receive_data`, `data_to_send`) are C calls into `_protocol_c`. The Corker flushes its
+connections through C calls too. Hooks into Connection (`_receive_http`,
+`_after_close_sent`) are ordinary Python method calls: they run once per connection.
+Imports nothing from `gateway`.
+"""
+from cpython.bytes cimport PyBytes_GET_SIZE
+
+from ._protocol_c cimport ServerProtocol
+
+from . import constants
+
+cdef enum:
+    _CLOSED = 4     # constants.CLOSED, as a C constant
+
+assert constants.CLOSED == _CLOSED
+
+
+cdef class StreamStats:
+    """Process-wide hot-path counters and the coarse clock; see the twin."""
+
+    def __init__(self):
+        self.messages_in = 0
+        self.frames_out = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.now = 0.0
+
+
+cdef class Corker:
+    """Flushes every connection that got frames during one event-loop pass, once, at its end."""
+
+    def __init__(self, loop):
+        self._loop = loop
+        self._dirty = []
+        self._scheduled = False
+
+    def schedule(self, WebSocketStream conn):
+        self._schedule(conn)
+
+    cdef int _schedule(self, WebSocketStream conn) except -1:
+        self._dirty.append(conn)
+        if not self._scheduled:
+            self._scheduled = True
+            self._loop.call_soon(self._flush_all)
+        return 0
+
+    def _flush_all(self):
+        cdef list dirty = self._dirty
+        cdef WebSocketStream conn
+        self._dirty = []
+        self._scheduled = False
+        for conn in dirty:
+            conn._flush()
+
+
+cdef class WebSocketStream:
+    """Base of Connection: the read -> messages -> one-write path (see the twin)."""
+
+    def __init__(self, StreamStats stats, Corker corker):
+        self.transport = None
+        self.ws = None
+        self.endpoint = None
+        self.limiter = None
+        self.stats = stats
+        self.corker = corker
+        self.phase = constants.HEAD
+        self.last_seen = 0.0
+        self.paused = False
+        self._corked = False
+
+    def data_received(self, data):
+        cdef ServerProtocol ws = self.ws
+        cdef StreamStats stats
+        cdef list messages
+        cdef Py_ssize_t n
+        if ws is None:
+            self._receive_http(data)
+            return
+        stats = self.stats
+        self.last_seen = stats.now
+        stats.bytes_in += len(data)
+        messages = ws.receive_data(data)
+        n = len(messages)
+        if n:
+            stats.messages_in += n
+            limiter = self.limiter
+            if limiter is None:
+                self.endpoint.on_messages(self, messages)
+            else:
+                # One clock read and a few float operations per read, whatever the batch size.
+                allowed = limiter.take(n)
+                if allowed == n:
+                    self.endpoint.on_messages(self, messages)
+                else:
+                    limiter.exceeded(self, messages, allowed)   # the allowed ones, an error reply, close 4002
+        if self._corked:
+            return  # the Corker will flush this pass
+        self._write(ws)
+
+    cdef int _write(self, ServerProtocol ws) except -1:
+        """Everything `ws` has queued, in one transport write (uvloop: writev for several)."""
+        cdef list out = ws.data_to_send()
+        cdef Py_ssize_t n = len(out), total = 0
+        cdef bytes frame
+        cdef StreamStats stats = self.stats
+        if n == 1:
+            frame = out[0]
+            self.transport.write(frame)
+            stats.bytes_out += PyBytes_GET_SIZE(frame)
+            stats.frames_out += 1
+        elif n:
+            self.transport.writelines(out)
+            for frame in out:
+                total += PyBytes_GET_SIZE(frame)
+            stats.bytes_out += total
+            stats.frames_out += n
+        if ws.close_sent:
+            self._after_close_sent()
+        return 0
+
+    def flush(self):
+        self._flush()
+
+    cdef int _flush(self) except -1:
+        self._corked = False
+        if self.ws is None or self.phase == _CLOSED:
+            return 0
+        return self._write(self.ws)
+
+    def send(self, int opcode, payload):
+        """Queue one message; it leaves with this loop pass's single write."""
+        if self.ws is None:
+            raise RuntimeError("the connection is not open")
+        self.ws.send(opcode, payload)
+        if not self._corked:
+            self._corked = True
+            self.corker._schedule(self)
+
+    def send_frame(self, bytes frame):
+        """Queue a pre-encoded frame; it leaves with this loop pass's single write."""
+        self._send_frame(frame)
+
+    cdef int _send_frame(self, bytes frame) except -1:
+        if self.ws is None:
+            raise RuntimeError("the connection is not open")
+        self.ws.send_frame(frame)
+        if not self._corked:
+            self._corked = True
+            self.corker._schedule(self)
+        return 0
+
+    def send_shared(self, bytes data):
+        """Write bytes shared by many connections (the hub's per-pass batch) now, in order; see the twin."""
+        cdef StreamStats stats
+        if self._corked:
+            self._send_frame(data)
+            return
+        if self.ws is None:
+            raise RuntimeError("the connection is not open")
+        if self.ws.close_sent or self.phase == _CLOSED:
+            return  # RFC 6455 section 5.5.1: nothing after our close frame
+        self.transport.write(data)
+        stats = self.stats
+        stats.frames_out += 1
+        stats.bytes_out += PyBytes_GET_SIZE(data)
+
+    # -- hooks the subclass provides ------------------------------------------------------
+
+    def _receive_http(self, data):
+        raise NotImplementedError
+
+    def _after_close_sent(self):
+        raise NotImplementedError

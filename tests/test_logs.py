@@ -112,3 +112,23 @@ def test_formatter_redacts_credential_fields_and_keeps_lines_single():
     assert doc["token"] == doc["Authorization"] == doc["api_key"] == logs.REDACTED
     assert doc["reason"] == "multi\nline" and doc["conn"] == 1
     assert "abc" not in second and 'reason="has spaces"' in second
+
+
+def test_life_cycle_field_names_are_never_redacted_names():
+    # LifecycleLog merges its fields without redaction: every key connection.py passes it
+    # must be a name _is_secret() would let through (a new "token" field must not slip out).
+    import ast
+
+    import gateway.connection
+    from gateway.logs import _is_secret
+
+    tree = ast.parse(open(gateway.connection.__file__).read())
+    keys = []
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "info"
+                and isinstance(node.func.value, ast.Name) and node.func.value.id == "lifecycle"):
+            fields = node.args[1]
+            assert isinstance(fields, ast.Dict), "lifecycle.info fields must be a dict literal"
+            keys += [k.value for k in fields.keys]
+    assert {"event", "conn", "peer", "user", "code", "status"} <= set(keys)
+    assert [k for k in keys if _is_secret(k)] == []

@@ -117,21 +117,25 @@ class BatchingStreamHandler(logging.StreamHandler):
 
     def add_line(self, line: str) -> None:
         """Queue an already formatted INFO line (see LifecycleLog) for the next batch."""
+        timer = self._timer
+        if timer is not None and not self._timer_loop.is_closed():
+            # A batch is open in a live loop: no asyncio.get_running_loop() per line (it
+            # calls getpid(2) each time: one system call per log line).
+            self._pending.append(line)
+            self._pending_bytes += len(line) + 1
+            if self._pending_bytes >= self.MAX_BYTES:
+                self._write_pending()
+            return
+        self._write_pending()   # nothing pending, or a batch left behind by a closed loop (tests)
+        self._pending.append(line)
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
-            self._pending.append(line)
             self._write_pending()
             return
-        if self._timer is not None and self._timer_loop is not loop:
-            self._write_pending()   # a batch started in a loop that is gone (tests run many loops)
-        self._pending.append(line)
-        self._pending_bytes += len(line) + 1
-        if self._pending_bytes >= self.MAX_BYTES:
-            self._write_pending()
-        elif self._timer is None:
-            self._timer = loop.call_later(self.MAX_DELAY, self._write_pending)
-            self._timer_loop = loop
+        self._pending_bytes = len(line) + 1
+        self._timer = loop.call_later(self.MAX_DELAY, self._write_pending)
+        self._timer_loop = loop
 
     def _write_pending(self) -> None:
         if self._timer is not None:

@@ -106,8 +106,11 @@ class Connection(WebSocketStream, asyncio.Protocol):
                 self.endpoint.on_close(self)
             except Exception:  # a bug in an endpoint must not leak the connection
                 log.exception("endpoint on_close failed", extra={"conn": self.id})
+            # The connection's one INFO line (the open line is DEBUG): who, from where, which
+            # endpoint, compressed or not, and how it ended.
             lifecycle.info("connection closed", {
-                "event": "close", "conn": self.id, "peer": self.peer, "user": self.user,
+                "event": "close", "conn": self.id, "peer": self.peer, "client": self.client_ip, "user": self.user,
+                "path": gw.route_of(self.endpoint), "compressed": ws.deflate is not None,
                 "code": ws.close_code, "reason": ws.close_reason or (str(exc) if exc else ""),
             })
 
@@ -303,10 +306,11 @@ class Connection(WebSocketStream, asyncio.Protocol):
         self.last_seen = gw.clock
         try:
             gw.connection_opened(self)
-            lifecycle.info("connection opened", {
-                "event": "open", "conn": self.id, "peer": self.peer, "client": self.client_ip, "user": self.user,
-                "path": request.path, "subprotocol": subprotocol or "", "extensions": extensions or "",
-            })
+            if lifecycle.enabled(logging.DEBUG):   # one INFO line per connection: the close
+                lifecycle.debug("connection opened", {
+                    "event": "open", "conn": self.id, "peer": self.peer, "client": self.client_ip, "user": self.user,
+                    "path": request.path, "subprotocol": subprotocol or "", "extensions": extensions or "",
+                })
             endpoint.on_open(self, subprotocol)
         except Exception:
             # The 101 is on the wire: from here a failure is a WebSocket close (1011, RFC 6455

@@ -129,6 +129,13 @@ class Gateway:
     def open_connections(self) -> int:
         return len(self.connections)
 
+    def route_of(self, endpoint) -> str:
+        """The path `endpoint` is served at (for the close log line; a handful of endpoints)."""
+        for path, candidate in self.endpoints.items():
+            if candidate is endpoint:
+                return path
+        return ""
+
     def connection_opened(self, conn: Connection) -> None:
         self.connections.add(conn)
         self.stats.opened += 1

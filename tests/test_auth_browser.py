@@ -168,6 +168,6 @@ def test_demo_page_passes_its_query_token(browser, tmp_path):
     finally:
         gw.stop()
     out = gw.output()
-    assert '"user":"demo-user"' in out and '"event":"open"' in out
+    assert '"user":"demo-user"' in out and '"event":"close"' in out
     assert "signature verification failed" in out and '"status":401' in out
     assert token not in out and bad not in out                               # never logged

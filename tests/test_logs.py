@@ -29,7 +29,8 @@ def test_life_cycle_is_json_lines_with_ids_user_peer_code_reason(tmp_path):
     secret_file = tmp_path / "jwt.secret"
     secret_file.write_text(SECRET)
     token = _token()
-    with GatewayProcess("--echo", "--jwt-secret-file", str(secret_file), "--log-level", "info") as gw:
+    # debug: the open line too (at info a connection logs one line, when it closes).
+    with GatewayProcess("--echo", "--jwt-secret-file", str(secret_file), "--log-level", "debug") as gw:
         async def main():
             # The token travels in the query string (as browsers send it) and must not be logged.
             async with websockets.connect(gw.url(f"/ws?token={token}")) as ws:
@@ -56,15 +57,34 @@ def test_life_cycle_is_json_lines_with_ids_user_peer_code_reason(tmp_path):
     assert opened[0]["conn"] == closed[0]["conn"]
     assert opened[0]["user"] == closed[0]["user"] == USER
     assert opened[0]["peer"] == closed[0]["peer"] == f"{local[0]}:{local[1]}"
-    assert opened[0]["path"] == "/ws"
+    assert opened[0]["path"] == closed[0]["path"] == "/ws"
+    assert opened[0]["client"] == closed[0]["client"] == local[0]
     assert (closed[0]["code"], closed[0]["reason"]) == (4100, "done for today")
-    assert closed[0]["level"] == "info"
+    assert closed[0]["compressed"] is True       # websockets offers permessage-deflate by default
+    assert (opened[0]["level"], closed[0]["level"]) == ("debug", "info")
     rejected = [line for line in lines if line.get("event") == "reject"]
     assert any(line.get("status") == 401 and line.get("peer") for line in rejected), rejected
     assert any(line.get("event") == "shutdown" and line.get("signal") == "SIGTERM" for line in lines)
     assert token not in output and token.split(".")[2] not in output
     assert PAYLOAD not in output
     assert SECRET not in output
+
+
+def test_info_level_logs_one_line_per_connection_when_it_closes():
+    with GatewayProcess("--echo", "--log-level", "info") as gw:
+        async def main():
+            for _ in range(3):
+                async with websockets.connect(gw.url("/echo"), compression=None) as ws:
+                    await ws.send("hi")
+                    assert await ws.recv() == "hi"
+        uvloop.run(main())
+        assert gw.stop() == 0
+        lines = _json_lines(gw.output())
+    events = [line["event"] for line in lines if line.get("logger") == "gateway.connection"]
+    assert events == ["close"] * 3
+    closes = [line for line in lines if line.get("event") == "close"]
+    assert {(c["path"], c["code"], c["level"]) for c in closes} == {("/echo", 1000, "info")}
+    assert len({c["conn"] for c in closes}) == 3
 
 
 def test_text_format_is_human_readable():
@@ -125,7 +145,7 @@ def test_life_cycle_field_names_are_never_redacted_names():
     tree = ast.parse(open(gateway.connection.__file__).read())
     keys = []
     for node in ast.walk(tree):
-        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "info"
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in ("info", "debug")
                 and isinstance(node.func.value, ast.Name) and node.func.value.id == "lifecycle"):
             fields = node.args[1]
             assert isinstance(fields, ast.Dict), "lifecycle.info fields must be a dict literal"

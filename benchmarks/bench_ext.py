@@ -125,6 +125,59 @@ def test_encode_frame_masked_1KiB(benchmark, impl):
     benchmark(mod.encode_frame, 2, payload(1024), True, False, KEY)
 
 
+class _Transport:
+    __slots__ = ()
+
+    def write(self, data):
+        pass
+
+    def writelines(self, data):
+        pass
+
+
+class _EchoEndpoint:
+    """gateway/echo.py's on_messages, inlined (this file imports gateway_ext only)."""
+
+    def on_messages(self, conn, messages):
+        send = conn.ws.send
+        for opcode, payload in messages:
+            send(opcode, payload)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_protocol_echo_one_message(benchmark, impl):
+    """ServerProtocol: one 32-byte text frame in, its echo queued and taken out."""
+    mod = twin("protocol", impl)
+    proto = mod.ServerProtocol(1 << 20)
+    data = client_frame(text(32, "ascii")).replace(b"\x82", b"\x81", 1)
+
+    def echo():
+        for opcode, payload in proto.receive_data(data):
+            proto.send(opcode, payload)
+        return proto.data_to_send()
+
+    benchmark.group = "protocol: 1 x 32B text in, echo out"
+    assert len(benchmark(echo)) == 1
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_stream_echo_read(benchmark, impl):
+    """WebSocketStream.data_received of an open /echo connection: the whole per-read path."""
+    stream_mod, proto_mod = twin("stream", impl), twin("protocol", impl)
+
+    class Conn(stream_mod.WebSocketStream):
+        def _after_close_sent(self):
+            pass
+
+    conn = Conn(stream_mod.StreamStats(), stream_mod.Corker(None))
+    conn.transport, conn.ws, conn.endpoint = _Transport(), proto_mod.ServerProtocol(1 << 20), _EchoEndpoint()
+    conn.phase = 3
+    data = client_frame(text(32, "ascii")).replace(b"\x82", b"\x81", 1)
+    benchmark.group = "stream: data_received, 1 x 32B text echoed"
+    benchmark(conn.data_received, data)
+    assert conn.stats.messages_in == conn.stats.frames_out > 0
+
+
 def _fmt(seconds: float) -> str:
     for unit, scale in (("s", 1.0), ("ms", 1e-3), ("µs", 1e-6)):
         if seconds >= scale:

@@ -42,14 +42,14 @@ class Connection(WebSocketStream, asyncio.Protocol):
 
     The per-read and per-write path of an open connection -- data_received, send,
     send_frame, send_shared, flush -- and the fields it uses (transport, ws, endpoint,
-    limiter, phase, last_seen, paused) are inherited from gateway_ext's WebSocketStream
-    (compiled, with a pure-Python twin); this class supplies its hooks `_receive_http`
-    and `_after_close_sent`.
+    limiter, phase, last_seen, paused; also the flags pinged and _closing) are inherited
+    from gateway_ext's WebSocketStream (compiled, with a pure-Python twin); this class
+    supplies its hooks `_receive_http` and `_after_close_sent`.
     """
 
     __slots__ = (
-        "gateway", "id", "peer", "request", "_head", "_body_needed", "_timer", "pinged",
-        "principal", "state", "_closing", "_client_ip",
+        "gateway", "id", "peer", "request", "_head", "_body_needed", "_timer",
+        "principal", "state", "_client_ip",
     )
 
     def __init__(self, gateway) -> None:
@@ -61,10 +61,8 @@ class Connection(WebSocketStream, asyncio.Protocol):
         self._head = bytearray()
         self._body_needed = 0
         self._timer = None
-        self.pinged = False
         self.principal = None     # who this is (set by auth at the handshake)
         self.state = None         # per-endpoint state (e.g. the rooms session)
-        self._closing = False
         self._client_ip = ""      # see client_ip; None: the host part of `peer`
 
     # -- asyncio callbacks ----------------------------------------------------------------

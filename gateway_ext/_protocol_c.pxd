@@ -14,28 +14,27 @@ cdef class SharedParser:
 
 
 cdef class ServerProtocol:
-    # State.OPEN / CLOSING / CLOSED as a C int (the `state` property gives the enum).
-    cdef int _state
+    # Fields ordered pointers, then 8-byte, then 4-byte ones: no padding (memory at 50k).
     cdef SharedParser _shared
     # This connection's own parser while a read left a partial frame in it (or it died).
     cdef readonly FrameParser _parser
     cdef Utf8Validator _utf8
-    cdef int _frag_opcode
     cdef list _frag_parts
-    cdef Py_ssize_t _frag_size
     cdef list _out
-    cdef public int close_code
     cdef public str close_reason
+    cdef tuple _pending_close
+    cdef public object deflate
+    cdef Py_ssize_t _frag_size
+    cdef public Py_ssize_t pongs_received
+    cdef long long _inflated   # bytes inflated during the current read (permessage-deflate)
+    # State.OPEN / CLOSING / CLOSED as a C int (the `state` property gives the enum).
+    cdef int _state
+    cdef int _frag_opcode
+    cdef public int close_code
     cdef public bint close_sent
     cdef public bint close_received
     cdef public bint failed
-    cdef public Py_ssize_t pongs_received
-    cdef tuple _pending_close
-    cdef public object deflate
     cdef bint _frag_compressed
-    cdef Py_ssize_t _min_bytes
-    cdef Py_ssize_t _inflated
-    cdef Py_ssize_t _inflate_budget
 
     cpdef list receive_data(self, data)
     cpdef send(self, int opcode, payload)

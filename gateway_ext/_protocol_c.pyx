@@ -42,6 +42,11 @@ cdef enum:
 # Decompression amplification: see the twin (INFLATE_BUDGET_MESSAGES).
 INFLATE_BUDGET_MESSAGES = 4
 
+
+def inflate_budget(max_message_bytes):
+    """Bytes that the compressed messages of one read may inflate to, together."""
+    return max(8 << 20, INFLATE_BUDGET_MESSAGES * max_message_bytes)
+
 cdef tuple _STATES = (None, State.OPEN, State.CLOSING, State.CLOSED)
 cdef bytes _EMPTY_PING = encode_ptr(OP_PING, NULL, 0, True, False, NULL)
 cdef object _FrameError = FrameError
@@ -101,9 +106,7 @@ cdef class ServerProtocol:
         self._pending_close = None
         self.deflate = deflate
         self._frag_compressed = False
-        self._min_bytes = deflate.min_bytes if deflate is not None else 0
         self._inflated = 0
-        self._inflate_budget = max(8 << 20, INFLATE_BUDGET_MESSAGES * max_message_bytes)
 
     @property
     def state(self):
@@ -218,8 +221,9 @@ cdef class ServerProtocol:
             self._fail(INVALID_DATA, "text message is not valid UTF-8")
             return False
         self._inflated += len(data)
-        if self._inflated > self._inflate_budget:
-            self._fail(MESSAGE_TOO_BIG, f"compressed messages in one read inflate past {self._inflate_budget} bytes")
+        budget = inflate_budget(self._shared.max_bytes)   # computed here: 8 bytes less per connection
+        if self._inflated > budget:
+            self._fail(MESSAGE_TOO_BIG, f"compressed messages in one read inflate past {budget} bytes")
             return False
         if not self.close_sent:
             messages.append((opcode, data))
@@ -310,7 +314,7 @@ cdef class ServerProtocol:
         """Queue one unfragmented message (dropped once a close frame was sent, section 5.5.1)."""
         if self.close_sent:
             return
-        if self.deflate is not None and len(payload) >= self._min_bytes:
+        if self.deflate is not None and len(payload) >= self.deflate.min_bytes:
             self._queue(self.deflate.encode(opcode, payload))
         elif PyBytes_CheckExact(payload):
             self._queue(encode_ptr(opcode, <const unsigned char*>PyBytes_AS_STRING(payload),

@@ -47,6 +47,11 @@ NORMAL, PROTOCOL_ERROR, NO_STATUS, ABNORMAL, INVALID_DATA, MESSAGE_TOO_BIG = 100
 INFLATE_BUDGET_MESSAGES = 4
 
 
+def inflate_budget(max_message_bytes: int) -> int:
+    """Bytes that the compressed messages of one read may inflate to, together."""
+    return max(8 << 20, INFLATE_BUDGET_MESSAGES * max_message_bytes)
+
+
 class SharedParser:
     """The frame parser of every connection (with these settings) between partial frames.
 
@@ -94,7 +99,7 @@ class ServerProtocol:
         "state", "_shared", "_parser", "_utf8", "_frag_opcode", "_frag_parts",
         "_frag_size", "_out", "close_code", "close_reason", "close_sent", "close_received",
         "failed", "pongs_received", "_pending_close", "deflate", "_frag_compressed",
-        "_min_bytes", "_inflated", "_inflate_budget",
+        "_inflated",
     )
 
     def __init__(self, max_message_bytes: int = 1 << 20, deflate=None) -> None:
@@ -120,10 +125,7 @@ class ServerProtocol:
         self._pending_close = None      # (code, reason) to send after this read's answers
         self.deflate = deflate          # permessage-deflate codec, None if not negotiated
         self._frag_compressed = False   # the message being reassembled had RSV1 (RFC 7692 6)
-        # Replies shorter than this skip the codec; 0 without compression (never consulted).
-        self._min_bytes = deflate.min_bytes if deflate is not None else 0
         self._inflated = 0              # bytes inflated during the current read
-        self._inflate_budget = max(8 << 20, INFLATE_BUDGET_MESSAGES * max_message_bytes)
 
     @property
     def max_message_bytes(self) -> int:
@@ -220,8 +222,9 @@ class ServerProtocol:
             self._fail(INVALID_DATA, "text message is not valid UTF-8")
             return False
         self._inflated += len(data)
-        if self._inflated > self._inflate_budget:
-            self._fail(MESSAGE_TOO_BIG, f"compressed messages in one read inflate past {self._inflate_budget} bytes")
+        budget = inflate_budget(self.max_message_bytes)
+        if self._inflated > budget:
+            self._fail(MESSAGE_TOO_BIG, f"compressed messages in one read inflate past {budget} bytes")
             return False
         if not self.close_sent:
             messages.append((opcode, data))
@@ -311,7 +314,7 @@ class ServerProtocol:
         """Queue one unfragmented message (dropped once a close frame was sent, section 5.5.1)."""
         if not self.close_sent:
             deflate = self.deflate
-            if deflate is None or len(payload) < self._min_bytes:
+            if deflate is None or len(payload) < deflate.min_bytes:   # short replies skip the codec
                 self._queue(encode_frame(opcode, payload))
             else:
                 self._queue(deflate.encode(opcode, payload))

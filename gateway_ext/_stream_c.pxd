@@ -31,10 +31,15 @@ cdef class WebSocketStream:
     cdef public object limiter
     cdef public StreamStats stats
     cdef public Corker corker
-    cdef public int phase
     cdef public double last_seen
+    cdef public int phase
     cdef public bint paused
     cdef public bint _corked
+    # Connection's own flags, here because C ints pack into this struct's padding where
+    # Python slots cost 8 bytes each (memory at 50k): keepalive ping outstanding, and the
+    # closing handshake started.
+    cdef public bint pinged
+    cdef public bint _closing
 
     cdef int _write(self, ServerProtocol ws) except -1
     cdef int _flush(self) except -1

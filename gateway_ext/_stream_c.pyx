@@ -73,6 +73,8 @@ cdef class WebSocketStream:
         self.last_seen = 0.0
         self.paused = False
         self._corked = False
+        self.pinged = False
+        self._closing = False
 
     def data_received(self, data):
         cdef ServerProtocol ws = self.ws

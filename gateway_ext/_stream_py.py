@@ -73,7 +73,7 @@ class WebSocketStream:
     """Base of Connection: the read -> messages -> one-write path (module docstring)."""
 
     __slots__ = ("transport", "ws", "endpoint", "limiter", "stats", "corker", "phase", "last_seen", "paused",
-                 "_corked")
+                 "_corked", "pinged", "_closing")
 
     def __init__(self, stats: StreamStats, corker: Corker) -> None:
         self.transport = None
@@ -86,6 +86,9 @@ class WebSocketStream:
         self.last_seen = 0.0
         self.paused = False       # the transport asked us to stop writing (pause_writing)
         self._corked = False      # registered with the Corker for this pass
+        # Connection's own flags (kept here so the compiled twin packs them into C ints):
+        self.pinged = False       # a keepalive ping is outstanding (server.py's sweep)
+        self._closing = False     # the closing handshake has started (connection.py)
 
     def data_received(self, data) -> None:
         ws = self.ws

@@ -527,7 +527,7 @@ def test_both_twins_have_the_same_public_surface():
     py = load_python("stream")
     c = load_cython("stream")
     methods = {"data_received", "flush", "send", "send_frame", "send_shared"}
-    fields = {"transport", "ws", "endpoint", "limiter", "stats", "corker", "phase", "last_seen", "paused"}
+    fields = {"transport", "ws", "endpoint", "limiter", "stats", "corker", "phase", "last_seen", "paused", "pinged"}
     assert _public(py.WebSocketStream) == _public(c.WebSocketStream) == methods | fields
     for name in methods | {"_receive_http", "_after_close_sent"}:
         assert callable(getattr(py.WebSocketStream, name)) and callable(getattr(c.WebSocketStream, name))
@@ -551,7 +551,7 @@ def test_fresh_stream_fields(h):
     assert conn.transport is None and conn.ws is None and conn.endpoint is None and conn.limiter is None
     assert conn.stats is h.stats and conn.corker is h.corker
     assert conn.phase == HEAD and conn.last_seen == 0.0
-    assert not conn.paused and not conn._corked
+    assert not conn.paused and not conn._corked and not conn.pinged and not conn._closing
 
 
 def test_the_compiled_stream_only_drives_the_compiled_protocol():

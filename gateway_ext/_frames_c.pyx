@@ -257,6 +257,33 @@ cdef class FrameParser:
                 raise self.error
         return frames
 
+    def peek_payload(self, Py_ssize_t start=0):
+        """The frame still incomplete in the buffer, as far as it has arrived; see the twin."""
+        cdef unsigned int b0, b1, length
+        cdef Py_ssize_t header, n, i
+        cdef unsigned char key[4]
+        cdef bytes payload
+        if self._len < 2 or self.error is not None:
+            return None
+        b0 = self._buf[0]
+        b1 = self._buf[1]
+        length = b1 & 0x7F
+        header = 2 + (2 if length == 126 else (8 if length == 127 else 0)) + (4 if b1 & 0x80 else 0)
+        if self._len < header:
+            return None
+        if start < 0:
+            start = 0
+        n = self._len - header - start
+        if n < 0:
+            n = 0
+        if b1 & 0x80 and n:
+            for i in range(4):              # the mask's phase at byte `start`
+                key[i] = self._buf[header - 4 + (start + i) % 4]
+            payload = mask_to_bytes(self._buf + header + start, n, key)
+        else:
+            payload = PyBytes_FromStringAndSize(<char*>self._buf + header + start, n)
+        return (_OPCODES[b0 & 0x0F], (b0 & 0x40) != 0, payload)
+
     cdef str _reason(self, Scan* scan):
         """The twin's exact reason text for a fault."""
         if scan.fault == FAULT_RSV23:

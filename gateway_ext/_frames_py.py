@@ -92,6 +92,30 @@ class FrameParser:
             del buf[:pos]
         return frames
 
+    def peek_payload(self, start: int = 0):
+        """The frame still incomplete in the buffer, as far as it has arrived.
+
+        Returns `(opcode, rsv1, payload[start:])` -- the payload bytes received so far from
+        offset `start` on, unmasked -- or None when nothing is buffered, its header is not
+        complete yet, or the parser is dead. After a `feed()` the buffer holds at most that
+        one frame, so a caller can validate a long text frame as it arrives (RFC 6455
+        section 8.1: fail as soon as the text is known to be invalid), each byte once.
+        """
+        buf = self._buf
+        if len(buf) < 2 or self.error is not None:
+            return None
+        b0, b1 = buf[0], buf[1]
+        length = b1 & 0x7F
+        header = 2 + (2 if length == 126 else 8 if length == 127 else 0) + (4 if b1 & 0x80 else 0)
+        if len(buf) < header:
+            return None
+        payload = bytes(buf[header + start:])
+        if b1 & 0x80 and payload:
+            key = bytes(buf[header - 4:header])
+            turn = start % 4                     # the mask's phase at byte `start`
+            payload = apply_mask(payload, key[turn:] + key[:turn])
+        return (b0 & 0x0F, bool(b0 & 0x40), payload)
+
     def _check_header(self, b0: int, opcode: int, fin: bool, rsv1: bool, masked: bool, length: int) -> None:
         # RFC 6455 section 5.2: RSV bits MUST be 0 unless an extension defines them;
         # permessage-deflate (RFC 7692 section 6) defines RSV1 on a message's first frame only.

@@ -27,6 +27,8 @@ cdef class ServerProtocol:
     cdef Py_ssize_t _frag_size
     cdef public Py_ssize_t pongs_received
     cdef long long _inflated   # bytes inflated during the current read (permessage-deflate)
+    # Payload bytes of the frame still arriving already fed to `_utf8` (see _check_partial).
+    cdef Py_ssize_t _checked
     # State.OPEN / CLOSING / CLOSED as a C int (the `state` property gives the enum).
     cdef int _state
     cdef int _frag_opcode
@@ -49,3 +51,5 @@ cdef class ServerProtocol:
     cdef bint _continue_fragments(self, bint fin, bytes payload, list messages) except -1
     cdef bint _continue_compressed(self, bint fin, bytes payload, list messages) except -1
     cdef int _receive_close(self, bytes payload) except -1
+    cdef bint _text_complete(self, bytes payload) except -1
+    cdef int _check_partial(self, FrameParser parser) except -1

@@ -107,6 +107,7 @@ cdef class ServerProtocol:
         self.deflate = deflate
         self._frag_compressed = False
         self._inflated = 0
+        self._checked = 0
 
     @property
     def state(self):
@@ -159,8 +160,7 @@ cdef class ServerProtocol:
                     if not self._start_compressed(frame[0], fin, payload, messages):
                         break
                 elif fin:
-                    if opcode == OP_TEXT and utf8_scan(UTF8_ACCEPT, <const unsigned char*>PyBytes_AS_STRING(payload),
-                                                       PyBytes_GET_SIZE(payload)) != UTF8_ACCEPT:
+                    if opcode == OP_TEXT and not self._text_complete(payload):
                         self._fail(INVALID_DATA, "text message is not valid UTF-8")
                         break
                     if self.close_sent:
@@ -184,15 +184,56 @@ cdef class ServerProtocol:
         else:
             if parser.error is not None:
                 self._fail(parser.error.code, parser.error.reason)
+            elif self._parser is not None:
+                self._check_partial(self._parser)
         return messages
 
-    cdef bint _start_fragments(self, int opcode, bytes payload) except -1:
+    cdef inline bint _text_complete(self, bytes payload) except -1:
+        """Is this unfragmented text frame valid UTF-8 (its checked prefix included)?"""
+        cdef Py_ssize_t checked = self._checked
+        if not checked:
+            return utf8_scan(UTF8_ACCEPT, <const unsigned char*>PyBytes_AS_STRING(payload),
+                             PyBytes_GET_SIZE(payload)) == UTF8_ACCEPT
+        self._checked = 0
+        return (self._utf8.feed_ptr(<const unsigned char*>PyBytes_AS_STRING(payload) + checked,
+                                    PyBytes_GET_SIZE(payload) - checked)
+                and self._utf8._state == UTF8_ACCEPT)
+
+    cdef int _check_partial(self, FrameParser parser) except -1:
+        """Validate the text of a frame that has not fully arrived yet; see the twin."""
+        cdef bytes data
+        peek = parser.peek_payload(self._checked)
+        if peek is None:
+            return 0
+        opcode, rsv1, data = peek
+        if rsv1 or not data:
+            return 0                     # compressed: UTF-8 applies after inflating
         if opcode == OP_TEXT:
-            if self._utf8 is None:
+            if self._frag_opcode:
+                return 0                 # a protocol error, reported when the frame completes
+            if not self._checked:
+                if self._utf8 is None:
+                    self._utf8 = Utf8Validator()
+                else:
+                    self._utf8.reset()
+        elif opcode != OP_CONT or self._frag_opcode != OP_TEXT or self._frag_compressed:
+            return 0
+        self._checked += PyBytes_GET_SIZE(data)
+        if not self._utf8.feed_ptr(<const unsigned char*>PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data)):
+            self._fail(INVALID_DATA, "text message is not valid UTF-8")
+        return 0
+
+    cdef bint _start_fragments(self, int opcode, bytes payload) except -1:
+        cdef Py_ssize_t checked = self._checked
+        if opcode == OP_TEXT:
+            if checked:                      # its start was validated while it arrived
+                self._checked = 0
+            elif self._utf8 is None:
                 self._utf8 = Utf8Validator()
             else:
                 self._utf8.reset()
-            if not self._utf8.feed_ptr(<const unsigned char*>PyBytes_AS_STRING(payload), PyBytes_GET_SIZE(payload)):
+            if not self._utf8.feed_ptr(<const unsigned char*>PyBytes_AS_STRING(payload) + checked,
+                                       PyBytes_GET_SIZE(payload) - checked):
                 self._fail(INVALID_DATA, "text message is not valid UTF-8")
                 return False
         self._frag_opcode = opcode
@@ -231,6 +272,7 @@ cdef class ServerProtocol:
 
     cdef bint _continue_fragments(self, bint fin, bytes payload, list messages) except -1:
         cdef int opcode = self._frag_opcode
+        cdef Py_ssize_t checked
         if not opcode:
             self._fail(PROTOCOL_ERROR, "continuation frame without a message to continue")
             return False
@@ -240,8 +282,10 @@ cdef class ServerProtocol:
             return False
         if self._frag_compressed:
             return self._continue_compressed(fin, payload, messages)
-        if opcode == OP_TEXT and not self._utf8.feed_ptr(<const unsigned char*>PyBytes_AS_STRING(payload),
-                                                         PyBytes_GET_SIZE(payload)):
+        checked = self._checked
+        self._checked = 0
+        if opcode == OP_TEXT and not self._utf8.feed_ptr(<const unsigned char*>PyBytes_AS_STRING(payload) + checked,
+                                                         PyBytes_GET_SIZE(payload) - checked):
             self._fail(INVALID_DATA, "text message is not valid UTF-8")
             return False
         self._frag_parts.append(payload)

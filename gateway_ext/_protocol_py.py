@@ -99,7 +99,7 @@ class ServerProtocol:
         "state", "_shared", "_parser", "_utf8", "_frag_opcode", "_frag_parts",
         "_frag_size", "_out", "close_code", "close_reason", "close_sent", "close_received",
         "failed", "pongs_received", "_pending_close", "deflate", "_frag_compressed",
-        "_inflated",
+        "_inflated", "_checked",
     )
 
     def __init__(self, max_message_bytes: int = 1 << 20, deflate=None) -> None:
@@ -126,6 +126,9 @@ class ServerProtocol:
         self.deflate = deflate          # permessage-deflate codec, None if not negotiated
         self._frag_compressed = False   # the message being reassembled had RSV1 (RFC 7692 6)
         self._inflated = 0              # bytes inflated during the current read
+        # Payload bytes of the frame still arriving that were already fed to `_utf8`
+        # (_check_partial); the frame's completion feeds only the rest.
+        self._checked = 0
 
     @property
     def max_message_bytes(self) -> int:
@@ -162,7 +165,7 @@ class ServerProtocol:
                     if not self._start_compressed(opcode, fin, payload, messages):
                         break
                 elif fin:
-                    if opcode == OP_TEXT and not validate_utf8(payload):
+                    if opcode == OP_TEXT and not self._text_complete(payload):
                         self._fail(INVALID_DATA, "text message is not valid UTF-8")
                         break
                     if self.close_sent:
@@ -184,15 +187,59 @@ class ServerProtocol:
         else:
             if parser.error is not None:
                 self._fail(parser.error.code, parser.error.reason)
+            elif self._parser is not None:
+                self._check_partial(self._parser)
         return messages
+
+    def _text_complete(self, payload: bytes) -> bool:
+        """Is this unfragmented text frame valid UTF-8 (its checked prefix included)?"""
+        checked = self._checked
+        if not checked:
+            return validate_utf8(payload)
+        self._checked = 0
+        return self._utf8.feed(payload[checked:]) and self._utf8.complete()
+
+    def _check_partial(self, parser) -> None:
+        """Validate the text of a frame that has not fully arrived yet.
+
+        RFC 6455 section 8.1: invalid UTF-8 fails the connection as soon as it is known
+        (Autobahn 6.4.3/6.4.4 send one frame in chunks and check that). Only the bytes that
+        arrived since the last read are scanned, into the message's validator, so a long
+        frame costs one pass in all.
+        """
+        peek = parser.peek_payload(self._checked)
+        if peek is None:
+            return
+        opcode, rsv1, data = peek
+        if rsv1 or not data:
+            return                       # compressed: UTF-8 applies after inflating
+        if opcode == OP_TEXT:
+            if self._frag_opcode:
+                return                   # a protocol error, reported when the frame completes
+            if not self._checked:
+                if self._utf8 is None:
+                    self._utf8 = Utf8Validator()
+                else:
+                    self._utf8.reset()
+        elif opcode != OP_CONT or self._frag_opcode != OP_TEXT or self._frag_compressed:
+            return
+        self._checked += len(data)
+        if not self._utf8.feed(data):
+            self._fail(INVALID_DATA, "text message is not valid UTF-8")
 
     def _start_fragments(self, opcode: int, payload: bytes) -> bool:
         if opcode == OP_TEXT:
-            if self._utf8 is None:
-                self._utf8 = Utf8Validator()
+            checked = self._checked
+            if checked:                      # its start was validated while it arrived
+                self._checked = 0
+                payload_rest = payload[checked:]
             else:
-                self._utf8.reset()
-            if not self._utf8.feed(payload):
+                payload_rest = payload
+                if self._utf8 is None:
+                    self._utf8 = Utf8Validator()
+                else:
+                    self._utf8.reset()
+            if not self._utf8.feed(payload_rest):
                 self._fail(INVALID_DATA, "text message is not valid UTF-8")
                 return False
         self._frag_opcode = opcode
@@ -241,7 +288,8 @@ class ServerProtocol:
             return False
         if self._frag_compressed:
             return self._continue_compressed(fin, payload, messages)
-        if opcode == OP_TEXT and not self._utf8.feed(payload):
+        checked, self._checked = self._checked, 0
+        if opcode == OP_TEXT and not self._utf8.feed(payload[checked:] if checked else payload):
             self._fail(INVALID_DATA, "text message is not valid UTF-8")
             return False
         self._frag_parts.append(payload)

@@ -292,3 +292,42 @@ def test_empty_feed(frames):
 def test_non_bytes_like_is_a_type_error(frames, data):
     with pytest.raises(TypeError):
         frames.FrameParser().feed(data)
+
+
+# -- peek_payload: the frame still arriving (for fail-fast UTF-8, RFC 6455 section 8.1) ------
+
+def test_peek_payload_of_the_incomplete_frame(frames):
+    payload = "naïve café, 你好".encode() * 20            # 126+ bytes: the 16-bit length form
+    wire = build_frame(1, payload, mask=b"\x11\x22\x33\x44")
+    header = len(wire) - len(payload)
+    p = frames.FrameParser()
+    assert p.peek_payload() is None                      # nothing buffered
+    p.feed(wire[:3])
+    assert p.peek_payload() is None                      # header not complete yet
+    for cut in (header, header + 1, header + 7, len(wire) - 1):
+        p = frames.FrameParser()
+        assert p.feed(wire[:cut]) == []
+        got = cut - header
+        for start in (0, 1, 2, 3, 4, 9):
+            assert p.peek_payload(start) == (1, False, payload[start:max(start, got)])
+
+
+def test_peek_payload_sees_only_the_frame_after_the_complete_ones(frames):
+    first = build_frame(2, b"done", mask=b"abcd")
+    second = build_frame(0, b"\xff\xfe rest", fin=True, mask=b"wxyz")
+    p = frames.FrameParser()
+    assert p.feed(first + second[:9]) == [(2, True, False, b"done")]
+    assert p.peek_payload(0) == (0, False, b"\xff\xfe ")
+    assert p.peek_payload(2) == (0, False, b" ")
+    p.feed(second[9:])
+    assert p.peek_payload() is None and p.buffered == 0
+
+
+def test_peek_payload_of_an_unmasked_frame_and_a_dead_parser(frames):
+    p = frames.FrameParser(require_mask=False)
+    p.feed(build_frame(1, b"hello", mask=None)[:5])
+    assert p.peek_payload(1) == (1, False, b"el")
+    dead = frames.FrameParser()
+    with pytest.raises(FrameError):
+        dead.feed(build_frame(1, b"x", mask=None))     # unmasked client frame
+    assert dead.peek_payload() is None

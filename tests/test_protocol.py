@@ -146,3 +146,47 @@ def test_a_broken_stream_does_not_break_the_shared_parser(protocol):
     assert bad2.receive_data(cf(1, b"ok") + encode_frame(1, b"no")) == [(1, b"ok")]  # frames before the error
     assert bad2.failed
     assert protocol.ServerProtocol().receive_data(cf(2, b"fine")) == [(2, b"fine")]
+
+
+# -- fail fast: invalid UTF-8 inside a frame that has not fully arrived (RFC 6455 section 8.1,
+#    Autobahn 6.4.3/6.4.4) --------------------------------------------------------------------
+
+def test_invalid_utf8_fails_before_the_text_frame_is_complete(protocol):
+    p = protocol.ServerProtocol()
+    wire = cf(1, "κόσμε".encode() + b"\xf4\x90\x80\x80" + b"edited" * 20)   # > U+10FFFF in the middle
+    assert p.receive_data(wire[:12]) == []
+    assert not p.failed                              # a valid prefix so far
+    assert p.receive_data(wire[12:22]) == []         # the invalid sequence has arrived
+    assert p.failed and close_code(sent(p)) == 1007
+    assert p.receive_data(wire[22:]) == []           # the rest is ignored
+
+
+def test_invalid_utf8_fails_before_a_continuation_frame_is_complete(protocol):
+    p = protocol.ServerProtocol()
+    wire = cf(1, b"valid start ", fin=False) + cf(0, b"more \xc0\xaf and the rest of it")
+    cut = len(cf(1, b"valid start ", fin=False)) + 2 + 4 + 8     # inside the continuation, after \xc0\xaf
+    assert p.receive_data(wire[:cut]) == []
+    assert p.failed and close_code(sent(p)) == 1007
+
+
+def test_a_valid_text_frame_split_at_every_byte_is_delivered_once(protocol):
+    text = "ascii, é, ☃, 🎉 and more ascii".encode()
+    for fin_first in (True, False):
+        wire = cf(1, text, fin=fin_first) + (b"" if fin_first else cf(0, text))
+        p = protocol.ServerProtocol()
+        got = []
+        for i in range(len(wire)):                       # one byte per read
+            got += p.receive_data(wire[i:i + 1])
+        assert not p.failed
+        assert got == [(1, text if fin_first else text + text)]
+
+
+def test_binary_and_split_multibyte_characters_do_not_fail_early(protocol):
+    p = protocol.ServerProtocol()
+    wire = cf(2, b"\xff\xfe not text")
+    assert p.receive_data(wire[:9]) == [] and not p.failed
+    assert p.receive_data(wire[9:]) == [(2, b"\xff\xfe not text")]
+    q = protocol.ServerProtocol()
+    wire = cf(1, "é".encode() * 3)                      # cut inside the second character
+    assert q.receive_data(wire[:2 + 4 + 3]) == [] and not q.failed
+    assert q.receive_data(wire[9:]) == [(1, "é".encode() * 3)]

@@ -108,7 +108,13 @@ class PublishApi:
             self.stats.rejected["broker_unavailable"] += 1
             log.warning("api publish failed: broker unavailable", extra={"event": "api_publish", "room": room,
                                                                           "error": str(exc)[:200]})
-            raise HandshakeRejected(503, "broker unavailable; retry later", {"Retry-After": "1"}) from None
+            # JSON, so a backend can tell "nobody got it" from "only this node's members got
+            # it" (Redis down, local fallback): retrying the latter duplicates it for them.
+            body = {"ok": False, "error": "broker_unavailable", "delivered_locally": exc.delivered_locally,
+                    "detail": "broker unavailable; retry later" + (
+                        " (this node's members already got it: a retry repeats it for them)"
+                        if exc.delivered_locally else "")}
+            return response(503, orjson.dumps(body), "application/json", {"Retry-After": "1"})
         self.stats.published += 1
         return response(200, orjson.dumps({"ok": True, "seq": seq}), "application/json")
 

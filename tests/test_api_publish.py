@@ -125,6 +125,8 @@ def test_broker_unavailable_503(run):
             gw.hub._sync_publish = None
             status, headers, body = await post(gw, {"room": "r", "data": 1})
             assert status == 503 and b"broker unavailable" in body and headers["Retry-After"]
+            assert orjson.loads(body)["error"] == "broker_unavailable"
+            assert orjson.loads(body)["delivered_locally"] is False
             assert gw.api.stats.rejected["broker_unavailable"] == 1
     run(main())
 
@@ -134,13 +136,26 @@ def test_publish_through_redis_reaches_other_processes_and_503_when_down(run, re
         async with serve(api_keys=KEY, broker=redis_server.url) as a, \
                 serve(api_keys=KEY, broker=redis_server.url) as b:
             far = await member(b, "news")                    # a member on the other gateway
+            near = await member(a, "news")                   # and one on the publishing gateway
             status, _, body = await post(a, {"room": "news", "data": {"via": "redis"}})
             assert status == 200
             seq = orjson.loads(body)["seq"]
             assert orjson.loads(await asyncio.wait_for(far.recv(), 10)) == {
                 "op": "message", "room": "news", "data": {"via": "redis"}, "seq": seq}
+            assert orjson.loads(await asyncio.wait_for(near.recv(), 10))["seq"] == seq
             redis_server.kill()                              # the broker goes away for real
+            for _ in range(500):                             # until gateway a has noticed
+                if not a.hub.broker_connected:
+                    break
+                await asyncio.sleep(0.01)
+            assert not a.hub.broker_connected
             status, headers, body = await post(a, {"room": "news", "data": 2})
             assert status == 503 and b"broker unavailable" in body and headers["Retry-After"]
+            # ...but this gateway's own member got it (seq 0: not numbered), and the answer says
+            # so, because a retry would repeat it for that member.
+            assert orjson.loads(body)["delivered_locally"] is True
+            assert orjson.loads(await asyncio.wait_for(near.recv(), 10)) == {
+                "op": "message", "room": "news", "data": 2, "seq": 0}
             await far.close()
+            await near.close()
     run(main())

@@ -17,7 +17,15 @@ from typing import Protocol
 
 
 class BrokerUnavailable(Exception):
-    """The broker cannot take publications right now (e.g. Redis is down)."""
+    """The broker cannot take publications right now (e.g. Redis is down).
+
+    `delivered_locally`: the publication still reached this process's members (the Redis
+    broker's local fallback), so a publisher that retries will duplicate it for them.
+    """
+
+    def __init__(self, message: str = "", *, delivered_locally: bool = False) -> None:
+        super().__init__(message)
+        self.delivered_locally = delivered_locally
 
 
 class BrokerHandler(Protocol):

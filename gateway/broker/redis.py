@@ -461,7 +461,8 @@ class RedisBroker(Broker):
                 self.local_deliveries += 1
                 self._loop.call_soon(self._deliver_local, room, data)
                 raise BrokerUnavailable(f"redis unavailable ({self._last_error}); "
-                                        "delivered only to members on this process, without a seq")
+                                        "delivered only to members on this process, without a seq",
+                                        delivered_locally=True)
             raise BrokerUnavailable(f"redis unavailable ({self._last_error})")
         channel = self.channel(room)
         shard = self._shard_for(channel)

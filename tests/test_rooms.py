@@ -114,6 +114,32 @@ def test_msgpack_members_get_a_second_encoding_once(run):
     run(main())
 
 
+def test_membership_of_one_room_and_of_several(run):
+    # One room: the hub keeps the Room itself (no dict per member); several: a dict. Every
+    # query answers the same in both forms, and leaving goes back to the one-room form.
+    async def main():
+        hub = Hub(MemoryBroker())
+        await hub.start()
+        m = FakeMember()
+        assert hub.rooms_of(m) == {} and not hub.is_member(m, "r") and not hub.leave(m, "r")
+        assert await hub.join(m, "r") and not await hub.join(m, "r")
+        assert type(hub.member_rooms[m]) is not dict
+        assert set(hub.rooms_of(m)) == {"r"} and hub.is_member(m, "r") and not hub.is_member(m, "s")
+        assert not hub.leave(m, "s")
+        assert await hub.join(m, "s") and await hub.join(m, "t") and not await hub.join(m, "s")
+        assert set(hub.rooms_of(m)) == {"r", "s", "t"} and hub.is_member(m, "t")
+        assert hub.leave(m, "r") and hub.leave(m, "t")
+        assert type(hub.member_rooms[m]) is not dict and set(hub.rooms_of(m)) == {"s"}
+        await hub.publish("s", b'"still here"')
+        await settle()
+        assert [msg["data"] for msg in m.messages()] == ["still here"]
+        assert hub.leave_all(m) == 1 and hub.member_rooms == {} and hub.members == 0
+        await hub.join(m, "a")
+        await hub.join(m, "b")
+        assert hub.leave_all(m) == 2 and hub.member_rooms == {} and hub.members == 0
+    run(main())
+
+
 def test_first_join_subscribes_last_leave_unsubscribes(run):
     async def main():
         broker = ScriptedBroker()

@@ -109,7 +109,7 @@ class Gateway:
         self.draining = False
         self._all_closed: asyncio.Event | None = None
         self._ssl = None
-        self.clock = self.stats.now = self.loop.time()
+        self.stats.now = self.loop.time()
         self.ready = False
         self._ids = itertools.count(1)
         self._servers: list[asyncio.AbstractServer] = []
@@ -124,6 +124,11 @@ class Gateway:
 
     def next_connection_id(self) -> int:
         return next(self._ids)
+
+    @property
+    def clock(self) -> float:
+        """Loop time of the last sweep (the per-read path reads it as `stats.now`)."""
+        return self.stats.now
 
     @property
     def open_connections(self) -> int:
@@ -238,7 +243,7 @@ class Gateway:
         self._sweeper = self.loop.call_later(self._sweep_interval(), self._sweep)
 
     def _sweep(self) -> None:
-        now = self.clock = self.stats.now = self.loop.time()
+        now = self.stats.now = self.loop.time()
         c = self.config
         pending = self.handshaking
         if pending:

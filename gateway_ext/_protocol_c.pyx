@@ -17,7 +17,7 @@ from ._utf8_c cimport UTF8_ACCEPT, Utf8Validator, utf8_scan
 
 from ._encode_c import encode_frame
 from ._utf8_c import validate_utf8
-from .constants import State, encode_close_payload, is_valid_close_code
+from .constants import State, encode_close_payload, inflate_budget, is_valid_close_code
 from .errors import FrameError
 
 cdef enum:
@@ -39,13 +39,6 @@ cdef enum:
     INVALID_DATA = 1007
     MESSAGE_TOO_BIG = 1009
 
-# Decompression amplification: see the twin (INFLATE_BUDGET_MESSAGES).
-INFLATE_BUDGET_MESSAGES = 4
-
-
-def inflate_budget(max_message_bytes):
-    """Bytes that the compressed messages of one read may inflate to, together."""
-    return max(8 << 20, INFLATE_BUDGET_MESSAGES * max_message_bytes)
 
 cdef tuple _STATES = (None, State.OPEN, State.CLOSING, State.CLOSED)
 cdef bytes _EMPTY_PING = encode_ptr(OP_PING, NULL, 0, True, False, NULL)

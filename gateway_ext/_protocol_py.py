@@ -23,7 +23,7 @@ permessage-deflate (RFC 7692): when negotiated, `deflate` is the connection's co
 parser accepts RSV1. A message whose first frame has RSV1 is reassembled compressed,
 inflated once complete (section 7.2.2), then its UTF-8 is validated. Replies of at least
 `deflate.min_bytes` are compressed. The inflated total of one read is capped too
-(`INFLATE_BUDGET_MESSAGES`): one read can hold thousands of tiny messages that each
+(`constants.inflate_budget`): one read can hold thousands of tiny messages that each
 inflate to the per-message cap.
 
 Why this is compiled (ARCHITECTURE.md keeps "state" in Python): `receive_data`'s loop runs
@@ -34,7 +34,7 @@ Imports only the standard library and its sibling twins.
 from ._encode_py import encode_frame
 from ._frames_py import FrameParser
 from ._utf8_py import Utf8Validator, validate_utf8
-from .constants import State, encode_close_payload, is_valid_close_code
+from .constants import State, encode_close_payload, inflate_budget, is_valid_close_code
 from .errors import FrameError
 
 OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
@@ -42,14 +42,6 @@ OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x
 # Close codes used here (constants.CloseCode), as plain ints on the hot path.
 NORMAL, PROTOCOL_ERROR, NO_STATUS, ABNORMAL, INVALID_DATA, MESSAGE_TOO_BIG = 1000, 1002, 1005, 1006, 1007, 1009
 
-# Decompression amplification (RFC 7692 section 8.1 leaves resource limits to us): the
-# inflated total of one read is capped at this many messages' worth (at least 8 MiB).
-INFLATE_BUDGET_MESSAGES = 4
-
-
-def inflate_budget(max_message_bytes: int) -> int:
-    """Bytes that the compressed messages of one read may inflate to, together."""
-    return max(8 << 20, INFLATE_BUDGET_MESSAGES * max_message_bytes)
 
 
 class SharedParser:

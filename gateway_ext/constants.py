@@ -39,6 +39,17 @@ class CloseCode(IntEnum):
 # Largest payload a control frame may carry (RFC 6455 section 5.5).
 MAX_CONTROL_PAYLOAD = 125
 
+# Decompression amplification (RFC 7692 section 8.1 leaves resource limits to us): each
+# message is capped at max_message_bytes, but one read can hold thousands of tiny
+# compressed messages that each inflate to the cap, so the inflated total of one read is
+# capped too, at this many messages' worth (at least 8 MiB).
+INFLATE_BUDGET_MESSAGES = 4
+
+
+def inflate_budget(max_message_bytes: int) -> int:
+    """Bytes that the compressed messages of one read may inflate to, together."""
+    return max(8 << 20, INFLATE_BUDGET_MESSAGES * max_message_bytes)
+
 
 def is_valid_close_code(code: int) -> bool:
     """True when a peer may send `code` in a Close frame (RFC 6455 section 7.4).

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.auth import Authenticator
-from gateway.connection import OPEN, Connection
-from gateway.handshake import parse_request
-from gateway.limits import ClientAddress, OriginPolicy, TokenBucket
-from gateway.protocol import ServerProtocol
-from gateway.server import Stats
+from gateway.security.auth import Authenticator
+from gateway.server.connection import OPEN, Connection
+from gateway.ws.handshake import parse_request
+from gateway.security.limits import ClientAddress, OriginPolicy, TokenBucket
+from gateway.ws.protocol import ServerProtocol
+from gateway.server.process import Stats
 from gateway_ext import encode_frame
 from tests import auth_tokens as t
 

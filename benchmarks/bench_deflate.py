@@ -403,7 +403,7 @@ def _per_call(fn, seconds: float = 0.3) -> float:
 
 def cmd_codec(args) -> None:
     pin_client()
-    from gateway.deflate import Deflate, DeflateSettings
+    from gateway.ws.deflate import Deflate, DeflateSettings
     doc = sample_doc(7)
     print(f"codec: {len(doc)} B chat-like JSON")
     for level in (1, 6):

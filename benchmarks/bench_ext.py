@@ -136,7 +136,7 @@ class _Transport:
 
 
 class _EchoEndpoint:
-    """gateway/echo.py's on_messages, inlined (this file imports gateway_ext only)."""
+    """gateway/server/echo.py's on_messages, inlined (this file imports gateway_ext only)."""
 
     def on_messages(self, conn, messages):
         send = conn.ws.send

@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gateway.broker.memory import MemoryBroker  # noqa: E402
-from gateway.rooms import Hub, Room  # noqa: E402
+from gateway.rooms.hub import Hub, Room  # noqa: E402
 
 
 class _NoLoop:

@@ -1,6 +1,6 @@
 """`python -m gateway` is `ws-gateway`."""
 import sys
 
-from .cli import main
+from gateway.cli import main
 
 sys.exit(main())

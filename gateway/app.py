@@ -12,11 +12,12 @@ import resource
 import signal
 import sys
 
-from . import logs, systemd
-from .config import Config
-from .server import Gateway
-from . import api, defences
-from .errors import ConfigError
+from gateway.ops import logs, systemd
+from gateway.config import Config
+from gateway.server.process import Gateway
+from gateway.api import methods as api
+from gateway.security import defences
+from gateway.errors import ConfigError
 
 log = logging.getLogger("gateway.app")
 
@@ -40,10 +41,10 @@ async def start_gateway(config: Config, sock=None, worker: int = 0) -> Gateway:
 
 def install_rooms(gateway: Gateway, config: Config):
     """The rooms protocol at /ws: broker (--broker), Hub, slow-consumer policies, readiness, demo page."""
-    from .backpressure import PolicyTable
-    from .broker import create_broker
-    from .rooms import Hub
-    from .session import RoomsEndpoint
+    from gateway.rooms.backpressure import PolicyTable
+    from gateway.broker import create_broker
+    from gateway.rooms.hub import Hub
+    from gateway.rooms.session import RoomsEndpoint
 
     broker = create_broker(config.broker, prefix=config.redis_prefix, seq_ttl=config.redis_seq_ttl,
                            timeout=config.redis_timeout)
@@ -51,7 +52,7 @@ def install_rooms(gateway: Gateway, config: Config):
     endpoint = RoomsEndpoint(hub, config)
     gateway.endpoints["/ws"] = endpoint
     gateway.hub = hub   # backends publish through it: `await gateway.hub.publish(room, json_bytes)`
-    from .metrics import LatencyHistogram
+    from gateway.ops.metrics import LatencyHistogram
     hub.fanout = LatencyHistogram()   # exported as ws_gateway_hub_fanout_seconds
     sources = getattr(gateway, "metric_sources", None)
     if isinstance(sources, dict):
@@ -59,7 +60,7 @@ def install_rooms(gateway: Gateway, config: Config):
     gateway.readiness_checks.append(lambda: (hub.broker_connected, f"broker {broker.name} is not connected"))
     gateway.on_shutdown.append(hub.close)
     if config.demo:
-        from . import demo
+        from gateway.server import demo
         gateway.http_routes.update(demo.routes())
     return hub
 

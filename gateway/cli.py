@@ -11,9 +11,9 @@ import logging
 import os
 import sys
 
-from . import __version__
-from .config import Config, load
-from .errors import ConfigError
+from gateway import __version__
+from gateway.config import Config, load
+from gateway.errors import ConfigError
 
 log = logging.getLogger("gateway.cli")
 
@@ -128,7 +128,7 @@ def cmd_version() -> int:
 
 def cmd_check_config(path: str) -> int:
     """Print the effective configuration (file + environment) as TOML, or every error; exit 2 on errors."""
-    from . import config as config_mod
+    from gateway import config as config_mod
     _import_features()
     try:
         loaded = config_mod.load_with_sources(path)
@@ -139,7 +139,7 @@ def cmd_check_config(path: str) -> int:
         return 2
     for warning in loaded.warnings:
         print(f"warning: {warning}", file=sys.stderr)
-    from . import defences
+    from gateway.security import defences
     try:
         # Key files readable and usable, origins and proxies well-formed (what `serve` checks first).
         defences.preflight(loaded.config)
@@ -158,7 +158,7 @@ def _import_features() -> None:
     import importlib
     import pkgutil
 
-    from . import __path__ as package_path
+    from gateway import __path__ as package_path
     for module in pkgutil.walk_packages(package_path, prefix=f"{__package__}."):
         if module.name.endswith("__main__"):
             continue
@@ -169,7 +169,7 @@ def _import_features() -> None:
 
 
 def cmd_serve(config: Config, reload=None) -> int:
-    from .app import run
+    from gateway.app import run
     return run(config, reload)
 
 

@@ -29,10 +29,10 @@ import tomllib
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable
 
-from .errors import ConfigError
+from gateway.errors import ConfigError
 
 ENV_PREFIX = "WS_GATEWAY_"
-# The names gateway/backpressure.py implements (kept here too: this module is a leaf).
+# The names gateway/rooms/backpressure.py implements (kept here too: this module is a leaf).
 SLOW_CONSUMER_POLICIES = ("disconnect", "drop_oldest", "drop_newest", "latest")
 
 
@@ -59,7 +59,7 @@ class Config:
     # graceful shutdown
     drain_window: float = 2.0          # spread the 1001/1012 close frames over this many seconds
     drain_timeout: float = 10.0        # the whole shutdown ends within this; stragglers are aborted
-    # permessage-deflate (RFC 7692; gateway/deflate.py). On by default: the server never keeps
+    # permessage-deflate (RFC 7692; gateway/ws/deflate.py). On by default: the server never keeps
     # per-connection compressor state (server_no_context_takeover, compress-once broadcasts)
     # and by default not per-connection inflaters either (client_no_context_takeover).
     compression: bool = True
@@ -77,11 +77,11 @@ class Config:
     redis_prefix: str = "ws:"
     redis_seq_ttl: int = 86400         # seconds an idle room's seq key lives (then its seq restarts at 1)
     redis_timeout: float = 5.0         # connect/command timeout; a Redis silent this long counts as down
-    # rooms on /ws (protocol and error codes: gateway/commands.py)
+    # rooms on /ws (protocol and error codes: gateway/rooms/commands.py)
     max_rooms_per_connection: int = 100    # a join beyond this gets the error too_many_rooms
     max_room_name_bytes: int = 200         # longer room names (UTF-8) get room_name_too_long
     max_consecutive_errors: int = 10       # this many invalid requests in a row: close with 4003
-    # slow consumers (gateway/backpressure.py): once a connection's transport buffer passes
+    # slow consumers (gateway/rooms/backpressure.py): once a connection's transport buffer passes
     # write_buffer_high_bytes, broadcast frames queue up to max_queue_bytes, then the policy
     # decides; [[rooms.policy]] tables (pattern, policy, max_queue_bytes) override it per room
     write_buffer_high_bytes: int = 65536
@@ -90,7 +90,7 @@ class Config:
     # SO_SNDBUF of /ws sockets (the kernel doubles it); 0 keeps the kernel's autotuning, which
     # lets one stalled client pin up to tcp_wmem's max (often 4 MiB) of kernel memory
     send_buffer_bytes: int = 0
-    # authentication (gateway/auth.py, docs/security.md); no key configured = open mode
+    # authentication (gateway/security/auth.py, docs/security.md); no key configured = open mode
     jwt_secret: str = ""               # HS256 secret, >= 32 bytes; prefer jwt_secret_file or $WS_GATEWAY_JWT_SECRET
     jwt_secret_file: str = ""          # file holding the HS256 secret (surrounding whitespace ignored)
     jwt_public_key_file: str = ""      # PEM public key (RSA >= 2048 / EC / Ed25519) for RS256/ES256/EdDSA tokens
@@ -102,7 +102,7 @@ class Config:
     default_rooms: tuple = ("*",)      # join patterns for tokens without a `rooms` claim
     default_publish: tuple = ("*",)    # publish patterns for tokens with neither `publish` nor `rooms`
     api_keys: tuple = ()               # bearer keys for POST /api/publish; none: the API is off
-    # defences (gateway/limits.py, gateway/defences.py)
+    # defences (gateway/security/limits.py, gateway/security/defences.py)
     allowed_origins: tuple = ()        # Origin allow-list: https://app.example.com, https://*.example.com, null, *
     trusted_proxies: tuple = ()        # addresses/CIDRs whose X-Forwarded-For / X-Real-IP are believed
     max_connections_per_ip: int = 0    # concurrent connections per client IP (IPv6: per /64); 0: unlimited

@@ -19,7 +19,7 @@ State: OPEN -> CLOSING (a close frame was sent or received) -> CLOSED (the trans
 away, `receive_eof`). This module does no I/O.
 
 permessage-deflate (RFC 7692): when negotiated, `deflate` is the connection's codec
-(gateway/deflate.py, duck-typed: `decompress`, `encode`, `min_bytes`, `release`) and the
+(gateway/ws/deflate.py, duck-typed: `decompress`, `encode`, `min_bytes`, `release`) and the
 parser accepts RSV1. A message whose first frame has RSV1 is reassembled compressed,
 inflated once complete (section 7.2.2), then its UTF-8 is validated. Replies of at least
 `deflate.min_bytes` are compressed. The inflated total of one read is capped too

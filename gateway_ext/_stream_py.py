@@ -79,7 +79,7 @@ class WebSocketStream:
         self.transport = None
         self.ws = None            # the ServerProtocol once upgraded, None in the HTTP phase
         self.endpoint = None      # on_messages(conn, messages) receives every read's messages
-        self.limiter = None       # inbound message TokenBucket (gateway/limits.py); None: no rate limit
+        self.limiter = None       # inbound message TokenBucket (gateway/security/limits.py); None: no rate limit
         self.stats = stats
         self.corker = corker
         self.phase = HEAD

@@ -4,7 +4,7 @@
     --window 1 is "round mode": the next publication leaves when the last subscriber got
     the previous one; --window W keeps W publications in flight ("window mode").
 
-Protocol: ws-gateway's /ws JSON protocol (gateway/commands.py), which the picows peer
+Protocol: ws-gateway's /ws JSON protocol (gateway/rooms/commands.py), which the picows peer
 (benchmarks/peers/picows_rooms.py) implements too. Every subscriber joins the room (and
 waits for its ack) before the measurement; the publisher publishes
 `{"op":"publish","room":R,"data":{"k":N,"p":"..."}}` with `data` padded to exactly --size

@@ -1,6 +1,6 @@
 """aiohttp rooms server: a peer for the load tool's fanout / idle / churn modes and scale_19k.
 
-Implements ws-gateway's `/ws` JSON protocol (gateway/commands.py) on any path, the way one
+Implements ws-gateway's `/ws` JSON protocol (gateway/rooms/commands.py) on any path, the way one
 writes it idiomatically with aiohttp: a `WebSocketResponse` per connection read in its
 handler; join / leave / publish with optional "id" -> ack / error; per-room `seq`; a
 publication serialised once (orjson, splicing the publisher's data) and sent to every

@@ -1,6 +1,6 @@
 """picows rooms server: the reference peer for the load tool's `fanout` mode.
 
-Implements ws-gateway's `/ws` JSON protocol (gateway/commands.py) on any path, the way one
+Implements ws-gateway's `/ws` JSON protocol (gateway/rooms/commands.py) on any path, the way one
 writes it idiomatically with picows: join / leave / publish with optional "id" -> ack /
 error, per-room `seq`, and a publication sent to every member of the room, the sender
 included. The message payload is serialised once per publication (orjson, by splicing the

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 
-from .base import Broker, BrokerHandler
+from gateway.broker.base import Broker, BrokerHandler
 
 
 class MemoryBroker(Broker):

@@ -67,7 +67,7 @@ from redis.asyncio.connection import Connection, parse_url
 from redis.crc import key_slot
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
-from .base import Broker, BrokerHandler, BrokerUnavailable
+from gateway.broker.base import Broker, BrokerHandler, BrokerUnavailable
 
 log = logging.getLogger("gateway.broker.redis")
 

@@ -1,5 +1,5 @@
 // ws-gateway demo client: the browser's native WebSocket speaking the /ws JSON protocol
-// (gateway/commands.py). Joins rooms, publishes, shows messages, and reconnects with
+// (gateway/rooms/commands.py). Joins rooms, publishes, shows messages, and reconnects with
 // exponential backoff plus jitter, re-joining its rooms after each reconnect.
 // A `?token=...` in the page URL is passed on as the `token` query parameter of the
 // WebSocket URL (the auth layer reads it there).

@@ -1,0 +1,1 @@
+"""The backend's side: the HTTP server API (POST /api/<method>)."""

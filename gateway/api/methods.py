@@ -1,0 +1,135 @@
+"""`POST /api/publish`: a backend publishes to a room exactly as a client's `publish` would.
+
+    POST /api/publish HTTP/1.1
+    Authorization: Bearer <api key>          (RFC 6750 section 2.1; keys: config `api_keys`)
+    Content-Type: application/json
+    {"room": "chat:1", "data": {...any JSON...}}
+
+Answers (a one-line reason for a person, JSON for a program):
+    200 {"ok":true,"seq":N}     published; N is the room's sequence number (as a client's ack)
+    400 <reason>                body is not a JSON object, "room" invalid, "data" missing
+    401 <reason>                missing or wrong key, with `WWW-Authenticate: Bearer`
+    404                         no `api_keys` configured: the API is off
+    405                         not POST
+    415                         Content-Type present and not JSON
+    503 <reason>                the broker cannot take it now, or rooms are not served
+The room name and data go through the same validation and serialisation as the /ws
+`publish` op (commands.py), then `gateway.hub.publish(room, data_bytes)`.
+
+Keys are compared in constant time over their SHA-256 digests, so neither a key's prefix
+nor its length leaks through response timing; keys never reach a log line.
+Imports: stdlib, orjson, commands, errors, handshake, broker.base; never connection/server.
+"""
+from __future__ import annotations
+
+import collections
+import hashlib
+import hmac
+import logging
+
+import orjson
+
+from gateway.rooms import commands
+from gateway.broker.base import BrokerUnavailable
+from gateway.errors import ConfigError, HandshakeRejected
+from gateway.ws.handshake import response
+
+log = logging.getLogger("gateway.api.methods")
+
+PATH = "/api/publish"
+MIN_KEY_CHARS = 16
+_CHALLENGE = 'Bearer realm="ws-gateway-api"'
+
+
+class PublishApi:
+    def __init__(self, gateway, api_keys, max_room_name_bytes: int = 200) -> None:
+        keys = [k for k in api_keys if k]
+        for key in keys:
+            if len(key) < MIN_KEY_CHARS:
+                raise ConfigError(f"api_keys: every key must have at least {MIN_KEY_CHARS} characters "
+                                  "(use e.g. `openssl rand -hex 32`)")
+        self.gateway = gateway
+        self._digests = [hashlib.sha256(k.encode()).digest() for k in keys]
+        self.max_room_name_bytes = max_room_name_bytes
+        self.stats = ApiStats()
+
+    def _authorized(self, request) -> bool:
+        scheme, _, key = request.header("authorization").strip().partition(" ")
+        if scheme.lower() != "bearer" or not key.strip():
+            return False
+        digest = hashlib.sha256(key.strip().encode("utf-8", "replace")).digest()
+        ok = False
+        for known in self._digests:            # no early exit: every key costs the same
+            ok |= hmac.compare_digest(digest, known)
+        return ok
+
+    def handle(self, request, body: bytes):
+        """The route: validate synchronously, then publish in a task (the broker may await)."""
+        stats = self.stats
+        if request.method != "POST":
+            raise HandshakeRejected(405, "use POST", {"Allow": "POST"})
+        if not self._digests:
+            raise HandshakeRejected(404, "the publish API is off: configure api_keys")
+        if not self._authorized(request):
+            stats.rejected["unauthorized"] += 1
+            error = "" if not request.header("authorization") else ', error="invalid_token"'
+            raise HandshakeRejected(401, "missing or invalid API key (Authorization: Bearer <key>)",
+                                    {"WWW-Authenticate": _CHALLENGE + error})
+        ctype = request.header("content-type").split(";")[0].strip().lower()
+        if ctype and ctype != "application/json" and not ctype.endswith("+json"):
+            stats.rejected["bad_request"] += 1
+            raise HandshakeRejected(415, "body must be JSON (Content-Type: application/json)")
+        try:
+            doc = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            stats.rejected["bad_request"] += 1
+            raise HandshakeRejected(400, f"body is not JSON: {str(exc)[:100]}") from None
+        if not isinstance(doc, dict):
+            stats.rejected["bad_request"] += 1
+            raise HandshakeRejected(400, 'body must be a JSON object {"room": ..., "data": ...}')
+        if "data" not in doc:
+            stats.rejected["bad_request"] += 1
+            raise HandshakeRejected(400, 'body needs "data"')
+        try:
+            room = commands.validate_room(doc.get("room"), self.max_room_name_bytes)
+            data = commands.serialize_data(doc["data"])
+        except commands.CommandError as exc:
+            stats.rejected["bad_request"] += 1
+            raise HandshakeRejected(400, f"{exc.code}: {exc.message}") from None
+        hub = getattr(self.gateway, "hub", None)
+        if hub is None:
+            raise HandshakeRejected(503, "rooms are not served by this gateway")
+        return self._publish(hub, room, data)
+
+    async def _publish(self, hub, room: str, data: bytes) -> bytes:
+        try:
+            seq = await hub.publish(room, data)
+        except BrokerUnavailable as exc:
+            self.stats.rejected["broker_unavailable"] += 1
+            log.warning("api publish failed: broker unavailable", extra={"event": "api_publish", "room": room,
+                                                                          "error": str(exc)[:200]})
+            # JSON, so a backend can tell "nobody got it" from "only this node's members got
+            # it" (Redis down, local fallback): retrying the latter duplicates it for them.
+            body = {"ok": False, "error": "broker_unavailable", "delivered_locally": exc.delivered_locally,
+                    "detail": "broker unavailable; retry later" + (
+                        " (this node's members already got it: a retry repeats it for them)"
+                        if exc.delivered_locally else "")}
+            return response(503, orjson.dumps(body), "application/json", {"Retry-After": "1"})
+        self.stats.published += 1
+        return response(200, orjson.dumps({"ok": True, "seq": seq}), "application/json")
+
+
+class ApiStats:
+    labels = {"rejected": "reason"}
+
+    def __init__(self) -> None:
+        self.published = 0
+        self.rejected: collections.Counter = collections.Counter()
+
+
+def install(gateway, config) -> PublishApi:
+    api = PublishApi(gateway, tuple(getattr(config, "api_keys", ()) or ()),
+                     int(getattr(config, "max_room_name_bytes", 200) or 200))
+    gateway.http_routes[PATH] = api.handle
+    gateway.api = api
+    return api

@@ -1,0 +1,412 @@
+"""The `/ws` endpoint: one `Session` per connection speaking the rooms protocol (commands.py).
+
+Requests of one read are handled in order. join / leave / publish usually complete at once
+(room already subscribed here, in-memory broker); when one must wait (the broker subscribes
+a new room, a Redis publish, a token refresh) the rest of the read waits behind it in
+`backlog` and the socket stops being read until it is done, so a client cannot queue
+unbounded work and its requests keep their order.
+
+Outbound, a Session is the hub's member (`deliver`): while the transport accepts writes the
+hub's per-pass batch goes straight to the connection (one write per pass). Once the
+transport pauses (its buffer passed `write_buffer_high_bytes`), frames go to an
+`OutboundQueue` created only then, and the room's slow-consumer policy decides when it is
+full (backpressure.py): close with 4000, or drop and count. When the transport drains
+(`on_writable`) the queue is written out, and once it is empty the client gets one
+`{"op":"dropped","room":R,"count":N}` per room that lost messages. A client that does not
+read its replies is not read either (reading pauses while the transport is paused).
+
+Abuse: each client error (commands.CLIENT_ERRORS) gets an `error` reply and a log line;
+`max_consecutive_errors` of them in a row close the connection with 4003.
+
+Interface (like echo.py's EchoEndpoint): select_subprotocol, on_open, on_messages,
+on_writable, on_close. Imports commands, rooms, backpressure, broker.base, errors and
+handshake helpers; transports only through the Connection.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import functools
+import inspect
+import logging
+
+from gateway.rooms import commands
+from gateway.rooms.backpressure import BackpressureStats, OutboundQueue
+from gateway.broker.base import BrokerUnavailable
+from gateway.rooms.commands import CLIENT_ERRORS, MSGPACK_SUBPROTOCOL, CommandError
+from gateway.errors import CLOSE_REASONS, GatewayCloseCode
+from gateway.ws.handshake import select_subprotocol
+
+log = logging.getLogger("gateway.rooms.session")
+
+OP_TEXT, OP_BINARY = 0x1, 0x2
+# Publishes per connection queued on an order-keeping broker (Redis) before the next one is
+# awaited instead: enough to fill a pipeline, bounded so a flooding client pauses.
+MAX_QUEUED_PUBLISHES = 64
+
+
+class SessionStats:
+    """Request counters of /ws (plain ints; `errors` by code)."""
+
+    __slots__ = ("requests", "joins", "leaves", "publishes", "refreshes", "errors", "too_many_errors_closes",
+                 "labels")
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.joins = 0
+        self.leaves = 0
+        self.publishes = 0
+        self.refreshes = 0
+        self.errors: collections.Counter = collections.Counter()   # error replies by code
+        self.too_many_errors_closes = 0
+        self.labels = {"errors": "code"}
+
+
+class Session:
+    """Per-connection state (`conn.state`); also the hub's member."""
+
+    __slots__ = ("conn", "endpoint", "msgpack", "queue", "errors", "backlog", "task", "closed",
+                 "reading_paused", "throttled", "__weakref__", "deflate_key", "publishing")
+
+    def __init__(self, conn, endpoint: "RoomsEndpoint", msgpack: bool) -> None:
+        self.conn = conn
+        self.endpoint = endpoint
+        self.msgpack = msgpack
+        self.queue: OutboundQueue | None = None   # only while behind: idle sessions pay nothing
+        self.errors = 0                           # consecutive client errors
+        self.backlog: list | None = None          # requests waiting behind an async one
+        self.task: asyncio.Task | None = None
+        self.closed = False
+        self.reading_paused = False
+        self.throttled = False                    # paused until the hub's fan-out catches up
+        self.publishing = 0                       # queued publishes awaiting their seq (Redis)
+        # permessage-deflate window (None: not negotiated): the hub's compress-once group.
+        codec = getattr(conn.ws, "deflate", None)
+        self.deflate_key = None if codec is None else codec.key
+
+    # -- the hub's member interface ---------------------------------------------------------
+
+    def deliver(self, room, frames: list, batch: bytes) -> None:
+        conn = self.conn
+        if self.closed:
+            return
+        if self.queue is None and not conn.paused:
+            if len(batch) <= self.endpoint.write_buffer_high:
+                conn.send_shared(batch)      # the common case: the pass's frames in one write
+                return
+            # A pass bigger than the high-water mark: frame by frame while the transport
+            # takes them, so a client that stalls mid-pass gets the rest through its queue
+            # and its policy, not a transport buffer grown by the whole pass.
+            conn.flush()                     # what is corked goes first (order), then write now
+            for i, frame in enumerate(frames):
+                conn.send_shared(frame)
+                if conn.paused:
+                    frames = frames[i + 1:]
+                    break
+            else:
+                return
+            if not frames or self.closed:
+                return
+        queue = self.queue
+        if queue is None:
+            ep = self.endpoint
+            queue = self.queue = OutboundQueue(ep.max_queue_bytes, ep.backpressure)
+        name = room.name
+        policy = room.policy
+        for frame in frames:
+            if not queue.push(name, frame, policy):
+                self.slow_disconnect(room)
+                return
+
+    def slow_disconnect(self, room) -> None:
+        conn = self.conn
+        log.info("slow consumer disconnected", extra={
+            "event": "slow_consumer", "conn": conn.id, "peer": conn.peer, "user": conn.user, "room": room.name,
+            "queued_bytes": self.queue.bytes if self.queue is not None else 0,
+        })
+        self.endpoint.close_session(self)
+        code = GatewayCloseCode.SLOW_CONSUMER
+        conn.close(int(code), CLOSE_REASONS[code])
+
+    # -- replies ------------------------------------------------------------------------------
+
+    def reply(self, doc: dict) -> None:
+        if self.msgpack:
+            self.conn.send(OP_BINARY, commands.encode_msgpack(doc))
+        else:
+            self.conn.send(OP_TEXT, commands.encode_json(doc))
+
+
+class RoomsEndpoint:
+    """The `/ws` endpoint; `hub` is the process's rooms.Hub."""
+
+    subprotocols = (MSGPACK_SUBPROTOCOL,)
+
+    def __init__(self, hub, config) -> None:
+        self.hub = hub
+        self.config = config
+        self.max_room_name_bytes = config.max_room_name_bytes
+        self.max_rooms = config.max_rooms_per_connection
+        self.max_errors = config.max_consecutive_errors
+        self.max_queue_bytes = config.max_queue_bytes
+        self.write_buffer_high = config.write_buffer_high_bytes
+        self.backpressure = BackpressureStats()
+        self.stats = SessionStats()
+        self.sessions = 0
+
+    # -- endpoint interface -----------------------------------------------------------------
+
+    def select_subprotocol(self, request):
+        return select_subprotocol(request, self.subprotocols)
+
+    def on_open(self, conn, subprotocol) -> None:
+        conn.state = Session(conn, self, subprotocol == MSGPACK_SUBPROTOCOL)
+        self.sessions += 1
+        # Pause (and queue in the gateway, under the policy) once this much waits in the
+        # transport; resume at a quarter so a draining client gets a few writes' worth.
+        conn.set_write_buffer_limits(self.write_buffer_high, self.config.send_buffer_bytes)
+
+    def on_messages(self, conn, messages) -> None:
+        session = conn.state
+        if session.closed:
+            return
+        if session.backlog is not None:
+            session.backlog.extend(messages)   # reading is paused; this is the rest of one read
+            return
+        self._process(session, messages)
+        if session.closed:
+            return
+        if conn.paused and not session.reading_paused:
+            # The client does not read what we send: stop reading what it sends.
+            session.reading_paused = True
+            conn.pause_reading()
+        if self.hub.must_throttle and not session.throttled:
+            # It publishes faster than this pass can fan out: read it again after the flush.
+            self.hub.publisher_pauses += 1
+            session.throttled = True
+            if not session.reading_paused:
+                session.reading_paused = True
+                conn.pause_reading()
+            self.hub.after_flush(lambda: self._unthrottle(session))
+
+    def _unthrottle(self, session: Session) -> None:
+        session.throttled = False
+        self._maybe_resume(session)
+
+    def _maybe_resume(self, session: Session) -> None:
+        """Read the client again once no reason to pause remains."""
+        conn = session.conn
+        if (session.reading_paused and not conn.paused and session.backlog is None and not session.throttled
+                and not session.closed):
+            session.reading_paused = False
+            conn.resume_reading()
+
+    def on_writable(self, conn) -> None:
+        session = conn.state
+        if session is None or session.closed:
+            return
+        queue = session.queue
+        if queue is not None:
+            while queue and not conn.paused and not session.closed:
+                for frame in queue.pop(self.write_buffer_high):
+                    conn.send_frame(frame)
+                conn.flush()
+            if not queue and not session.closed:
+                # Caught up: tell the client what it missed (besides the seq gap).
+                for room, count in queue.take_drops():
+                    session.reply(commands.dropped(room, count))
+                session.queue = None
+                conn.flush()
+        self._maybe_resume(session)
+
+    def on_rate_limited(self, conn) -> None:
+        """defences.py: this connection's inbound message budget ran out. Say why in the
+        protocol's terms, leave every room; the connection then closes with 4002."""
+        session = conn.state
+        if session is None or session.closed:
+            return
+        self.stats.errors["rate_limited"] += 1
+        session.reply(commands.error("rate_limited", "message rate limit exceeded; closing (4002)"))
+        self.close_session(session)
+
+    def on_close(self, conn) -> None:
+        session = conn.state
+        if session is not None and not session.closed:
+            self.close_session(session)
+
+    def close_session(self, session: Session) -> None:
+        """Leave every room and drop the queue (disconnect, slow-consumer or abuse close)."""
+        session.closed = True
+        self.sessions -= 1
+        self.hub.leave_all(session)
+        if session.queue is not None:
+            session.queue.clear()
+            session.queue = None
+        session.backlog = None
+
+    # -- requests -----------------------------------------------------------------------------
+
+    def _process(self, session: Session, messages) -> None:
+        for i, (opcode, payload) in enumerate(messages):
+            if session.closed:
+                return
+            try:
+                pending = self._handle(session, opcode, payload)
+            except CommandError as exc:
+                self._refuse(session, exc)
+                continue
+            session.errors = 0
+            if pending is not None:
+                # Wait for it; the rest of this read follows when it is done.
+                session.backlog = list(messages[i + 1:])
+                if not session.reading_paused:
+                    session.reading_paused = True
+                    session.conn.pause_reading()
+                session.task = asyncio.ensure_future(self._finish(session, pending))
+                return
+
+    def _handle(self, session: Session, opcode: int, payload):
+        """Handle one request; returns None when done, or a coroutine that must be awaited."""
+        self.stats.requests += 1
+        if opcode == OP_TEXT:
+            obj = commands.decode_json(payload)
+        elif session.msgpack:
+            obj = commands.decode_msgpack(payload)
+        else:
+            raise CommandError("bad_json", f"binary frames need the {MSGPACK_SUBPROTOCOL} subprotocol; send JSON text")
+        cmd = commands.parse(obj, self.max_room_name_bytes)
+        op = cmd.op
+        if op == "publish":
+            return self._publish(session, cmd)
+        if op == "join":
+            return self._join(session, cmd)
+        if op == "leave":
+            self.stats.leaves += 1
+            if not self.hub.leave(session, cmd.room):
+                raise CommandError("not_member", f"not a member of {cmd.room!r}", cmd.id)
+            self._ack(session, cmd)
+            return None
+        return self._refresh(session, cmd)
+
+    def _ack(self, session: Session, cmd, seq=None) -> None:
+        if cmd.id is not None:
+            session.reply(commands.ack(cmd.id, seq))
+
+    def _publish(self, session: Session, cmd):
+        self.stats.publishes += 1
+        principal = session.conn.principal
+        if principal is not None and not principal.can_publish(cmd.room):
+            raise CommandError("forbidden", f"not allowed to publish to {cmd.room!r}", cmd.id)
+        hub = self.hub
+        if hub.can_publish_nowait:
+            self._ack(session, cmd, hub.publish_nowait(cmd.room, cmd.data))
+            return None
+        if hub.can_publish_queued and session.publishing < MAX_QUEUED_PUBLISHES:
+            # The broker numbers publications in call order, so the next request need not
+            # wait for this one's round trip; its ack follows when Redis answers. Past the
+            # cap the publish is awaited below, which pauses reading (backpressure).
+            try:
+                fut = hub.publish_queued(cmd.room, cmd.data)
+            except BrokerUnavailable as exc:
+                raise CommandError("broker_unavailable", f"cannot publish now: {exc}"[:200], cmd.id) from None
+            session.publishing += 1
+            fut.add_done_callback(functools.partial(self._published, session, cmd))
+            return None
+        return self._publish_async(session, cmd)
+
+    def _published(self, session: Session, cmd, fut: asyncio.Future) -> None:
+        session.publishing -= 1
+        if session.closed or fut.cancelled():
+            return
+        exc = fut.exception()
+        if exc is None:
+            self._ack(session, cmd, fut.result())
+        else:
+            self._refuse(session, CommandError("broker_unavailable", f"cannot publish now: {exc}"[:200], cmd.id))
+
+    async def _publish_async(self, session: Session, cmd) -> None:
+        try:
+            seq = await self.hub.publish(cmd.room, cmd.data)
+        except BrokerUnavailable as exc:
+            raise CommandError("broker_unavailable", f"cannot publish now: {exc}"[:200], cmd.id) from None
+        self._ack(session, cmd, seq)
+
+    def _join(self, session: Session, cmd):
+        self.stats.joins += 1
+        room = cmd.room
+        principal = session.conn.principal
+        if principal is not None and not principal.can_join(room):
+            raise CommandError("forbidden", f"not allowed to join {room!r}", cmd.id)
+        hub = self.hub
+        if hub.is_member(session, room):
+            self._ack(session, cmd)      # joining twice is harmless
+            return None
+        if len(hub.rooms_of(session)) >= self.max_rooms:
+            raise CommandError("too_many_rooms", f"a connection may join at most {self.max_rooms} rooms", cmd.id)
+        if hub.join_nowait(session, room) is None:
+            return self._join_async(session, cmd)
+        self._ack(session, cmd)
+        return None
+
+    async def _join_async(self, session: Session, cmd) -> None:
+        try:
+            await self.hub.join(session, cmd.room)
+        except BrokerUnavailable as exc:
+            raise CommandError("broker_unavailable", f"cannot join now: {exc}"[:200], cmd.id) from None
+        if session.closed:
+            self.hub.leave(session, cmd.room)   # it went away while the broker subscribed
+            return
+        self._ack(session, cmd)
+
+    def _refresh(self, session: Session, cmd):
+        self.stats.refreshes += 1
+        hook = getattr(session.conn.gateway, "refresh_token", None)
+        if hook is None:
+            raise CommandError("unsupported", "this server has no authentication to refresh", cmd.id)
+        return self._refresh_async(session, cmd, hook)
+
+    async def _refresh_async(self, session: Session, cmd, hook) -> None:
+        # The hook (auth) checks the token and updates conn.principal; it raises to refuse.
+        try:
+            result = hook(session.conn, cmd.token)
+            if inspect.isawaitable(result):
+                result = await result
+        except Exception as exc:
+            raise CommandError("unauthorized", f"token refused: {getattr(exc, 'reason', None) or exc}"[:200],
+                               cmd.id) from None
+        if result is False:
+            raise CommandError("unauthorized", "token refused", cmd.id)
+        self._ack(session, cmd)
+
+    async def _finish(self, session: Session, pending) -> None:
+        try:
+            await pending
+        except CommandError as exc:
+            if not session.closed:
+                self._refuse(session, exc)
+        except Exception:
+            log.exception("request failed", extra={"conn": session.conn.id})
+            if not session.closed:
+                self._refuse(session, CommandError("internal_error", "the server failed to handle this request"))
+        session.task = None
+        backlog = session.backlog
+        session.backlog = None
+        if session.closed:
+            return
+        if backlog:
+            self._process(session, backlog)
+        self._maybe_resume(session)
+
+    def _refuse(self, session: Session, exc: CommandError) -> None:
+        conn = session.conn
+        self.stats.errors[exc.code] += 1
+        log.info("request refused", extra={"event": "request_error", "conn": conn.id, "peer": conn.peer,
+                                           "user": conn.user, "code": exc.code, "reason": exc.message})
+        session.reply(commands.error(exc.code, exc.message, exc.id))
+        if exc.code in CLIENT_ERRORS:
+            session.errors += 1
+            if session.errors >= self.max_errors:
+                self.stats.too_many_errors_closes += 1
+                self.close_session(session)
+                code = GatewayCloseCode.TOO_MANY_ERRORS
+                conn.close(int(code), CLOSE_REASONS[code])

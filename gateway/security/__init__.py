@@ -1,0 +1,1 @@
+"""Admission: JWT auth, Origin and per-IP limits, rate limits, handshake defences."""

@@ -1,0 +1,352 @@
+"""Connection: the only glue between a uvloop transport and the sans-I/O pieces.
+
+Data flow of one connection:
+
+    bytes in -> [head] handshake.parse_request -> route: HTTP handler | WebSocket upgrade
+             -> [open] ServerProtocol.receive_data -> messages -> endpoint.on_messages
+             -> frames queued on the protocol -> flush(): ONE transport write per read
+                (or per event-loop pass for frames pushed by the hub, via the Corker)
+
+The [open] part runs in gateway_ext.WebSocketStream, this class's compiled base (it runs
+per read and per delivery); everything once-per-connection is here.
+
+Write coalescing ("corking") is the point of this module: everything produced while handling
+one read, and every broadcast frame that reaches this connection in one loop pass, leaves in
+a single `write`/`writelines` call, i.e. one syscall instead of one per frame.
+
+Closing (RFC 6455 section 7): when both close frames have crossed the server closes TCP
+first (section 7.1.1); after a protocol failure (section 7.1.7) it half-closes and drains
+until EOF; a close it initiated waits `close_timeout` for the peer's answer, then aborts.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+
+from gateway_ext import WebSocketStream
+from gateway_ext.constants import ANSWERED, BODY, CLOSED, HEAD, OPEN
+
+from gateway.errors import HandshakeRejected
+from gateway.ws.handshake import Request, accept, parse_request, reject, response, validate_upgrade
+from gateway.ops.logs import LifecycleLog
+from gateway.ws.protocol import ServerProtocol
+
+log = logging.getLogger("gateway.server.connection")
+lifecycle = LifecycleLog("gateway.server.connection")   # open/close/reject lines, once per connection
+
+
+class Connection(WebSocketStream, asyncio.Protocol):
+    """One client socket. `gateway` is the process-wide Gateway (see server.py).
+
+    The per-read and per-write path of an open connection -- data_received, send,
+    send_frame, send_shared, flush -- and the fields it uses (transport, ws, endpoint,
+    limiter, phase, last_seen, paused; also the flags pinged and _closing) are inherited
+    from gateway_ext's WebSocketStream (compiled, with a pure-Python twin); this class
+    supplies its hooks `_receive_http` and `_after_close_sent`.
+    """
+
+    __slots__ = (
+        "gateway", "id", "peer", "request", "_head", "_body_needed", "_timer",
+        "principal", "state", "_client_ip",
+    )
+
+    def __init__(self, gateway) -> None:
+        super().__init__(gateway.stats, gateway.corker)
+        self.gateway = gateway
+        self.id = 0
+        self.peer = ""
+        self.request: Request | None = None
+        self._head = bytearray()
+        self._body_needed = 0
+        self._timer = None
+        self.principal = None     # who this is (set by auth at the handshake)
+        self.state = None         # per-endpoint state (e.g. the rooms session)
+        self._client_ip = ""      # see client_ip; None: the host part of `peer`
+
+    # -- asyncio callbacks ----------------------------------------------------------------
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        gw = self.gateway
+        self.id = gw.next_connection_id()
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "")
+        gw.stats.accepted += 1
+        # Until the upgrade, last_seen holds the accept time (for the handshake latency metric;
+        # perf_counter because uvloop's loop.time() moves in 1 ms steps).
+        self.last_seen = time.perf_counter()
+        # Slowloris guard: the request head (and body) must arrive within the timeout. No
+        # timer per client: the gateway's sweep expires them in accept order (server.py).
+        gw.handshaking[self] = gw.loop.time()
+
+    def eof_received(self):
+        if self.ws is not None:
+            self.ws.receive_eof()
+        return False  # let the transport close
+
+    def connection_lost(self, exc) -> None:
+        if self.phase == CLOSED:
+            return
+        previous, self.phase = self.phase, CLOSED
+        if previous != OPEN:
+            self.gateway.handshaking.pop(self, None)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        gw = self.gateway
+        if previous == OPEN:
+            ws = self.ws
+            ws.receive_eof()
+            gw.connection_closed(self)
+            try:
+                self.endpoint.on_close(self)
+            except Exception:  # a bug in an endpoint must not leak the connection
+                log.exception("endpoint on_close failed", extra={"conn": self.id})
+            # The connection's one INFO line (the open line is DEBUG): who, from where, which
+            # endpoint, compressed or not, and how it ended.
+            lifecycle.info("connection closed", {
+                "event": "close", "conn": self.id, "peer": self.peer, "client": self.client_ip, "user": self.user,
+                "path": gw.route_of(self.endpoint), "compressed": ws.deflate is not None,
+                "code": ws.close_code, "reason": ws.close_reason or (str(exc) if exc else ""),
+            })
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        if self.endpoint is not None:
+            self.endpoint.on_writable(self)
+
+    # -- output ---------------------------------------------------------------------------
+
+    def pause_reading(self) -> None:
+        """Stop reading this client (an endpoint applying backpressure); idempotent."""
+        if self.transport is not None and self.phase != CLOSED and self.transport.is_reading():
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.transport is not None and self.phase != CLOSED and not self.transport.is_reading():
+            self.transport.resume_reading()
+
+    def set_write_buffer_limits(self, high: int, sndbuf: int = 0) -> None:
+        """Pause (pause_writing -> `paused`) above `high` buffered bytes, resume below a quarter;
+        `sndbuf` > 0 also caps the kernel's send buffer (SO_SNDBUF), which stops its autotuning."""
+        if sndbuf > 0:
+            sock = self.transport.get_extra_info("socket")
+            if sock is not None:
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
+                except OSError as exc:  # pragma: no cover - not a TCP socket (e.g. a test double)
+                    log.debug("cannot set SO_SNDBUF", extra={"conn": self.id, "error": str(exc)})
+        self.transport.set_write_buffer_limits(high=high, low=high // 4)
+
+    def _after_close_sent(self) -> None:
+        if not self._closing:
+            self._start_closing()
+        elif self.ws.close_received:
+            self._finish_close()
+
+    def close(self, code: int = 1000, reason: str = "") -> None:
+        """Start the closing handshake (section 7.1.2) and flush it now."""
+        if self.ws is None:
+            self.abort()
+            return
+        self.ws.close(code, reason)
+        self.flush()
+
+    def abort(self) -> None:
+        if self.transport is not None and self.phase != CLOSED:
+            self.transport.abort()
+
+    def _start_closing(self) -> None:
+        self._closing = True
+        ws = self.ws
+        if ws.close_received:
+            self._finish_close()
+            return
+        if ws.failed and self.transport.can_write_eof():
+            # Section 7.1.7: fail the connection. Half-close so our close frame is not lost
+            # to a reset, and drain whatever the peer still sends until its EOF.
+            self.transport.write_eof()
+        self._timer = self.gateway.loop.call_later(self.gateway.config.close_timeout, self.abort)
+
+    def _finish_close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.transport.close()  # flushes the close frame, then FIN (section 7.1.1)
+
+    @property
+    def user(self) -> str:
+        return getattr(self.principal, "user", "") or ""
+
+    @property
+    def client_ip(self) -> str:
+        """The client's address (behind trusted proxies: theirs, not the proxy's)."""
+        ip = self._client_ip
+        return self.peer.rpartition(":")[0] if ip is None else ip
+
+    @client_ip.setter
+    def client_ip(self, ip: str) -> None:
+        # Without a proxy it is the host part of `peer`: derive it instead of keeping a
+        # second string per connection (~60 bytes of each idle connection).
+        self._client_ip = None if ip and self.peer.rpartition(":")[0] == ip else ip
+
+    # -- HTTP phase -----------------------------------------------------------------------
+
+    def handshake_timeout(self) -> None:
+        """Called by the gateway's sweep when the request did not arrive in time."""
+        if self.phase in (HEAD, BODY):
+            self.gateway.stats.rejected["timeout"] += 1
+            lifecycle.info("handshake timeout", {"event": "reject", "conn": self.id, "peer": self.peer, "status": 408})
+            self._respond(response(408, b"request not received in time\n"))
+
+    def _receive_http(self, data: bytes) -> None:
+        if self.phase == BODY:
+            self._head += data
+            if len(self._head) >= self._body_needed:
+                self._dispatch_http(bytes(self._head[:self._body_needed]))
+            return
+        if self.phase != HEAD:
+            return
+        head = self._head
+        head += data
+        try:
+            request = parse_request(head, self.peer)
+        except HandshakeRejected as exc:
+            self._reject(exc)
+            return
+        if request is None:
+            return
+        self.request = request
+        rest = bytes(head[request.head_bytes:])
+        self._head = bytearray()
+        try:
+            self._route(request, rest)
+        except HandshakeRejected as exc:
+            self._reject(exc)
+        except Exception:
+            log.exception("internal error while handling a request", extra={"conn": self.id, "peer": self.peer})
+            self._reject(HandshakeRejected(500, "internal error"))
+
+    def _route(self, request: Request, rest: bytes) -> None:
+        gw = self.gateway
+        endpoint = gw.endpoints.get(request.path)
+        if endpoint is not None:
+            self._upgrade(request, endpoint, rest)
+            return
+        if request.path not in gw.http_routes:
+            raise HandshakeRejected(404, f"no endpoint at {request.path[:100]}")
+        length_text = request.header("content-length", "0") or "0"
+        if not length_text.isdigit():
+            raise HandshakeRejected(400, "invalid Content-Length")
+        if "chunked" in request.tokens("transfer-encoding"):
+            raise HandshakeRejected(411, "chunked request bodies are not supported; send Content-Length")
+        length = int(length_text)
+        if length > gw.config.max_message_bytes:
+            raise HandshakeRejected(413, f"request body larger than {gw.config.max_message_bytes} bytes")
+        if len(rest) >= length:
+            self._dispatch_http(rest[:length])
+        else:
+            self.phase = BODY
+            self._body_needed = length
+            self._head = bytearray(rest)
+
+    def _dispatch_http(self, body: bytes) -> None:
+        self.phase = ANSWERED  # answered; ignore anything else on this socket
+        self._head = bytearray()
+        request = self.request
+        try:
+            result = self.gateway.http_routes[request.path](request, body)
+        except HandshakeRejected as exc:
+            self._reject(exc)
+            return
+        except Exception:
+            log.exception("internal error in HTTP route", extra={"conn": self.id, "path": request.path})
+            self._reject(HandshakeRejected(500, "internal error"))
+            return
+        if asyncio.iscoroutine(result):
+            task = self.gateway.loop.create_task(result)
+            task.add_done_callback(self._http_done)
+        else:
+            self._respond(result)
+
+    def _http_done(self, task: asyncio.Task) -> None:
+        try:
+            self._respond(task.result())
+        except HandshakeRejected as exc:
+            self._reject(exc)
+        except Exception:
+            log.exception("internal error in HTTP route", extra={"conn": self.id})
+            self._reject(HandshakeRejected(500, "internal error"))
+
+    def _upgrade(self, request: Request, endpoint, rest: bytes) -> None:
+        gw = self.gateway
+        key = validate_upgrade(request)
+        if gw.open_connections >= gw.config.max_connections:
+            raise HandshakeRejected(503, "server is at its connection limit; retry later", {"Retry-After": "5"})
+        extra_headers = gw.admit(self, request)   # auth, origin, per-IP limits (may raise)
+        subprotocol = endpoint.select_subprotocol(request)
+        ws, extensions = self._negotiate_extensions(request)
+        self.transport.write(accept(key, subprotocol, extensions, extra_headers))
+        gw.handshaking.pop(self, None)
+        self.ws = ws
+        self.endpoint = endpoint
+        self.phase = OPEN
+        # Nothing reads the request head after the 101 (auth keeps what it needs in
+        # `principal`): its headers dict and strings are ~1 KB per idle connection.
+        self.request = None
+        self._head = None
+        gw.stats.handshake.observe(time.perf_counter() - self.last_seen)
+        self.last_seen = gw.clock
+        try:
+            gw.connection_opened(self)
+            if lifecycle.enabled(logging.DEBUG):   # one INFO line per connection: the close
+                lifecycle.debug("connection opened", {
+                    "event": "open", "conn": self.id, "peer": self.peer, "client": self.client_ip, "user": self.user,
+                    "path": request.path, "subprotocol": subprotocol or "", "extensions": extensions or "",
+                })
+            endpoint.on_open(self, subprotocol)
+        except Exception:
+            # The 101 is on the wire: from here a failure is a WebSocket close (1011, RFC 6455
+            # section 7.4.1), never an HTTP response written into the upgraded stream.
+            log.exception("internal error while opening a connection", extra={"conn": self.id, "peer": self.peer})
+            self.close(1011, "internal error")
+            return
+        if rest:
+            self.data_received(rest)
+        else:
+            self.flush()
+
+    def _negotiate_extensions(self, request: Request):
+        """The protocol object and the Sec-WebSocket-Extensions answer (RFC 7692 section 5)."""
+        gw = self.gateway
+        offers = request.header("sec-websocket-extensions")
+        deflate = gw.deflate
+        if offers and deflate is not None:
+            codec, answer, declined = deflate.negotiate(offers, gw.config.max_message_bytes)
+            if declined:  # RFC 7692 section 5: an invalid offer is declined, not an error
+                log.info("permessage-deflate offer declined", extra={
+                    "event": "extension_declined", "conn": self.id, "peer": self.peer, "reason": "; ".join(declined)})
+            if codec is not None:
+                return ServerProtocol(gw.config.max_message_bytes, codec), answer
+        return ServerProtocol(gw.config.max_message_bytes), None
+
+    def _reject(self, exc: HandshakeRejected) -> None:
+        stats = self.gateway.stats
+        stats.rejected[str(exc.status)] += 1
+        lifecycle.info("request rejected", {
+            "event": "reject", "conn": self.id, "peer": self.peer, "client": self.client_ip, "status": exc.status,
+            "reason": exc.reason,
+        })
+        self._respond(reject(exc))
+
+    def _respond(self, data: bytes) -> None:
+        self.gateway.handshaking.pop(self, None)
+        self.phase = ANSWERED
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+            self.transport.close()

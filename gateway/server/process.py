@@ -1,0 +1,468 @@
+"""The process: listeners, the clock/keepalive sweep, admission, shutdown.
+
+One `Gateway` per process owns the listening socket(s), the set of open connections, the
+endpoints (`/ws`, `/echo`), the plain HTTP routes (`/healthz`, `/readyz`, ...) and the Corker.
+Timers are shared: one periodic sweep updates a coarse clock, pings connections that have
+been silent for `ping_interval` and aborts those still silent `ping_timeout` later -- one
+timer for the whole process instead of one per connection (memory at 50k connections).
+Only this module and connection.py touch sockets and transports.
+
+Graceful shutdown (SIGTERM/SIGINT: close 1001; SIGUSR2: close 1012 "service restart"):
+  1. not ready: /readyz answers 503 and new upgrades get 503 + Retry-After while the listener
+     stays open, so load balancers (nginx `proxy_next_upstream http_503`) move on;
+  2. close frames go out in batches spread over `drain_window`, so clients do not all
+     reconnect to the next instance in the same instant;
+  3. the listener closes; the gateway waits for the close handshakes until `drain_timeout`
+     (counted from the signal), aborts the stragglers, runs the shutdown hooks and exits 0.
+A second SIGTERM/SIGINT exits at once (status 1).
+
+SIGHUP reloads the configuration (file + environment + the original flags): the fields in
+`config.RELOADABLE` apply to new connections and timers at once (log level/format, limits,
+timeouts, drain settings, and TLS certificates re-read from the same paths -- certificate
+rotation without dropping anyone); host/port/workers/broker/metrics listener changes are
+logged as needing a restart and ignored. Feature sections (`extra`) are handed to the
+`on_reload` hooks; a feature without one keeps what it read at start.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import itertools
+import logging
+import os
+import signal
+import socket
+
+from gateway_ext import Corker, StreamStats
+
+from gateway.ops import logs, systemd
+from gateway.config import RELOADABLE, Config, make_ssl_context
+from gateway.server.connection import Connection
+from gateway.ws.deflate import Deflate
+from gateway.server.echo import EchoEndpoint
+from gateway.errors import ConfigError, HandshakeRejected
+from gateway.ws.handshake import response
+from gateway.ops.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from gateway.ops.metrics import LatencyHistogram, Metrics
+
+log = logging.getLogger("gateway.server.process")
+
+PING_SLICE = 512   # keepalive pings written per event-loop pass (see Gateway._send_pings)
+
+
+class Stats(StreamStats):
+    """Counters read by metrics at scrape time. The per-read ones (messages_in, frames_out,
+    bytes_in, bytes_out) and the coarse clock `now` live in the compiled StreamStats base,
+    so the read path updates them without attribute lookups."""
+
+    __slots__ = ("accepted", "opened", "closed", "rejected", "keepalive_timeouts", "close_codes", "handshake")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.accepted = 0
+        self.opened = 0
+        self.closed = 0
+        self.keepalive_timeouts = 0
+        self.rejected: collections.Counter = collections.Counter()
+        self.close_codes: collections.Counter = collections.Counter()   # once per connection, not per message
+        self.handshake = LatencyHistogram()                             # accept -> 101, once per connection
+
+
+class Gateway:
+    def __init__(self, config: Config, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self.config = config
+        self.loop = loop or asyncio.get_event_loop()
+        self.stats = Stats()
+        self.corker = Corker(self.loop)
+        self.deflate = Deflate.from_config(config)   # permessage-deflate policy, None when off
+        self.connections: set[Connection] = set()
+        # Connections still in the HTTP phase -> accept time (loop clock), in accept order:
+        # the sweep expires the oldest ones (handshake_timeout) without a timer per client.
+        self.handshaking: dict[Connection, float] = {}
+        self.endpoints: dict[str, object] = {}
+        if config.echo:
+            self.endpoints["/echo"] = EchoEndpoint()
+        self.http_routes = {"/healthz": self._healthz, "/readyz": self._readyz}
+        self.metrics = Metrics(self, self.loop)
+        # Feature stats objects to export ({name: obj}; see metrics.py for the contract).
+        self.metric_sources: dict = {}
+        if self.deflate is not None:
+            self.metric_sources["deflate"] = self.deflate   # permessage-deflate counters
+        if not config.metrics_port:
+            self.http_routes["/metrics"] = self._metrics
+        # Admission hooks run before the 101: (conn, request) -> extra headers or raise HandshakeRejected.
+        self.admission_hooks: list = []
+        # Per-connection life-cycle hooks (conn) -> None, e.g. per-IP counts and token expiry
+        # (defences.py): open_hooks right after the 101, close_hooks when an open one is gone.
+        self.open_hooks: list = []
+        self.close_hooks: list = []
+        # Called by every sweep tick with the loop time: process-wide timers (token expiry).
+        self.sweep_hooks: list = []
+        # (conn, token) -> Principal or raise auth.TokenRejected; set by defences when auth is on.
+        self.refresh_token = None
+        # Readiness checks: () -> (ok, detail); all must pass for /readyz to say 200.
+        self.readiness_checks: list = []
+        self.on_shutdown: list = []   # async callables run after clients are closed
+        self.on_reload: list = []     # callables (old_config, new_config) run after a SIGHUP reload
+        self.reload_config = None     # () -> Config: re-reads file + env + original flags (set by app)
+        self.draining = False
+        self._all_closed: asyncio.Event | None = None
+        self._ssl = None
+        self.stats.now = self.loop.time()
+        self.ready = False
+        self._ids = itertools.count(1)
+        self._servers: list[asyncio.AbstractServer] = []
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._next_ping_scan = 0.0
+        self._stopping: asyncio.Future | None = None
+        self._metrics_server: asyncio.AbstractServer | None = None
+        self.worker_index = 0   # set by app: worker i of `workers` serves metrics on metrics_port + i
+        self.sockets: list[socket.socket] = []
+
+    # -- bookkeeping used by Connection -------------------------------------------------
+
+    def next_connection_id(self) -> int:
+        return next(self._ids)
+
+    @property
+    def clock(self) -> float:
+        """Loop time of the last sweep (the per-read path reads it as `stats.now`)."""
+        return self.stats.now
+
+    @property
+    def open_connections(self) -> int:
+        return len(self.connections)
+
+    def route_of(self, endpoint) -> str:
+        """The path `endpoint` is served at (for the close log line; a handful of endpoints)."""
+        for path, candidate in self.endpoints.items():
+            if candidate is endpoint:
+                return path
+        return ""
+
+    def connection_opened(self, conn: Connection) -> None:
+        self.connections.add(conn)
+        self.stats.opened += 1
+        for hook in self.open_hooks:
+            hook(conn)
+
+    def connection_closed(self, conn: Connection) -> None:
+        self.connections.discard(conn)
+        self.stats.closed += 1
+        for hook in self.close_hooks:
+            hook(conn)
+        ws = conn.ws
+        if ws is not None:
+            self.stats.close_codes[ws.close_code] += 1
+        if self._all_closed is not None and not self.connections:
+            self._all_closed.set()
+
+    def admit(self, conn: Connection, request) -> dict:
+        if self.draining:
+            # The listener stays open during the drain so health checks see 503; new clients go elsewhere.
+            raise HandshakeRejected(503, "server is shutting down; reconnect to another instance",
+                                    {"Retry-After": "1"})
+        headers: dict = {}
+        for hook in self.admission_hooks:
+            extra = hook(conn, request)
+            if extra:
+                headers.update(extra)
+        return headers
+
+    # -- HTTP routes ----------------------------------------------------------------------
+
+    def _healthz(self, request, body):
+        return response(200, b"ok\n")
+
+    def _readyz(self, request, body):
+        problems = [detail for ok, detail in (check() for check in self.readiness_checks) if not ok]
+        if not self.ready:
+            problems.insert(0, "not accepting connections")
+        if problems:
+            return response(503, ("; ".join(problems) + "\n").encode())
+        return response(200, b"ready\n")
+
+    def _metrics(self, request, body):
+        return response(200, self.metrics.render(), METRICS_CONTENT_TYPE)
+
+    # -- life cycle -----------------------------------------------------------------------
+
+    def _make_socket(self) -> socket.socket:
+        host = self.config.host
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if hasattr(socket, "SO_REUSEPORT"):
+            # Several worker processes share one port; the kernel balances accepts.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, self.config.port))
+        sock.listen(self.config.backlog)
+        sock.setblocking(False)
+        return sock
+
+    async def start(self, sock: socket.socket | None = None) -> None:
+        sock = sock or self._make_socket()
+        self.sockets.append(sock)
+        if self._ssl is None:
+            self._ssl = make_ssl_context(self.config)
+        tls = {"ssl": self._ssl, "ssl_handshake_timeout": self.config.handshake_timeout} if self._ssl else {}
+        server = await self.loop.create_server(lambda: Connection(self), sock=sock, backlog=self.config.backlog, **tls)
+        self._servers.append(server)
+        if self.config.metrics_port and self._metrics_server is None:
+            await self._start_metrics_listener()
+        self._schedule_sweep()
+        self.metrics.start()
+        self.ready = True
+
+    async def _start_metrics_listener(self) -> None:
+        """/metrics, /healthz, /readyz on a private port; it stays open until the very end of a drain."""
+        site = _PrivateSite(self, {"/metrics": self._metrics, "/healthz": self._healthz, "/readyz": self._readyz})
+        self._metrics_server = await self.loop.create_server(
+            lambda: Connection(site), self.config.metrics_host, self.config.metrics_port + self.worker_index,
+            reuse_address=True, reuse_port=hasattr(socket, "SO_REUSEPORT"))
+
+    @property
+    def metrics_port(self) -> int | None:
+        if self._metrics_server is None:
+            return None
+        return self._metrics_server.sockets[0].getsockname()[1]
+
+    @property
+    def port(self) -> int:
+        return self.sockets[0].getsockname()[1]
+
+    def _sweep_interval(self) -> float:
+        c = self.config
+        candidates = [1.0, c.ping_timeout / 4, c.handshake_timeout / 4]
+        if c.ping_interval > 0:
+            candidates.append(c.ping_interval / 4)
+        return max(0.05, min(candidates))
+
+    def _schedule_sweep(self) -> None:
+        self._sweeper = self.loop.call_later(self._sweep_interval(), self._sweep)
+
+    def _sweep(self) -> None:
+        now = self.stats.now = self.loop.time()
+        c = self.config
+        pending = self.handshaking
+        if pending:
+            expired = now - c.handshake_timeout
+            while pending:
+                conn = next(iter(pending))
+                if pending[conn] > expired:
+                    break       # accept order: every later one is younger
+                del pending[conn]
+                conn.handshake_timeout()
+        if c.ping_interval > 0 and now >= self._next_ping_scan:
+            self._next_ping_scan = now + min(c.ping_interval, c.ping_timeout) / 4
+            interval, deadline = c.ping_interval, c.ping_interval + c.ping_timeout
+            due = []
+            for conn in list(self.connections):
+                idle = now - conn.last_seen
+                if idle < interval:
+                    conn.pinged = False
+                elif idle >= deadline and conn.pinged:
+                    self.stats.keepalive_timeouts += 1
+                    log.info("keepalive timeout", extra={"event": "keepalive_timeout", "conn": conn.id, "peer": conn.peer})
+                    conn.ws.close(1011, "keepalive ping timeout")
+                    conn.flush()
+                    conn.abort()
+                elif not conn.pinged:
+                    conn.pinged = True
+                    due.append(conn)
+            if due:
+                self._send_pings(due, 0)
+        for hook in self.sweep_hooks:
+            try:
+                hook(now)
+            except Exception:  # a failing hook must not stop keepalive for everyone
+                log.exception("sweep hook failed")
+        self._schedule_sweep()
+
+    def _send_pings(self, due: list, start: int) -> None:
+        """Ping `due[start:]`, PING_SLICE per event-loop pass.
+
+        Connections opened together fall due together: 19,000 pings written in one pass
+        would hold every fan-out and handshake back for tens of milliseconds.
+        """
+        end = start + PING_SLICE
+        for conn in due[start:end]:
+            conn.ws.ping()       # no-op once a close frame was sent; flush() skips closed ones
+            conn.flush()
+        if end < len(due):
+            self.loop.call_soon(self._send_pings, due, end)
+
+    async def stop_accepting(self) -> None:
+        self.ready = False
+        for server in self._servers:
+            server.close()
+        self._servers.clear()
+
+    async def shutdown(self, code: int = 1001, reason: str = "server shutting down", drain: float | None = None,
+                       timeout: float | None = None) -> None:
+        """Graceful stop (see the module docstring): not ready, spread the closes, stop accepting, wait.
+
+        `drain` (default `config.drain_window`) spreads the close frames over that many seconds;
+        `timeout` (default `config.drain_timeout`) bounds the whole call. The spread is capped
+        at half the timeout so the last clients still have time to answer.
+        """
+        config = self.config
+        timeout = config.drain_timeout if timeout is None else timeout
+        drain = config.drain_window if drain is None else drain
+        drain = max(0.0, min(drain, timeout / 2))
+        deadline = self.loop.time() + timeout
+        self.ready = False
+        self.draining = True
+        self._all_closed = asyncio.Event()
+        conns = [conn for conn in self.connections]
+        if conns:
+            log.info("draining", extra={"event": "drain", "connections": len(conns), "code": code,
+                                        "drain_window": drain})
+            batches = max(1, min(len(conns), int(drain / 0.05)))   # a batch at most every 50 ms
+            per_batch = -(-len(conns) // batches)
+            start = self.loop.time()
+            for n, i in enumerate(range(0, len(conns), per_batch)):
+                for conn in conns[i:i + per_batch]:
+                    conn.close(code, reason)
+                if i + per_batch < len(conns):
+                    # Sleep until this batch's slot rather than a fixed step, so slow batches don't stretch the window.
+                    await asyncio.sleep(max(0.0, start + drain * (n + 1) / batches - self.loop.time()))
+        await self.stop_accepting()
+        if self.connections:
+            try:
+                await asyncio.wait_for(self._all_closed.wait(), max(0.0, deadline - self.loop.time()))
+            except asyncio.TimeoutError:
+                log.warning("drain timeout: aborting connections", extra={
+                    "event": "drain_timeout", "connections": len(self.connections)})
+            for conn in list(self.connections):
+                conn.abort()
+        for hook in self.on_shutdown:
+            try:
+                await hook()
+            except Exception:
+                log.exception("shutdown hook failed")
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        self.metrics.stop()
+        if self._metrics_server is not None:
+            self._metrics_server.close()
+            self._metrics_server = None
+
+    def reload(self) -> set[str]:
+        """SIGHUP: apply the reloadable part of a fresh configuration; return the fields applied."""
+        if self.reload_config is None:
+            log.warning("SIGHUP: no configuration source to reload", extra={"event": "reload"})
+            return set()
+        try:
+            new = self.reload_config()
+        except ConfigError as exc:
+            for error in exc.errors:
+                log.error("SIGHUP: configuration rejected, keeping the running one",
+                          extra={"event": "reload_error", "error": error})
+            return set()
+        old = self.config
+        # Every field is compared: anything outside RELOADABLE (sockets, workers, broker, auth keys
+        # and other settings features read once at start) is reported as needing a restart.
+        changed = {f.name for f in dataclasses.fields(old)
+                   if f.name != "extra" and getattr(old, f.name) != getattr(new, f.name)}
+        needs_restart = changed - RELOADABLE
+        if bool(old.certfile) != bool(new.certfile):
+            needs_restart |= {"certfile", "keyfile"}   # turning TLS on/off changes the listener
+        apply = {f: getattr(new, f) for f in changed - needs_restart}
+        if self._ssl is not None and "certfile" not in needs_restart:
+            try:
+                # Same SSLContext object, new certificate: new handshakes use it at once.
+                self._ssl.load_cert_chain(new.certfile, new.keyfile)
+                apply.setdefault("certfile", new.certfile)
+                apply.setdefault("keyfile", new.keyfile)
+            except (OSError, ValueError) as exc:
+                log.error("SIGHUP: cannot load the new certificate, keeping the old one",
+                          extra={"event": "reload_error", "error": str(exc)})
+                apply.pop("certfile", None)
+                apply.pop("keyfile", None)
+        self.config = old.replace(**apply, extra=new.extra)
+        if {"log_level", "log_format"} & apply.keys():
+            logs.setup(self.config.log_level, self.config.log_format)
+        for hook in self.on_reload:
+            try:
+                hook(old, self.config)
+            except Exception:
+                log.exception("reload hook failed")
+        log.info("configuration reloaded", extra={"event": "reload", "applied": sorted(apply),
+                                                  "needs_restart": sorted(needs_restart)})
+        if needs_restart:
+            log.warning("SIGHUP: these changes need a restart and were ignored",
+                        extra={"event": "reload", "fields": sorted(needs_restart)})
+        return set(apply)
+
+    async def serve_until_signalled(self) -> int:
+        """Run until SIGTERM/SIGINT (close 1001) or SIGUSR2 (close 1012, restart); SIGHUP reloads.
+
+        A second SIGTERM/SIGINT during the drain exits at once with status 1.
+        """
+        stop: asyncio.Future = self.loop.create_future()
+        codes = {signal.SIGTERM: (1001, "server shutting down"), signal.SIGINT: (1001, "server shutting down"),
+                 signal.SIGUSR2: (1012, "service restart")}
+
+        def on_signal(sig: int) -> None:
+            if stop.done():
+                log.warning("second signal: exiting now", extra={"event": "shutdown", "signal": sig,
+                                                                 "connections": len(self.connections)})
+                logging.shutdown()
+                os._exit(1)
+            stop.set_result(sig)
+
+        def on_hup() -> None:
+            if stop.done():
+                return
+            systemd.notify("RELOADING=1")
+            self.reload()
+            systemd.notify("READY=1", f"STATUS={self.status_line()}")
+
+        for sig in codes:
+            self.loop.add_signal_handler(sig, on_signal, sig)
+        self.loop.add_signal_handler(signal.SIGHUP, on_hup)
+        try:
+            sig = await stop
+            code, reason = codes[sig]
+            systemd.notify("STOPPING=1", f"STATUS=draining {len(self.connections)} connections")
+            log.info("shutting down", extra={"event": "shutdown", "signal": signal.Signals(sig).name,
+                                             "connections": len(self.connections), "code": code})
+            await self.shutdown(code, reason)
+            log.info("stopped", extra={"event": "stopped", "connections": len(self.connections)})
+        finally:
+            for sig in (*codes, signal.SIGHUP):
+                self.loop.remove_signal_handler(sig)
+        return 0
+
+    def status_line(self) -> str:
+        return f"{len(self.connections)} connections on port {self.port}"
+
+
+class _PrivateSite:
+    """What a Connection needs from its server, for the private metrics listener: HTTP routes only.
+
+    Its own Stats, so scrapes do not count as client traffic; no endpoints, so no upgrades.
+    """
+
+    def __init__(self, gateway: Gateway, routes: dict) -> None:
+        self.gateway = gateway
+        self.loop = gateway.loop
+        self.stats = Stats()
+        self.endpoints: dict = {}
+        self.http_routes = routes
+        self.corker = gateway.corker
+        self.handshaking = gateway.handshaking   # expired by the gateway's sweep
+        self._ids = itertools.count(1)
+
+    @property
+    def config(self) -> Config:
+        return self.gateway.config
+
+    @property
+    def clock(self) -> float:
+        return self.gateway.clock
+
+    def next_connection_id(self) -> int:
+        return next(self._ids)

@@ -1,0 +1,161 @@
+"""POST /api/publish end to end: aiohttp as the backend, websockets clients as room members."""
+import asyncio
+
+import aiohttp
+import orjson
+import pytest
+import websockets
+
+from gateway.broker.base import BrokerUnavailable
+from tests.helpers import raw_request, serve
+from tests.redis_server import redis_server  # noqa: F401 - fixture
+
+pytestmark = pytest.mark.timeout(60)
+
+KEY = "backend-key-0123456789abcdef"
+
+
+async def post(gw, body, key=KEY, headers=None, method="POST"):
+    hdrs = {"Content-Type": "application/json"}
+    if key is not None:
+        hdrs["Authorization"] = f"Bearer {key}"
+    hdrs.update(headers or {})
+    data = body if isinstance(body, (bytes, str)) else orjson.dumps(body)
+    async with aiohttp.ClientSession() as session:
+        async with session.request(method, f"http://127.0.0.1:{gw.port}/api/publish", data=data,
+                                   headers=hdrs) as r:
+            return r.status, r.headers, await r.read()
+
+
+async def member(gw, room):
+    ws = await websockets.connect(f"ws://127.0.0.1:{gw.port}/ws", open_timeout=5)
+    await ws.send(orjson.dumps({"op": "join", "room": room, "id": 1}).decode())
+    assert orjson.loads(await asyncio.wait_for(ws.recv(), 10)) == {"op": "ack", "id": 1}
+    return ws
+
+
+def test_publish_reaches_members_like_a_client_publish(run):
+    async def main():
+        async with serve(api_keys=f"{KEY},second-key-0123456789abcdef") as gw:
+            a, b, other = await member(gw, "news"), await member(gw, "news"), await member(gw, "sports")
+            status, headers, body = await post(gw, {"room": "news", "data": {"headline": "é", "n": [1, 2]}})
+            assert status == 200 and headers["Content-Type"] == "application/json"
+            assert orjson.loads(body) == {"ok": True, "seq": 1}
+            expected = {"op": "message", "room": "news", "data": {"headline": "é", "n": [1, 2]}, "seq": 1}
+            for ws in (a, b):
+                assert orjson.loads(await asyncio.wait_for(ws.recv(), 10)) == expected
+            # the same publication made by a client looks the same to members
+            await a.send(orjson.dumps({"op": "publish", "room": "news", "data": "from a client"}).decode())
+            client_pub = orjson.loads(await asyncio.wait_for(b.recv(), 10))
+            assert client_pub.keys() == expected.keys() and client_pub["seq"] == 2
+            status, _, body = await post(gw, {"room": "news", "data": None}, key="second-key-0123456789abcdef")
+            assert status == 200 and orjson.loads(body)["seq"] == 3
+            # the other room saw nothing: its next message is the one published to it
+            await post(gw, {"room": "sports", "data": 7})
+            assert orjson.loads(await asyncio.wait_for(other.recv(), 10))["data"] == 7
+            for ws in (a, b, other):
+                await ws.close()
+            assert gw.api.stats.published == 3
+    run(main())
+
+
+@pytest.mark.parametrize("kwargs, status, text", [
+    (dict(key=None), 401, "missing or invalid API key"),
+    (dict(key="wrong-key-0123456789abcdef"), 401, "missing or invalid API key"),
+    (dict(key=KEY[:-1]), 401, "missing or invalid API key"),            # a prefix is not the key
+    (dict(body=b"{not json"), 400, "body is not JSON"),
+    (dict(body=[1, 2]), 400, "must be a JSON object"),
+    (dict(body={"room": "news"}), 400, 'needs "data"'),
+    (dict(body={"data": 1}), 400, "bad_request"),
+    (dict(body={"room": "", "data": 1}), 400, "bad_room"),
+    (dict(body={"room": "a\nb", "data": 1}), 400, "bad_room"),
+    (dict(body={"room": "x" * 300, "data": 1}), 400, "room_name_too_long"),
+    (dict(headers={"Content-Type": "text/plain"}), 415, "must be JSON"),
+    (dict(method="GET"), 405, "use POST"),
+], ids=["no-key", "wrong-key", "key-prefix", "not-json", "not-object", "no-data", "no-room", "empty-room",
+        "control-char-room", "long-room", "content-type", "get"])
+def test_rejections_with_reason(run, kwargs, status, text):
+    kwargs = dict(kwargs)    # shared by the asyncio and uvloop runs of this case
+
+    async def main():
+        async with serve(api_keys=KEY) as gw:
+            ws = await member(gw, "news")
+            body = kwargs.pop("body", {"room": "news", "data": 1})
+            got, headers, reply = await post(gw, body, **kwargs)
+            assert got == status and text in reply.decode() and reply.count(b"\n") == 1
+            if status == 401:
+                challenge = headers["WWW-Authenticate"]
+                assert challenge.startswith("Bearer ")
+                assert ("error=" in challenge) is (kwargs.get("key") is not None)
+            # nothing was published, and the member's connection is fine
+            await ws.send(orjson.dumps({"op": "publish", "room": "news", "data": "check"}).decode())
+            assert orjson.loads(await asyncio.wait_for(ws.recv(), 10))["seq"] == 1
+            await ws.close()
+    run(main())
+
+
+def test_api_off_without_keys_and_oversized_body(run):
+    async def main():
+        async with serve() as gw:
+            status, _, body = await post(gw, {"room": "r", "data": 1})
+            assert status == 404 and b"configure api_keys" in body
+        async with serve(api_keys=KEY, max_message_bytes=1000) as gw:
+            status, _, _ = await post(gw, {"room": "r", "data": "x" * 2000})
+            assert status == 413
+            # a request without Content-Length cannot smuggle a body either
+            reply = await raw_request(gw.port, b"POST /api/publish HTTP/1.1\r\nHost: x\r\n"
+                                               b"Transfer-Encoding: chunked\r\n\r\n")
+            assert reply.startswith(b"HTTP/1.1 411")
+    run(main())
+
+
+def test_short_api_key_is_a_config_error():
+    from gateway.api.methods import PublishApi
+    from gateway.errors import ConfigError
+    with pytest.raises(ConfigError, match="at least 16 characters"):
+        PublishApi(None, ["short"])
+
+
+def test_broker_unavailable_503(run):
+    async def main():
+        async with serve(api_keys=KEY) as gw:
+            async def down(room, data):
+                raise BrokerUnavailable("redis is down")
+            gw.hub.broker.publish = down
+            gw.hub._sync_publish = None
+            status, headers, body = await post(gw, {"room": "r", "data": 1})
+            assert status == 503 and b"broker unavailable" in body and headers["Retry-After"]
+            assert orjson.loads(body)["error"] == "broker_unavailable"
+            assert orjson.loads(body)["delivered_locally"] is False
+            assert gw.api.stats.rejected["broker_unavailable"] == 1
+    run(main())
+
+
+def test_publish_through_redis_reaches_other_processes_and_503_when_down(run, redis_server):
+    async def main():
+        async with serve(api_keys=KEY, broker=redis_server.url) as a, \
+                serve(api_keys=KEY, broker=redis_server.url) as b:
+            far = await member(b, "news")                    # a member on the other gateway
+            near = await member(a, "news")                   # and one on the publishing gateway
+            status, _, body = await post(a, {"room": "news", "data": {"via": "redis"}})
+            assert status == 200
+            seq = orjson.loads(body)["seq"]
+            assert orjson.loads(await asyncio.wait_for(far.recv(), 10)) == {
+                "op": "message", "room": "news", "data": {"via": "redis"}, "seq": seq}
+            assert orjson.loads(await asyncio.wait_for(near.recv(), 10))["seq"] == seq
+            redis_server.kill()                              # the broker goes away for real
+            for _ in range(500):                             # until gateway a has noticed
+                if not a.hub.broker_connected:
+                    break
+                await asyncio.sleep(0.01)
+            assert not a.hub.broker_connected
+            status, headers, body = await post(a, {"room": "news", "data": 2})
+            assert status == 503 and b"broker unavailable" in body and headers["Retry-After"]
+            # ...but this gateway's own member got it (seq 0: not numbered), and the answer says
+            # so, because a retry would repeat it for that member.
+            assert orjson.loads(body)["delivered_locally"] is True
+            assert orjson.loads(await asyncio.wait_for(near.recv(), 10)) == {
+                "op": "message", "room": "news", "data": 2, "seq": 0}
+            await far.close()
+            await near.close()
+    run(main())

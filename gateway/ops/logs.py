@@ -198,6 +198,40 @@ def _timestamp(now: float) -> str:
     return f"{_ts_second[1]}.{int((now - second) * 1000):03d}Z"
 
 
+class RateLimitedLog:
+    """At most one WARNING line per `interval` seconds for one kind of event.
+
+    For events a client can cause at will (an odd request that makes the HTTP phase raise):
+    a flood must not become a flood of log lines. The line says how many more happened
+    since the previous one (`suppressed`); the traceback of each goes to DEBUG, so a
+    developer can still see every one with `--log-level debug`.
+    """
+
+    __slots__ = ("logger", "interval", "clock", "_next", "_suppressed")
+
+    def __init__(self, logger: logging.Logger, interval: float = 10.0, clock=time.monotonic) -> None:
+        self.logger = logger
+        self.interval = interval
+        self.clock = clock
+        self._next = float("-inf")
+        self._suppressed = 0
+
+    def warning(self, msg: str, fields: dict, exc_info: bool = True) -> bool:
+        """Log `msg` at WARNING unless one was logged less than `interval` ago; True if written."""
+        logger = self.logger
+        if exc_info and logger.isEnabledFor(logging.DEBUG):
+            logger.debug(msg, exc_info=True, extra=fields)
+        now = self.clock()
+        if now < self._next:
+            self._suppressed += 1
+            return False
+        self._next = now + self.interval
+        fields = {**fields, "suppressed": self._suppressed}
+        self._suppressed = 0
+        logger.warning(msg, extra=fields)
+        return True
+
+
 class LifecycleLog:
     """Lines of the connection life cycle (open, close, reject) without a LogRecord each.
 

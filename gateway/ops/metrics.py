@@ -143,6 +143,8 @@ _GATEWAY_STATS = {
     "bytes_in": ("bytes_in", "counter", "bytes received on WebSocket connections (after the handshake)"),
     "bytes_out": ("bytes_out", "counter", "bytes written to WebSocket connections (after the handshake)"),
     "keepalive_timeouts": ("keepalive_timeouts", "counter", "connections closed because pings went unanswered"),
+    "http_errors": ("http_errors", "counter",
+                    "unexpected errors while handling a request before the 101, answered 400 (tracebacks at debug)"),
 }
 _GATEWAY_LABELLED = {
     "rejected": ("connections_rejected", "reason", "HTTP requests / upgrades refused, by status or reason"),

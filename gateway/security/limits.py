@@ -18,6 +18,11 @@ _monotonic = time.monotonic
 _DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
 
 
+def _port_digits(text: str) -> bool:
+    # ASCII digits only: str.isdigit() also takes '²', which int() then refuses (issue 12).
+    return text.isascii() and text.isdigit() and len(text) <= 5
+
+
 # -- Origin ---------------------------------------------------------------------------------
 
 def _split_origin(origin: str) -> tuple[str, str, int | None] | None:
@@ -36,12 +41,12 @@ def _split_origin(origin: str) -> tuple[str, str, int | None] | None:
             return None
         host, tail = rest[:end + 1], rest[end + 1:]
         if tail:
-            if not tail.startswith(":") or not tail[1:].isdigit():
+            if not tail.startswith(":") or not _port_digits(tail[1:]):
                 return None
             port = int(tail[1:])
     elif ":" in rest:
         host, _, port_text = rest.rpartition(":")
-        if not port_text.isdigit():
+        if not _port_digits(port_text):
             return None
         port = int(port_text)
     if not host or (port is not None and not 0 < port < 65536):

@@ -56,7 +56,8 @@ class Stats(StreamStats):
     bytes_in, bytes_out) and the coarse clock `now` live in the compiled StreamStats base,
     so the read path updates them without attribute lookups."""
 
-    __slots__ = ("accepted", "opened", "closed", "rejected", "keepalive_timeouts", "close_codes", "handshake")
+    __slots__ = ("accepted", "opened", "closed", "rejected", "keepalive_timeouts", "close_codes", "handshake",
+                 "http_errors")
 
     def __init__(self) -> None:
         super().__init__()
@@ -64,6 +65,7 @@ class Stats(StreamStats):
         self.opened = 0
         self.closed = 0
         self.keepalive_timeouts = 0
+        self.http_errors = 0      # unexpected exceptions before the 101, answered 400 (connection.py)
         self.rejected: collections.Counter = collections.Counter()
         self.close_codes: collections.Counter = collections.Counter()   # once per connection, not per message
         self.handshake = LatencyHistogram()                             # accept -> 101, once per connection
@@ -85,6 +87,8 @@ class Gateway:
             self.endpoints["/echo"] = EchoEndpoint()
         self.http_routes = {"/healthz": self._healthz, "/readyz": self._readyz}
         self.metrics = Metrics(self, self.loop)
+        # Unexpected exceptions before the 101 (connection.py): one WARNING per 10 s at most.
+        self.http_error_log = logs.RateLimitedLog(logging.getLogger("gateway.server.connection"), interval=10.0)
         # Feature stats objects to export ({name: obj}; see metrics.py for the contract).
         self.metric_sources: dict = {}
         if self.deflate is not None:
@@ -454,6 +458,7 @@ class _PrivateSite:
         self.http_routes = routes
         self.corker = gateway.corker
         self.handshaking = gateway.handshaking   # expired by the gateway's sweep
+        self.http_error_log = gateway.http_error_log
         self._ids = itertools.count(1)
 
     @property

@@ -150,7 +150,10 @@ class Offer:
 
 def _window_bits(name: str, value: str | None) -> int:
     # Section 7.1.2.1/7.1.2.2: a decimal integer 8-15 without leading zeros.
-    if value is None or not value.isdigit() or value.startswith("0") or not 8 <= int(value) <= 15:
+    # ASCII digits only (str.isdigit() also takes '²', which int() then refuses), and short:
+    # int() of thousands of digits raises ValueError too.
+    if (value is None or len(value) > 2 or not value.isascii() or not value.isdigit() or value.startswith("0")
+            or not 8 <= int(value) <= 15):
         raise OfferError(f"{name} must be an integer 8-15 without leading zeros, got {value!r}")
     return int(value)
 

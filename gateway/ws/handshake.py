@@ -22,6 +22,9 @@ _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 MAX_REQUEST_LINE = 8192
 MAX_HEADERS = 64
 MAX_HEADER_BYTES = 16384
+# Longest Content-Length taken as a number: 18 digits fit any body size we could accept,
+# and int() of a longer string is slow (quadratic) or refused (sys.int_max_str_digits).
+MAX_LENGTH_DIGITS = 18
 
 _REASONS = {
     101: "Switching Protocols", 200: "OK", 202: "Accepted", 204: "No Content", 400: "Bad Request",
@@ -30,6 +33,15 @@ _REASONS = {
     415: "Unsupported Media Type", 426: "Upgrade Required", 429: "Too Many Requests",
     431: "Request Header Fields Too Large", 500: "Internal Server Error", 503: "Service Unavailable",
 }
+
+
+def ascii_digits(text: str) -> bool:
+    """True for a non-empty run of the ASCII digits 0-9 only.
+
+    `str.isdigit()` also accepts other Unicode digits ('²', '٣') that `int()` then refuses
+    or reads differently: every number taken from a client goes through this instead.
+    """
+    return text.isascii() and text.isdigit()
 
 
 @dataclass(slots=True)
@@ -103,6 +115,22 @@ def parse_request(data: bytes | bytearray, peer: str = "") -> Request | None:
         raise HandshakeRejected(400, "request target must be an absolute path")
     return Request(method=method, target=target, path=unquote(path), query=query,
                    headers=headers, head_bytes=end + 4, peer=peer)
+
+
+def content_length(request: Request) -> int:
+    """The request body's length from Content-Length (0 when absent), RFC 9110 section 8.6.
+
+    ASCII digits only; a repeated header with different values (joined as "5, 6") is not a
+    number and answers 400 (RFC 9112 section 6.3 item 5).
+    """
+    text = request.headers.get("content-length")
+    if text is None:
+        return 0
+    if not ascii_digits(text):
+        raise HandshakeRejected(400, "invalid Content-Length")
+    if len(text) > MAX_LENGTH_DIGITS:
+        raise HandshakeRejected(413, "request body too large")
+    return int(text)
 
 
 def validate_upgrade(request: Request) -> str:

@@ -235,9 +235,10 @@ class Connection(WebSocketStream, asyncio.Protocol):
             return
         if request.path not in gw.http_routes:
             raise HandshakeRejected(404, f"no endpoint at {request.path[:100]}")
-        length = content_length(request)
-        if "chunked" in request.tokens("transfer-encoding"):
+        if "transfer-encoding" in request.headers:
+            # parse_request refused every coding but chunked (501) and TE with Content-Length (400).
             raise HandshakeRejected(411, "chunked request bodies are not supported; send Content-Length")
+        length = content_length(request)
         if length > gw.config.max_message_bytes:
             raise HandshakeRejected(413, f"request body larger than {gw.config.max_message_bytes} bytes")
         if len(rest) >= length:

@@ -63,12 +63,12 @@ def test_readyz_flips_before_the_listener_closes(run):
     async def main():
         async with serve(drain_window=2.0, drain_timeout=5.0) as gw:
             clients = [await websockets.connect(ws_url(gw), ping_interval=None) for _ in range(20)]
-            assert (await raw_request(gw.port, b"GET /readyz HTTP/1.1\r\n\r\n")).startswith(b"HTTP/1.1 200")
+            assert (await raw_request(gw.port, b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n")).startswith(b"HTTP/1.1 200")
             shutdown = asyncio.create_task(gw.shutdown())
             closes = [asyncio.create_task(ws.wait_closed()) for ws in clients]
             await asyncio.wait(closes, return_when=asyncio.FIRST_COMPLETED)
             # Draining has begun: the listener still answers, and says "not ready".
-            readyz = await raw_request(gw.port, b"GET /readyz HTTP/1.1\r\n\r\n")
+            readyz = await raw_request(gw.port, b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n")
             assert readyz.startswith(b"HTTP/1.1 503"), readyz
             upgrade = await raw_request(gw.port, upgrade_request())
             assert upgrade.startswith(b"HTTP/1.1 503") and b"Retry-After: 1" in upgrade

@@ -1,8 +1,8 @@
-"""Odd bytes before the 101 never cause a 500 (issue 12, item 3).
+"""Odd bytes before the 101 never cause a 500 (issue 12, items 3 and 7).
 
 Every test sends raw bytes over a real socket to a real gateway on 127.0.0.1 and reads the
 status line it answers; nothing is mocked. Each case below answered something else before
-the fix (a 500 with an ERROR traceback).
+the fix (a 500 with an ERROR traceback, or a 101/200 for a request RFC 9110/9112 say to refuse).
 """
 import logging
 
@@ -138,3 +138,71 @@ def test_rate_limited_log_counts_what_it_suppressed():
     now[0] += 5.0     # 11 s after the first line
     assert limited.warning("odd", {"event": "x"}, exc_info=False)
     assert [r.suppressed for r in records] == [0, 5]
+
+
+# -- item 7: HTTP strictness (RFC 9110 / RFC 9112 / RFC 6455 section 4.1) ---------------------
+
+HEALTH = "GET /healthz HTTP/1.1\r\n{headers}\r\n"
+
+
+@pytest.mark.parametrize("raw, status", [
+    # RFC 9112 section 3.2: more than one Host, or an invalid (empty) one -> 400 ...
+    (HEALTH.format(headers="Host: a\r\nHost: b\r\n").encode(), 400),
+    (HEALTH.format(headers="Host: a\r\nhost: a\r\n").encode(), 400),
+    (HEALTH.format(headers="Host:\r\n").encode(), 400),
+    (HEALTH.format(headers="Host:   \r\n").encode(), 400),
+    # ... and so is an HTTP/1.1 request without one.
+    (HEALTH.format(headers="").encode(), 400),
+    # RFC 9110 section 5.5: NUL, bare CR or bare LF in a field value -> reject.
+    (HEALTH.format(headers="Host: x\r\nX-A: a\x00b\r\n").encode(), 400),
+    (HEALTH.format(headers="Host: x\r\nX-A: a\nX-B: b\r\n").encode(), 400),
+    (HEALTH.format(headers="Host: x\r\nX-A: a\rX-B: b\r\n").encode(), 400),
+    (HEALTH.format(headers="Host: x\r\nX-A: a\x1bb\r\n").encode(), 400),
+    # RFC 9112 section 6.1: a transfer coding we do not understand -> 501; 6.3: with Content-Length -> 400.
+    (publish_request("Transfer-Encoding: gzip\r\n"), 501),
+    (publish_request("Transfer-Encoding: gzip, chunked\r\n"), 501),
+    (publish_request("Transfer-Encoding: gzip\r\nContent-Length: 2\r\n", b"{}"), 400),
+    (publish_request("Transfer-Encoding: chunked\r\nContent-Length: 2\r\n", b"{}"), 400),
+    # chunked alone is understood but not taken for bodies here (unchanged).
+    (publish_request("Transfer-Encoding: chunked\r\n", b"2\r\n{}\r\n0\r\n\r\n"), 411),
+    # Control characters anywhere in the head, e.g. the request line.
+    (b"GET /heal\x00thz HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+], ids=["two-hosts", "two-hosts-case", "empty-host", "blank-host", "no-host", "nul", "bare-lf", "bare-cr", "esc",
+        "te-gzip", "te-gzip-chunked", "te-gzip-with-cl", "te-chunked-with-cl", "te-chunked", "nul-in-target"])
+def test_lax_http_is_refused(run, raw, status):
+    async def main():
+        async with serve(api_keys=(API_KEY,)) as gw:
+            assert status_of(await raw_request(gw.port, raw)) == status
+    run(main())
+
+
+@pytest.mark.parametrize("mutate", [
+    # RFC 6455 section 4.1: "The method of the request MUST be GET, and the HTTP version MUST be at least 1.1."
+    lambda r: r.replace(b"HTTP/1.1", b"HTTP/1.0"),
+    lambda r: r.replace(b"Host: 127.0.0.1\r\n", b"Host: 127.0.0.1\r\nHost: evil\r\n"),
+    lambda r: r.replace(b"Host: 127.0.0.1\r\n", b"Host: \r\n"),
+    lambda r: r.replace(b"Upgrade: websocket\r\n", b"Upgrade: websocket\r\nX-A: \x00\r\n"),
+    lambda r: r.replace(b"Upgrade: websocket\r\n", b"Upgrade: websocket\nX-A: b\r\n"),
+    # A GET upgrade has no body: what follows the head would be read as frames (smuggling).
+    lambda r: r.replace(b"Upgrade: websocket\r\n", b"Upgrade: websocket\r\nTransfer-Encoding: chunked\r\n"),
+    lambda r: r.replace(b"Upgrade: websocket\r\n", b"Upgrade: websocket\r\nContent-Length: 4\r\n") + b"abcd",
+], ids=["http-1.0", "two-hosts", "empty-host", "nul", "bare-lf", "transfer-encoding", "content-length"])
+def test_lax_upgrades_are_refused(run, mutate):
+    async def main():
+        async with serve() as gw:
+            answer = await raw_request(gw.port, mutate(upgrade_request("/echo")), read_timeout=1.0)
+            assert status_of(answer) == 400, answer[:200]
+            assert gw.stats.opened == 0
+    run(main())
+
+
+def test_strict_parser_still_accepts_what_browsers_send(run):
+    """Tabs, obs-text (UTF-8 bytes in a value), Content-Length: 0 on the upgrade, HTTP/1.0 plain GETs."""
+    async def main():
+        async with serve() as gw:
+            extra = "X-Tab: a\tb\r\nX-Name: J\u00f6rg\r\nContent-Length: 0\r\n"
+            answer = await raw_request(gw.port, upgrade_request("/echo", extra=extra).decode().encode("utf-8"),
+                                       read_timeout=0.5)
+            assert status_of(answer) == 101
+            assert status_of(await raw_request(gw.port, b"GET /healthz HTTP/1.0\r\n\r\n")) == 200
+    run(main())

@@ -61,6 +61,9 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--slow-consumer-policy", choices=["disconnect", "drop_oldest", "drop_newest", "latest"],
                    help="default policy for a full queue (default disconnect; per room: [[rooms.policy]])")
     p.add_argument("--metrics-host", metavar="ADDR", help="address of the --metrics-port listener (default 127.0.0.1)")
+    p.add_argument("--metrics-public", action=argparse.BooleanOptionalAction, default=None,
+                   help="/metrics on the main port answers every client (default: loopback and "
+                        "--trusted-proxies only, 403 otherwise)")
     # authentication and defences (docs/security.md)
     p.add_argument("--jwt-secret", metavar="SECRET",
                    help="HS256 secret (>= 32 bytes); visible in `ps`: prefer --jwt-secret-file or $WS_GATEWAY_JWT_SECRET")

@@ -111,6 +111,8 @@ class Config:
     # metrics
     metrics_port: int = 0              # >0: /metrics (+ /healthz, /readyz) on its own listener only
     metrics_host: str = "127.0.0.1"    # address of that listener (keep it private)
+    metrics_public: bool = False       # /metrics on the main port answers everyone (default: loopback
+                                       # and trusted_proxies only, others get 403; docs/security.md)
     # logging
     log_level: str = "info"
     log_format: str = "json"
@@ -138,7 +140,7 @@ RELOADABLE = frozenset({
 RELOADABLE = RELOADABLE | {
     "jwt_secret", "jwt_secret_file", "jwt_public_key_file", "jwt_algorithms", "jwt_issuer", "jwt_audience",
     "jwt_leeway", "token_cookie", "default_rooms", "default_publish", "allowed_origins", "trusted_proxies",
-    "max_connections_per_ip", "rate_limit", "rate_limit_burst",
+    "max_connections_per_ip", "rate_limit", "rate_limit_burst", "metrics_public",
 }
 
 # name -> check(table) -> list of (key path inside the table, message); see register_section.

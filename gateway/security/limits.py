@@ -209,6 +209,29 @@ class ClientAddress:
         return str(peer_ip)
 
 
+class OperatorOnly:
+    """Who may read an operator route on the public port (/metrics): the same host or a proxy we run.
+
+    Allowed: a client whose address (after `ClientAddress.resolve`, so X-Forwarded-For from a
+    trusted proxy names the real client) is loopback or itself a trusted proxy. A request a
+    trusted proxy forwards for an outside client is therefore refused even though the TCP
+    peer is trusted; a request from the proxy host itself (a Prometheus beside nginx) is not.
+    `public` turns the check off (the operator chose to expose it, e.g. behind a firewall).
+    """
+
+    __slots__ = ("addresses", "public")
+
+    def __init__(self, trusted_proxies: Iterable[str] = (), public: bool = False) -> None:
+        self.addresses = ClientAddress(trusted_proxies)
+        self.public = public
+
+    def allows(self, peer: str, forwarded_for: str = "", real_ip: str = "") -> bool:
+        if self.public:
+            return True
+        ip = _parse_ip(self.addresses.resolve(peer, forwarded_for, real_ip))
+        return ip is not None and (ip.is_loopback or self.addresses.is_trusted(ip))
+
+
 def ip_key(ip_text: str) -> str:
     """The unit a per-IP limit counts: the address for IPv4, the /64 network for IPv6.
 

@@ -34,14 +34,15 @@ import os
 import signal
 import socket
 
-from gateway_ext import Corker, StreamStats
+from gateway_ext import CloseCode, Corker, StreamStats
 
 from gateway.ops import logs, systemd
 from gateway.config import RELOADABLE, Config, make_ssl_context
 from gateway.server.connection import Connection
 from gateway.ws.deflate import Deflate
 from gateway.server.echo import EchoEndpoint
-from gateway.errors import ConfigError, HandshakeRejected
+from gateway.errors import ConfigError, GatewayCloseCode, HandshakeRejected
+from gateway.security.limits import OperatorOnly
 from gateway.ws.handshake import response
 from gateway.ops.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from gateway.ops.metrics import LatencyHistogram, Metrics
@@ -49,6 +50,11 @@ from gateway.ops.metrics import LatencyHistogram, Metrics
 log = logging.getLogger("gateway.server.process")
 
 PING_SLICE = 512   # keepalive pings written per event-loop pass (see Gateway._send_pings)
+
+# Close codes counted by their own label value: those RFC 6455 section 7.4.1 and the IANA
+# registry define, and the gateway's 4000-4004. A client may send any of 3000-4999 (section
+# 7.4.2): as labels they would make up to 2,000 series, so the rest count as "other".
+KNOWN_CLOSE_CODES = frozenset(int(c) for c in CloseCode) | frozenset(int(c) for c in GatewayCloseCode)
 
 
 class Stats(StreamStats):
@@ -95,6 +101,8 @@ class Gateway:
             self.metric_sources["deflate"] = self.deflate   # permessage-deflate counters
         if not config.metrics_port:
             self.http_routes["/metrics"] = self._metrics
+        # /metrics on the main port: loopback and trusted proxies only, unless metrics_public.
+        self._metrics_access = OperatorOnly(config.trusted_proxies, config.metrics_public)
         # Admission hooks run before the 101: (conn, request) -> extra headers or raise HandshakeRejected.
         self.admission_hooks: list = []
         # Per-connection life-cycle hooks (conn) -> None, e.g. per-IP counts and token expiry
@@ -158,7 +166,8 @@ class Gateway:
             hook(conn)
         ws = conn.ws
         if ws is not None:
-            self.stats.close_codes[ws.close_code] += 1
+            code = ws.close_code
+            self.stats.close_codes[code if code in KNOWN_CLOSE_CODES else "other"] += 1
         if self._all_closed is not None and not self.connections:
             self._all_closed.set()
 
@@ -188,6 +197,16 @@ class Gateway:
         return response(200, b"ready\n")
 
     def _metrics(self, request, body):
+        """/metrics on the main port. Its numbers map the deployment (connections, rooms, broker
+        state, versions): only the host itself and trusted proxies read it unless metrics_public."""
+        headers = request.headers
+        if not self._metrics_access.allows(request.peer, headers.get("x-forwarded-for", ""),
+                                           headers.get("x-real-ip", "")):
+            raise HandshakeRejected(403, "/metrics answers loopback and trusted_proxies only "
+                                         "(see metrics_public, metrics_port)")
+        return self._render_metrics(request, body)
+
+    def _render_metrics(self, request, body):
         return response(200, self.metrics.render(), METRICS_CONTENT_TYPE)
 
     # -- life cycle -----------------------------------------------------------------------
@@ -221,7 +240,9 @@ class Gateway:
 
     async def _start_metrics_listener(self) -> None:
         """/metrics, /healthz, /readyz on a private port; it stays open until the very end of a drain."""
-        site = _PrivateSite(self, {"/metrics": self._metrics, "/healthz": self._healthz, "/readyz": self._readyz})
+        # The private listener is where the operator put it (metrics_host): no peer check.
+        site = _PrivateSite(self, {"/metrics": self._render_metrics, "/healthz": self._healthz,
+                                   "/readyz": self._readyz})
         self._metrics_server = await self.loop.create_server(
             lambda: Connection(site), self.config.metrics_host, self.config.metrics_port + self.worker_index,
             reuse_address=True, reuse_port=hasattr(socket, "SO_REUSEPORT"))
@@ -386,6 +407,10 @@ class Gateway:
                 apply.pop("certfile", None)
                 apply.pop("keyfile", None)
         self.config = old.replace(**apply, extra=new.extra)
+        try:
+            self._metrics_access = OperatorOnly(self.config.trusted_proxies, self.config.metrics_public)
+        except ConfigError as exc:   # a bad trusted_proxies entry: keep the running rule (defences says why)
+            log.error("SIGHUP: /metrics access rule not changed", extra={"event": "reload_error", "error": str(exc)})
         if {"log_level", "log_format"} & apply.keys():
             logs.setup(self.config.log_level, self.config.log_format)
         for hook in self.on_reload:

@@ -161,10 +161,11 @@ def test_wss_through_nginx_join_publish_receive(stack):
 def test_nginx_routes_and_redirects(stack):
     https_port, http_port, cert, _ = stack
     ctx = client_context(cert)
-    # /metrics is not exposed through nginx.
-    with pytest.raises(urllib.error.HTTPError) as info:
-        urllib.request.urlopen(f"https://127.0.0.1:{https_port}/metrics", context=ctx, timeout=5)
-    assert info.value.code == 404
+    # /metrics is denied through nginx, however its path is spelled.
+    for path in ("/metrics", "/metrics?x=1", "/%6detrics", "//metrics"):
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(f"https://127.0.0.1:{https_port}{path}", context=ctx, timeout=5)
+        assert info.value.code == 403, path
     # Plain HTTP is redirected to HTTPS.
     opener = urllib.request.build_opener(_NoRedirect)
     with pytest.raises(urllib.error.HTTPError) as info:

@@ -113,9 +113,17 @@ def run(config: Config, reload=None) -> int:
         return 2
     soft, hard = raise_nofile_limit()
     log.info("open files limit", extra={"event": "rlimit", "soft": soft, "hard": hard})
-    if config.workers <= 1:
-        return _run_one(config, reload=reload)
-    return _run_workers(config, reload)
+    try:
+        if config.workers <= 1:
+            return _run_one(config, reload=reload)
+        if not config.reuse_port:
+            # The workers' sockets share the port, so they cannot see another instance on it.
+            from gateway.server.process import ensure_port_free
+            ensure_port_free(config.host, config.port)
+        return _run_workers(config, reload)
+    except ConfigError as exc:   # e.g. the port is in use (server/process.py listen_socket)
+        print(f"ws-gateway: configuration error: {exc}", file=sys.stderr)
+        return 2
 
 
 def _run_workers(config: Config, reload=None) -> int:

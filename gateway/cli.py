@@ -23,6 +23,9 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="TCP port (default 8080)")
     p.add_argument("--workers", type=int, help="processes sharing the port with SO_REUSEPORT (needs --broker redis://)")
+    p.add_argument("--reuse-port", action=argparse.BooleanOptionalAction, default=None,
+                   help="set SO_REUSEPORT with one worker too, so independent instances may share the port "
+                        "(default off: a port in use fails at start)")
     p.add_argument("--broker", metavar="URL",
                    help="memory:// (default), redis://host:port/db, rediss://..., unix:///path?db=N, "
                         "or redis+cluster://host:port,host:port (Redis Cluster: sharded pub/sub)")

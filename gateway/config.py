@@ -43,6 +43,10 @@ class Config:
     port: int = 8080
     workers: int = 1
     backlog: int = 4096
+    # SO_REUSEPORT on the main port with one worker too: several independent processes on one
+    # port on purpose (e.g. start the new version before stopping the old). Off: a second
+    # instance on a port in use fails at start. --workers N shares its port without this.
+    reuse_port: bool = False
     # native TLS (for setups without nginx in front): PEM files; both or neither
     certfile: str = ""
     keyfile: str = ""

@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import errno
 import itertools
 import logging
 import os
@@ -212,17 +213,11 @@ class Gateway:
     # -- life cycle -----------------------------------------------------------------------
 
     def _make_socket(self) -> socket.socket:
-        host = self.config.host
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if hasattr(socket, "SO_REUSEPORT"):
-            # Several worker processes share one port; the kernel balances accepts.
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind((host, self.config.port))
-        sock.listen(self.config.backlog)
-        sock.setblocking(False)
-        return sock
+        c = self.config
+        # SO_REUSEPORT only where sharing the port is the plan: the workers of one `--workers N`
+        # (the kernel balances accepts over their sockets) or an explicit `reuse_port`. Set
+        # always, a second instance started by mistake silently took a share of the clients.
+        return listen_socket(c.host, c.port, c.backlog, reuse_port=c.workers > 1 or c.reuse_port)
 
     async def start(self, sock: socket.socket | None = None) -> None:
         sock = sock or self._make_socket()
@@ -243,9 +238,10 @@ class Gateway:
         # The private listener is where the operator put it (metrics_host): no peer check.
         site = _PrivateSite(self, {"/metrics": self._render_metrics, "/healthz": self._healthz,
                                    "/readyz": self._readyz})
-        self._metrics_server = await self.loop.create_server(
-            lambda: Connection(site), self.config.metrics_host, self.config.metrics_port + self.worker_index,
-            reuse_address=True, reuse_port=hasattr(socket, "SO_REUSEPORT"))
+        # Worker i listens on metrics_port + i: nothing shares this port, so no SO_REUSEPORT.
+        sock = listen_socket(self.config.metrics_host, self.config.metrics_port + self.worker_index,
+                             self.config.backlog, reuse_port=False, what="metrics_port")
+        self._metrics_server = await self.loop.create_server(lambda: Connection(site), sock=sock)
 
     @property
     def metrics_port(self) -> int | None:
@@ -467,6 +463,53 @@ class Gateway:
 
     def status_line(self) -> str:
         return f"{len(self.connections)} connections on port {self.port}"
+
+
+def listen_socket(host: str, port: int, backlog: int, reuse_port: bool = False, what: str = "port") -> socket.socket:
+    """A listening TCP socket, or a ConfigError saying in one line why there is none.
+
+    SO_REUSEADDR always (restart while old connections sit in TIME_WAIT); SO_REUSEPORT only
+    when asked. Without it, binding a port another process listens on fails with EADDRINUSE
+    -- which is the point: a second instance must not start silently.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            if not hasattr(socket, "SO_REUSEPORT"):
+                raise ConfigError("workers > 1 and reuse_port need SO_REUSEPORT, which this system lacks")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+        sock.listen(backlog)
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(_listen_error(what, host, port, exc)) from None
+    except BaseException:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock
+
+
+def ensure_port_free(host: str, port: int) -> None:
+    """Raise ConfigError if something listens on host:port already (checked by binding without
+    SO_REUSEPORT, then letting go). Run by the parent before forking workers, whose own
+    sockets share the port and so could not tell another instance from a sibling."""
+    if port:
+        listen_socket(host, port, 1).close()
+
+
+def _listen_error(what: str, host: str, port: int, exc: OSError) -> str:
+    where = f"{what} {port} on {host}"
+    if exc.errno == errno.EADDRINUSE:
+        return (f"{where} is already in use (another ws-gateway or another program listens there); "
+                "stop it or choose another port (several processes on one port: --workers N or --reuse-port)")
+    if exc.errno == errno.EACCES:
+        return f"{where}: permission denied (ports below 1024 need root or CAP_NET_BIND_SERVICE)"
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return f"{where}: {host} is not an address of this machine"
+    return f"{where}: cannot listen: {exc.strerror or exc}"
 
 
 class _PrivateSite:

@@ -54,9 +54,11 @@ def install_rooms(gateway: Gateway, config: Config):
     gateway.hub = hub   # backends publish through it: `await gateway.hub.publish(room, json_bytes)`
     from gateway.ops.metrics import LatencyHistogram
     hub.fanout = LatencyHistogram()   # exported as ws_gateway_hub_fanout_seconds
-    sources = getattr(gateway, "metric_sources", None)
-    if isinstance(sources, dict):
-        sources["session"] = endpoint.stats
+    # The metrics table's sources for rooms (gateway/ops/metrics.py METRICS).
+    gateway.metric_sources.update({
+        "hub": hub, "hub_gauges": lambda: hub.stats, "broker": broker.stats,
+        "session": endpoint.stats, "backpressure": endpoint.backpressure,
+    })
     gateway.readiness_checks.append(lambda: (hub.broker_connected, f"broker {broker.name} is not connected"))
     gateway.on_shutdown.append(hub.close)
     if config.demo:

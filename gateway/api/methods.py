@@ -120,7 +120,7 @@ class PublishApi:
 
 
 class ApiStats:
-    labels = {"rejected": "reason"}
+    """Counters of the API (ws_gateway_api_*, declared in gateway/ops/metrics.py)."""
 
     def __init__(self) -> None:
         self.published = 0
@@ -132,4 +132,5 @@ def install(gateway, config) -> PublishApi:
                      int(getattr(config, "max_room_name_bytes", 200) or 200))
     gateway.http_routes[PATH] = api.handle
     gateway.api = api
+    gateway.metric_sources["api"] = api.stats   # ws_gateway_api_* (gateway/ops/metrics.py)
     return api

@@ -1,27 +1,33 @@
-"""Prometheus metrics, read at scrape time from plain-integer counters.
+"""Prometheus metrics: every exported metric is declared once, in the table METRICS.
 
 The hot path never touches prometheus-client: connections, the hub, the broker and the
-slow-consumer queues keep `int` attributes (and `collections.Counter`s for counts by reason)
-that they bump with `+= 1`. `GatewayCollector.collect()` reads them when `/metrics` is
+slow-consumer queues keep plain `int` attributes (and `collections.Counter`s for counts by
+label) that they bump with `+= 1`. `GatewayCollector.collect()` reads them when /metrics is
 scraped, so a message costs an integer increment, never a label lookup or a lock.
 
-What a stats object must look like to be exported (the contract for other features):
-  - `int`/`float` attributes are counters (`ws_gateway_<source>_<name>_total`), except the
-    names listed in its `gauges` attribute (a tuple/set) or in `GAUGE_NAMES` (current values
-    such as `rooms`, `members`, `queue_bytes`), which become gauges;
-  - a `collections.Counter` (or dict of str -> int) is a counter with one label, named by the
-    object's `labels` dict (`{"dropped": "policy"}`) or `reason` by default;
-  - a `LatencyHistogram` becomes a histogram (`..._seconds`), e.g. fan-out latency;
-  - a `str` is a state: a gauge `..._state{state="connected"} 1` (broker state);
-  - names starting with `_` or `max_` (settings) and anything else are ignored.
-Sources are discovered defensively (they land as features do): `gateway.metric_sources`
-({name: object}), then the `SOURCE_ATTRS` attributes (`hub`, `broker`, `limits`, ...) of the
-gateway, of its endpoints and of what was found there (the hub's broker). What is exported
-of a found object depends on its `stats`:
-  - an instance attribute: only that object (the owner's own numbers are settings);
-  - a method: only what it returns (an object or a dict of numbers);
-  - a property: what it returns (current values) and the owner's own plain numbers;
-  - none: the object's own plain numbers.
+What is exported is the table, not whatever attributes an object happens to have: each
+`Metric` names the public series (`ws_gateway_<name>`, `_total` added to counters), its type,
+labels and help, and where its value is read (`source`, `read`). Renaming an attribute
+therefore never renames a public metric: the table's read fails (logged once at ERROR, and
+tests/unit/test_metrics_golden.py fails), and a rename of the public name is a visible diff
+in the golden list. Model: centrifuge's metrics.go (one declaration per metric).
+
+Sources are registered by the features that own them, by name:
+    gateway.metric_sources["hub"] = hub                  # an object: `read` is an attribute
+    gateway.metric_sources["broker"] = broker.stats      # a callable: called once per scrape
+The value read is a number (COUNTER, GAUGE; a bool counts 0/1), a dict {label value: number}
+for a metric with `labels` (a tuple of values for several labels), or a LatencyHistogram
+(HISTOGRAM). A source that is not registered (a feature not in use) exports nothing; a dict
+source may lack a key (the memory broker has no `reconnects`); an object must have every
+attribute the table reads from it. The collector adds its own sources: `gateway_state`,
+`queues`, `lag`, `build`.
+
+Adding a metric is one line in METRICS plus its name in the golden list, e.g.
+    Metric("history_appends", COUNTER, "history", "appends", "publications stored in room history"),
+after registering the source once (`gateway.metric_sources["history"] = self.stats`).
+Label values must be bounded and chosen by the gateway, never copied from a request (see
+docs/security.md); as a second line of defence a labelled metric keeps its MAX_LABEL_VALUES
+largest values and adds the rest to `other`.
 
 Leaf module: imports prometheus-client, the standard library and `gateway_ext` (for the
 build info) only, never `gateway.*` (the gateway is passed in and read by duck typing).
@@ -29,11 +35,14 @@ build info) only, never `gateway.*` (the gateway is passed in and read by duck t
 from __future__ import annotations
 
 import bisect
+import logging
 import platform
-import time
+from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+log = logging.getLogger("gateway.ops.metrics")
 
 PREFIX = "ws_gateway"
 # generate_latest() writes the classic text format; say so explicitly (every Prometheus and
@@ -44,15 +53,9 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
                    0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
-# Attribute names that are current values, not monotonic counts, wherever they appear.
-GAUGE_NAMES = frozenset({
-    "rooms", "members", "subscriptions", "queue_bytes", "queued_bytes", "queued_frames",
-    "paused", "connected", "state", "pending", "inflight", "open", "connections", "shards",
-    "contexts", "queues", "unflushed_bytes",
-})
-
-# Where to look for feature stats on the gateway (and on its endpoints), by source name.
-SOURCE_ATTRS = ("hub", "broker", "limits", "backpressure", "api")
+COUNTER, GAUGE, HISTOGRAM = "counter", "gauge", "histogram"
+# Distinct label values one metric exports at most; the rest are summed into "other".
+MAX_LABEL_VALUES = 64
 
 
 class LatencyHistogram:
@@ -132,35 +135,185 @@ class LoopLagMonitor:
             self._handle = None
 
 
-# The gateway's own counters (server.Stats): attribute -> (metric name, kind, help).
-_GATEWAY_STATS = {
-    "accepted": ("connections_accepted", "counter", "TCP connections accepted (before the handshake)"),
-    "opened": ("connections_opened", "counter", "WebSocket connections established (101 sent)"),
-    "closed": ("connections_closed", "counter", "WebSocket connections closed"),
-    "messages_in": ("messages_in", "counter", "WebSocket messages received from clients"),
-    "messages_out": ("messages_out", "counter", "WebSocket data messages sent to clients"),
-    "frames_out": ("frames_out", "counter", "WebSocket frames written to clients (data + control)"),
-    "bytes_in": ("bytes_in", "counter", "bytes received on WebSocket connections (after the handshake)"),
-    "bytes_out": ("bytes_out", "counter", "bytes written to WebSocket connections (after the handshake)"),
-    "keepalive_timeouts": ("keepalive_timeouts", "counter", "connections closed because pings went unanswered"),
-    "http_errors": ("http_errors", "counter",
-                    "unexpected errors while handling a request before the 101, answered 400 (tracebacks at debug)"),
-}
-_GATEWAY_LABELLED = {
-    "rejected": ("connections_rejected", "reason", "HTTP requests / upgrades refused, by status or reason"),
-    "close_codes": ("connections_closed_by_code", "code", "WebSocket connections closed, by close code"),
-}
+@dataclass(frozen=True, slots=True)
+class Metric:
+    """One exported metric: `ws_gateway_<name>` (+ `_total` for a counter)."""
+
+    name: str
+    kind: str                  # COUNTER | GAUGE | HISTOGRAM
+    source: str                # a registered source (gateway.metric_sources) or a collector one
+    read: str                  # the attribute (object source) or key (dict source) holding the value
+    help: str
+    labels: tuple[str, ...] = ()
+
+
+M = Metric
+METRICS: tuple[Metric, ...] = (
+    # -- connections and the HTTP phase (server/process.py Stats; collector state) -----------
+    M("connections_open", GAUGE, "gateway_state", "connections_open", "WebSocket connections currently open"),
+    M("connections_accepted", COUNTER, "gateway", "accepted", "TCP connections accepted (before the handshake)"),
+    M("connections_opened", COUNTER, "gateway", "opened", "WebSocket connections established (101 sent)"),
+    M("connections_closed", COUNTER, "gateway", "closed", "WebSocket connections closed"),
+    M("connections_rejected", COUNTER, "gateway", "rejected",
+      "HTTP requests / upgrades refused, by status or reason", ("reason",)),
+    M("connections_closed_by_code", COUNTER, "gateway", "close_codes",
+      "WebSocket connections closed, by close code (codes outside RFC 6455/IANA and 4000-4004: other)", ("code",)),
+    M("handshake_seconds", HISTOGRAM, "gateway", "handshake", "time from TCP accept to the 101 response"),
+    M("http_errors", COUNTER, "gateway", "http_errors",
+      "unexpected errors while handling a request before the 101, answered 400 (tracebacks at debug)"),
+    M("keepalive_timeouts", COUNTER, "gateway", "keepalive_timeouts",
+      "connections closed because pings went unanswered"),
+    M("messages_in", COUNTER, "gateway", "messages_in", "WebSocket messages received from clients"),
+    M("frames_out", COUNTER, "gateway", "frames_out", "WebSocket frames written to clients (data + control)"),
+    M("bytes_in", COUNTER, "gateway", "bytes_in", "bytes received on WebSocket connections (after the handshake)"),
+    M("bytes_out", COUNTER, "gateway", "bytes_out", "bytes written to WebSocket connections (after the handshake)"),
+    M("ready", GAUGE, "gateway_state", "ready", "1 while /readyz says ready (accepting and dependencies up)"),
+    M("draining", GAUGE, "gateway_state", "draining", "1 while a graceful shutdown is closing clients"),
+    M("max_connections", GAUGE, "gateway_state", "max_connections", "configured per-process connection limit"),
+    # -- outbound buffers, summed over connections at scrape time (GatewayCollector._queues) --
+    M("queue_bytes", GAUGE, "queues", "queue_bytes", "bytes in the gateway's slow-consumer queues"),
+    M("queued_connections", GAUGE, "queues", "queued_connections", "connections with a non-empty slow-consumer queue"),
+    M("transport_buffer_bytes", GAUGE, "queues", "transport_buffer_bytes",
+      "bytes buffered in event-loop transports (not yet in the kernel)"),
+    M("paused_connections", GAUGE, "queues", "paused_connections",
+      "connections whose transport asked us to pause writing"),
+    # -- the process ----------------------------------------------------------------------
+    M("event_loop_lag_seconds", GAUGE, "lag", "last", "latest event-loop lag sample"),
+    M("event_loop_lag_max_seconds", GAUGE, "lag", "max", "worst event-loop lag since the previous scrape"),
+    M("event_loop_lag_seconds_distribution", HISTOGRAM, "lag", "histogram", "event-loop lag samples"),
+    M("build_info", GAUGE, "build", "info", "1; labels say which hot path and Python are in use",
+      ("implementation", "python")),
+    # -- rooms (rooms/hub.py Hub; its HubGauges; rooms/session.py; rooms/backpressure.py) ----
+    M("hub_rooms", GAUGE, "hub_gauges", "rooms", "rooms with local members"),
+    M("hub_members", GAUGE, "hub_gauges", "members", "memberships (a connection in 3 rooms counts 3)"),
+    M("hub_connections", GAUGE, "hub_gauges", "connections", "connections in at least one room"),
+    M("hub_broker_connected", GAUGE, "hub", "broker_connected", "1 while the hub's broker is connected"),
+    M("hub_unflushed_bytes", GAUGE, "hub", "unflushed_bytes", "fan-out bytes written but not yet flushed this pass"),
+    M("hub_publishes", COUNTER, "hub", "publishes", "publications this process handed to the broker"),
+    M("hub_publish_failures", COUNTER, "hub", "publish_failures", "publications the broker refused"),
+    M("hub_publications_received", COUNTER, "hub", "publications_received",
+      "publications the broker delivered for a local room"),
+    M("hub_publications_unrouted", COUNTER, "hub", "publications_unrouted",
+      "publications delivered for a room with no local members left"),
+    M("hub_deliveries", COUNTER, "hub", "deliveries", "frames handed to members (one per member per publication)"),
+    M("hub_batches", COUNTER, "hub", "batches", "(room, loop pass) flushes: deliveries / batches = batching factor"),
+    M("hub_joins", COUNTER, "hub", "joins", "room joins"),
+    M("hub_leaves", COUNTER, "hub", "leaves", "room leaves"),
+    M("hub_subscribes", COUNTER, "hub", "subscribes", "broker subscriptions (first local member of a room)"),
+    M("hub_unsubscribes", COUNTER, "hub", "unsubscribes", "broker unsubscriptions (last local member left)"),
+    M("hub_subscribe_failures", COUNTER, "hub", "subscribe_failures", "broker subscriptions that failed"),
+    M("hub_member_errors", COUNTER, "hub", "member_errors", "deliveries that raised (a bug; the member is dropped)"),
+    M("hub_publisher_pauses", COUNTER, "hub", "publisher_pauses",
+      "times a publisher was paused until the fan-out caught up"),
+    M("hub_fanout_seconds", HISTOGRAM, "hub", "fanout", "first publication of a loop pass -> that pass's writes done"),
+    M("session_requests", COUNTER, "session", "requests", "requests received on /ws"),
+    M("session_joins", COUNTER, "session", "joins", "join requests on /ws"),
+    M("session_leaves", COUNTER, "session", "leaves", "leave requests on /ws"),
+    M("session_publishes", COUNTER, "session", "publishes", "publish requests on /ws"),
+    M("session_refreshes", COUNTER, "session", "refreshes", "token refresh requests on /ws"),
+    M("session_errors", COUNTER, "session", "errors", "error replies on /ws, by error code", ("code",)),
+    M("session_too_many_errors_closes", COUNTER, "session", "too_many_errors_closes",
+      "connections closed 4003 after too many invalid requests in a row"),
+    M("backpressure_dropped_oldest", COUNTER, "backpressure", "dropped_oldest",
+      "queued frames evicted by drop_oldest (and latest past its byte limit)"),
+    M("backpressure_dropped_newest", COUNTER, "backpressure", "dropped_newest",
+      "incoming frames refused by drop_newest / a full queue"),
+    M("backpressure_dropped_latest", COUNTER, "backpressure", "dropped_latest",
+      "queued frames replaced by a newer one of the same room (latest)"),
+    M("backpressure_slow_disconnects", COUNTER, "backpressure", "slow_disconnects", "connections closed with 4000"),
+    M("backpressure_queues_opened", COUNTER, "backpressure", "queues_opened",
+      "times a connection fell behind and got a queue"),
+    M("backpressure_frames_queued", COUNTER, "backpressure", "frames_queued", "frames put in slow-consumer queues"),
+    # -- broker (broker/*.py stats(): a dict; the memory broker has only publishes and rooms) --
+    M("broker_connected", GAUGE, "broker", "connected", "1 while connected to Redis"),
+    M("broker_publishes", COUNTER, "broker", "publishes", "publications sent to the broker"),
+    M("broker_publish_errors", COUNTER, "broker", "publish_errors", "publications refused or unanswered (never acked)"),
+    M("broker_publish_batches", COUNTER, "broker", "publish_batches", "pipelined publish round trips"),
+    M("broker_subscribe_errors", COUNTER, "broker", "subscribe_errors", "subscribe commands that failed"),
+    M("broker_reconnects", COUNTER, "broker", "reconnects", "reconnections to Redis"),
+    M("broker_connect_failures", COUNTER, "broker", "connect_failures", "failed connection attempts to Redis"),
+    M("broker_messages_received", COUNTER, "broker", "messages_received", "publications received from Redis"),
+    M("broker_messages_lost", COUNTER, "broker", "messages_lost", "seq gaps seen by this process"),
+    M("broker_seq_resets", COUNTER, "broker", "seq_resets", "rooms whose seq restarted (TTL or Redis restart)"),
+    M("broker_local_deliveries", COUNTER, "broker", "local_deliveries",
+      "publications delivered to local members only while Redis was down (seq 0)"),
+    M("broker_rooms", GAUGE, "broker", "rooms", "rooms the broker holds for this process"),
+    M("broker_shards", GAUGE, "broker", "shards", "Redis connections for pub/sub (Cluster: one per shard)"),
+    # -- permessage-deflate (ws/deflate.py Deflate) -----------------------------------------
+    M("deflate_negotiated", COUNTER, "deflate", "negotiated", "connections that agreed on permessage-deflate"),
+    M("deflate_declined", COUNTER, "deflate", "declined", "permessage-deflate offers declined as invalid"),
+    M("deflate_live_contexts", GAUGE, "deflate", "live_contexts", "per-connection inflaters alive now"),
+    M("deflate_compressed_in", COUNTER, "deflate", "compressed_in", "compressed messages received (inflated)"),
+    M("deflate_compressed_out", COUNTER, "deflate", "compressed_out",
+      "messages sent compressed (once per broadcast and window)"),
+    M("deflate_bytes_before", COUNTER, "deflate", "bytes_before", "size of messages sent compressed, before deflate"),
+    M("deflate_bytes_after", COUNTER, "deflate", "bytes_after", "... and after deflate"),
+    # -- auth and defences (security/defences.py DefenceStats) --------------------------------
+    M("limits_origin_rejected", COUNTER, "limits", "origin_rejected", "upgrades refused 403: Origin not allowed"),
+    M("limits_per_ip_rejected", COUNTER, "limits", "per_ip_rejected", "upgrades refused 429: too many from one IP"),
+    M("limits_forbidden", COUNTER, "limits", "forbidden", "upgrades refused 403: a valid token that grants nothing"),
+    M("limits_rate_limited", COUNTER, "limits", "rate_limited", "connections closed 4002 (message rate)"),
+    M("limits_token_expired", COUNTER, "limits", "token_expired", "connections closed 4001 (token expired)"),
+    M("limits_refreshed", COUNTER, "limits", "refreshed", "accepted token refreshes"),
+    M("limits_refresh_rejected", COUNTER, "limits", "refresh_rejected", "refused token refreshes"),
+    M("limits_auth_rejected", COUNTER, "limits", "auth_rejected", "upgrades refused 401/400, by reason", ("reason",)),
+    # -- the backend API (api/methods.py ApiStats) ----------------------------------------------
+    M("api_published", COUNTER, "api", "published", "POST /api/publish requests published"),
+    M("api_rejected", COUNTER, "api", "rejected", "POST /api/publish requests refused, by reason", ("reason",)),
+)
+del M
+
+
+def exported_name(metric: Metric) -> str:
+    """The series name a scrape shows (counters end in _total)."""
+    name = f"{PREFIX}_{metric.name}"
+    return name + "_total" if metric.kind == COUNTER else name
+
+
+def _check_table(table) -> None:
+    seen = set()
+    for metric in table:
+        if metric.name in seen or metric.kind not in (COUNTER, GAUGE, HISTOGRAM):
+            raise ValueError(f"metrics table: duplicate name or unknown kind in {metric}")
+        seen.add(metric.name)
+
+
+_check_table(METRICS)
+_MISSING = object()
 
 
 class GatewayCollector:
-    """A prometheus-client custom collector over one Gateway (duck-typed, see the docstring)."""
+    """A prometheus-client custom collector over one Gateway and a metrics table."""
 
-    def __init__(self, gateway, lag: LoopLagMonitor | None = None) -> None:
+    def __init__(self, gateway, lag: "LoopLagMonitor | None" = None, table: tuple = METRICS) -> None:
+        _check_table(table)
         self.gateway = gateway
         self.lag = lag
+        self.table = table
+        self._complained: set[str] = set()   # metrics whose read failed (logged once each)
+
+    def describe(self):
+        return []  # unchecked collector: which sources are registered is known at scrape time
+
+    # -- the collector's own sources -------------------------------------------------------
+
+    def _builtin_sources(self) -> dict:
+        gw = self.gateway
+        sources = {
+            "gateway": gw.stats,
+            "gateway_state": lambda: {
+                "connections_open": len(gw.connections), "ready": int(bool(gw.ready)),
+                "draining": int(bool(gw.draining)), "max_connections": gw.config.max_connections},
+            "queues": lambda: self._queues(gw),
+            "build": self._build_info,
+        }
+        lag = self.lag
+        if lag is not None:
+            sources["lag"] = lambda: {"last": lag.last, "max": lag.take_max(), "histogram": lag.histogram}
+        return sources
 
     @staticmethod
-    def _queues(gw) -> list:
+    def _queues(gw) -> dict:
         """Outbound bytes waiting, summed over connections at scrape time (O(connections), not per message).
 
         `queue_bytes` is the gateway-owned slow-consumer queue (conn.state.queue.bytes);
@@ -168,178 +321,104 @@ class GatewayCollector:
         """
         queued = buffered = paused = behind = 0
         for conn in list(gw.connections):
-            if getattr(conn, "paused", False):
+            if conn.paused:
                 paused += 1
-            queue = getattr(getattr(conn, "state", None), "queue", None)
-            size = getattr(queue, "bytes", 0) if queue is not None else 0
+            queue = getattr(conn.state, "queue", None)     # endpoint state: the rooms Session has one
+            size = queue.bytes if queue is not None else 0
             if size:
                 queued += size
                 behind += 1
-            transport = getattr(conn, "transport", None)
+            transport = conn.transport
             if transport is not None:
                 try:
                     buffered += transport.get_write_buffer_size()
                 except Exception:  # closed transports may refuse; they hold nothing we can count
                     pass
-        return [
-            _gauge("queue_bytes", "bytes in the gateway's slow-consumer queues", queued),
-            _gauge("queued_connections", "connections with a non-empty slow-consumer queue", behind),
-            _gauge("transport_buffer_bytes", "bytes buffered in event-loop transports (not yet in the kernel)",
-                   buffered),
-            _gauge("paused_connections", "connections whose transport asked us to pause writing", paused),
-        ]
+        return {"queue_bytes": queued, "queued_connections": behind, "transport_buffer_bytes": buffered,
+                "paused_connections": paused}
 
     @staticmethod
-    def _build_info() -> GaugeMetricFamily:
+    def _build_info() -> dict:
         import gateway_ext  # a leaf package (stdlib only), not `gateway`
-        family = GaugeMetricFamily(f"{PREFIX}_build_info", "1; labels say which hot path and Python are in use",
-                                   labels=["implementation", "python"])
-        family.add_metric([gateway_ext.IMPLEMENTATION, platform.python_version()], 1)
-        return family
+        return {"info": {(gateway_ext.IMPLEMENTATION, platform.python_version()): 1}}
 
-    def describe(self):
-        return []  # unchecked collector: the set of metrics grows as features land
+    # -- scrape -----------------------------------------------------------------------------
 
     def collect(self):
-        gw = self.gateway
-        yield _gauge("connections_open", "WebSocket connections currently open", len(gw.connections))
-        yield _gauge("ready", "1 while /readyz says ready (accepting and dependencies up)", int(bool(gw.ready)))
-        yield _gauge("draining", "1 while a graceful shutdown is closing clients", int(bool(getattr(gw, "draining", False))))
-        yield _gauge("max_connections", "configured per-process connection limit", gw.config.max_connections)
-        stats = gw.stats
-        for attr, (name, kind, help_text) in _GATEWAY_STATS.items():
-            value = getattr(stats, attr, None)
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                yield _counter(name, help_text, value)
-        for attr, (name, label, help_text) in _GATEWAY_LABELLED.items():
-            value = getattr(stats, attr, None)
-            if isinstance(value, dict):
-                yield _labelled_counter(name, help_text, label, value)
-        yield from self._queues(gw)
-        handshake = getattr(stats, "handshake", None)
-        if isinstance(handshake, LatencyHistogram):
-            yield _histogram("handshake_seconds", "time from TCP accept to the 101 response", handshake)
-        if self.lag is not None:
-            yield _gauge("event_loop_lag_seconds", "latest event-loop lag sample", self.lag.last)
-            yield _gauge("event_loop_lag_max_seconds", "worst event-loop lag since the previous scrape",
-                         self.lag.take_max())
-            yield _histogram("event_loop_lag_seconds_distribution", "event-loop lag samples", self.lag.histogram)
-        yield self._build_info()
-        seen: set[int] = {id(stats)}
-        names: set[str] = set()
-        for source, obj in discover_sources(gw):
-            if id(obj) in seen:
-                continue
-            seen.add(id(obj))
-            for family in export_object(source, obj):
-                if family.name not in names:   # two objects exporting one name: keep the first
-                    names.add(family.name)
-                    yield family
-
-
-def discover_sources(gw) -> list[tuple[str, object]]:
-    """(name, stats object or dict) pairs for every feature that has landed on this gateway."""
-    found: list[tuple[str, object]] = []
-    explicit = getattr(gw, "metric_sources", None)
-    if isinstance(explicit, dict):
-        found.extend(explicit.items())
-    holders = [gw, *getattr(gw, "endpoints", {}).values()]
-    seen = {id(h) for h in holders}
-    while holders:
-        holder = holders.pop(0)
-        for attr in SOURCE_ATTRS:
-            obj = getattr(holder, attr, None)
-            if obj is None or isinstance(obj, (int, float, str, dict)) or id(obj) in seen:
-                continue
-            seen.add(id(obj))
-            found.append((attr, obj))
-            holders.append(obj)     # one level down: the hub's broker
-    out = []
-    for name, obj in found:
-        kind = getattr(type(obj), "stats", None)
-        stats = getattr(obj, "stats", None)
-        if stats is None:
-            out.append((name, obj))
-        elif isinstance(kind, property):
-            out.append((name, stats))
-            out.append((name, obj))
-        elif callable(stats):
-            try:
-                out.append((name, stats()))
-            except Exception:  # a feature's stats() must not break the scrape
-                continue
-        else:
-            out.append((name, stats))
-    return out
-
-
-def _attributes(obj) -> dict:
-    if isinstance(obj, dict):
-        return {str(k): v for k, v in obj.items() if not str(k).startswith("_")}
-    names: list[str] = []
-    for cls in type(obj).__mro__:
-        names.extend(getattr(cls, "__slots__", ()))
-    if hasattr(obj, "__dict__"):
-        names.extend(vars(obj))
-    out = {}
-    for name in dict.fromkeys(names):
-        # `max_*` are settings (limits), not measurements: not exported from feature objects.
-        if name.startswith(("_", "max_")) or name in ("gauges", "labels"):
-            continue
-        try:
-            out[name] = getattr(obj, name)
-        except AttributeError:
-            continue
-    return out
-
-
-def export_object(source: str, obj) -> list:
-    """Metric families for the plain numbers of one stats object (see the module docstring)."""
-    gauges = set(getattr(obj, "gauges", ()) or ()) | GAUGE_NAMES
-    labels = getattr(obj, "labels", None)
-    labels = labels if isinstance(labels, dict) else {}
-    families = []
-    for name, value in _attributes(obj).items():
-        metric = f"{source}_{name}"
-        if isinstance(value, bool):
-            families.append(_gauge(metric, f"{source}.{name}", int(value)))
-        elif isinstance(value, (int, float)):
-            if name in gauges:
-                families.append(_gauge(metric, f"{source}.{name} (current value)", value))
+        registered = getattr(self.gateway, "metric_sources", None) or {}
+        sources = {**registered, **self._builtin_sources()}
+        resolved: dict = {}
+        for metric in self.table:
+            name = metric.source
+            if name not in resolved:
+                resolved[name] = self._resolve(name, sources.get(name))
+            source = resolved[name]
+            if source is None:
+                continue                       # the feature is not in use on this gateway
+            if isinstance(source, dict):
+                value = source.get(metric.read, _MISSING)
+                if value is _MISSING:
+                    continue                   # this implementation has no such number (see docstring)
             else:
-                families.append(_counter(metric, f"{source}.{name}", value))
-        elif isinstance(value, LatencyHistogram):
-            base = metric if metric.endswith("_seconds") else metric + "_seconds"
-            families.append(_histogram(base, f"{source}.{name}", value))
-        elif isinstance(value, dict) and value and all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                                                      for v in value.values()):
-            families.append(_labelled_counter(metric, f"{source}.{name} by {labels.get(name, 'reason')}",
-                                              labels.get(name, "reason"), value))
-        elif isinstance(value, str) and name in ("state", "status"):
-            family = GaugeMetricFamily(f"{PREFIX}_{metric}", f"{source}.{name}: 1 for the current value",
-                                       labels=[name])
-            family.add_metric([value], 1)
-            families.append(family)
-    return families
+                value = getattr(source, metric.read, _MISSING)
+                if value is _MISSING:
+                    self._complain(metric, f"{type(source).__name__} has no attribute {metric.read!r}")
+                    continue
+            family = self._family(metric, value)
+            if family is not None:
+                yield family
+
+    def _resolve(self, name: str, source):
+        if callable(source) and not isinstance(source, type):
+            try:
+                return source()
+            except Exception:   # a feature's stats() must not break the scrape
+                if name not in self._complained:
+                    self._complained.add(name)
+                    log.exception("metrics source %r failed; its metrics are left out", name,
+                                  extra={"event": "metrics_error", "source": name})
+                return None
+        return source
+
+    def _complain(self, metric: Metric, why: str) -> None:
+        if metric.name not in self._complained:
+            self._complained.add(metric.name)
+            log.error("metric %s not exported: %s", exported_name(metric), why,
+                      extra={"event": "metrics_error", "metric": metric.name})
+
+    def _family(self, metric: Metric, value):
+        full = f"{PREFIX}_{metric.name}"
+        if metric.kind == HISTOGRAM:
+            if value is None:
+                return None
+            if not isinstance(value, LatencyHistogram):
+                self._complain(metric, f"expected a LatencyHistogram, got {type(value).__name__}")
+                return None
+            return HistogramMetricFamily(full, metric.help, buckets=value.buckets(), sum_value=value.sum)
+        family_type = CounterMetricFamily if metric.kind == COUNTER else GaugeMetricFamily
+        if metric.labels:
+            if not isinstance(value, dict):
+                self._complain(metric, f"expected a dict of label values, got {type(value).__name__}")
+                return None
+            family = family_type(full, metric.help, labels=list(metric.labels))
+            for key, number in _bounded(metric, value):
+                family.add_metric([str(k) for k in key] if isinstance(key, tuple) else [str(key)], number)
+            return family
+        if not isinstance(value, (int, float)):
+            self._complain(metric, f"expected a number, got {type(value).__name__}")
+            return None
+        return family_type(full, metric.help, value=int(value) if isinstance(value, bool) else value)
 
 
-def _gauge(name: str, help_text: str, value) -> GaugeMetricFamily:
-    return GaugeMetricFamily(f"{PREFIX}_{name}", help_text, value=value)
-
-
-def _counter(name: str, help_text: str, value) -> CounterMetricFamily:
-    return CounterMetricFamily(f"{PREFIX}_{name}", help_text, value=value)
-
-
-def _labelled_counter(name: str, help_text: str, label: str, values: dict) -> CounterMetricFamily:
-    family = CounterMetricFamily(f"{PREFIX}_{name}", help_text, labels=[label])
-    for key, value in sorted(values.items(), key=lambda kv: str(kv[0])):
-        family.add_metric([str(key)], value)
-    return family
-
-
-def _histogram(name: str, help_text: str, hist: LatencyHistogram) -> HistogramMetricFamily:
-    return HistogramMetricFamily(f"{PREFIX}_{name}", help_text, buckets=hist.buckets(), sum_value=hist.sum)
+def _bounded(metric: Metric, values: dict) -> list:
+    """(label value, number) pairs sorted by label; past MAX_LABEL_VALUES the smallest are summed as "other"."""
+    items = list(values.items())
+    if len(items) > MAX_LABEL_VALUES and len(metric.labels) == 1:
+        items.sort(key=lambda kv: kv[1], reverse=True)
+        kept = dict(items[:MAX_LABEL_VALUES - 1])
+        kept["other"] = kept.get("other", 0) + sum(v for _, v in items[MAX_LABEL_VALUES - 1:])
+        items = list(kept.items())
+    return sorted(items, key=lambda kv: str(kv[0]))
 
 
 class Metrics:
@@ -351,7 +430,6 @@ class Metrics:
         self.registry.register(GatewayCollector(gateway, self.lag))
         # process_resident_memory_bytes, process_open_fds, process_max_fds, process_cpu_seconds_total.
         ProcessCollector(registry=self.registry)
-        self.started = time.time()
 
     def start(self) -> None:
         self.lag.start()
@@ -363,5 +441,5 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-__all__ = ["CONTENT_TYPE", "GatewayCollector", "LatencyHistogram", "LoopLagMonitor", "Metrics",
-           "discover_sources", "export_object"]
+__all__ = ["CONTENT_TYPE", "COUNTER", "GAUGE", "HISTOGRAM", "METRICS", "GatewayCollector", "LatencyHistogram",
+           "LoopLagMonitor", "Metric", "Metrics", "exported_name"]

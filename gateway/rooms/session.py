@@ -48,8 +48,7 @@ MAX_QUEUED_PUBLISHES = 64
 class SessionStats:
     """Request counters of /ws (plain ints; `errors` by code)."""
 
-    __slots__ = ("requests", "joins", "leaves", "publishes", "refreshes", "errors", "too_many_errors_closes",
-                 "labels")
+    __slots__ = ("requests", "joins", "leaves", "publishes", "refreshes", "errors", "too_many_errors_closes")
 
     def __init__(self) -> None:
         self.requests = 0
@@ -59,7 +58,6 @@ class SessionStats:
         self.refreshes = 0
         self.errors: collections.Counter = collections.Counter()   # error replies by code
         self.too_many_errors_closes = 0
-        self.labels = {"errors": "code"}
 
 
 class Session:

@@ -36,9 +36,7 @@ _AUTH_REASON_KEYS = (("expired", "expired"), ("lacks", "claims"), ("algorithm", 
 
 
 class DefenceStats:
-    """Counters read by metrics at scrape time (`ws_gateway_limits_*_total`)."""
-
-    labels = {"auth_rejected": "reason"}
+    """Counters read by metrics at scrape time (`ws_gateway_limits_*_total`, declared in gateway/ops/metrics.py)."""
 
     def __init__(self) -> None:
         self.origin_rejected = 0       # 403: Origin not allowed
@@ -91,6 +89,7 @@ class Defences:
         if on_reload is not None:
             on_reload.append(self.reload)
         gw.limits = self
+        gw.metric_sources["limits"] = self.stats   # ws_gateway_limits_* (gateway/ops/metrics.py)
         return self
 
     def reload(self, _old, new) -> None:

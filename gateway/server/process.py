@@ -96,7 +96,8 @@ class Gateway:
         self.metrics = Metrics(self, self.loop)
         # Unexpected exceptions before the 101 (connection.py): one WARNING per 10 s at most.
         self.http_error_log = logs.RateLimitedLog(logging.getLogger("gateway.server.connection"), interval=10.0)
-        # Feature stats objects to export ({name: obj}; see metrics.py for the contract).
+        # Where the metrics table (gateway/ops/metrics.py METRICS) reads its values: features
+        # register their stats here by source name ({name: object, dict or callable}).
         self.metric_sources: dict = {}
         if self.deflate is not None:
             self.metric_sources["deflate"] = self.deflate   # permessage-deflate counters

@@ -242,10 +242,8 @@ def negotiate(header: str, settings: DeflateSettings, allow_client_takeover: boo
 class Deflate:
     """One per process: settings, one shared compressor per window size, the context budget.
 
-    Its plain integer attributes are the `deflate` metrics (gateway/ops/metrics.py contract).
+    Its plain integer attributes are read by the `deflate` entries of gateway/ops/metrics.py METRICS.
     """
-
-    gauges = ("live_contexts",)
 
     def __init__(self, settings: DeflateSettings) -> None:
         self.settings = settings

@@ -2,13 +2,15 @@
 import asyncio
 import collections
 import json
+import logging
 import time
 
 import pytest
 import websockets
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.ops.metrics import LatencyHistogram, LoopLagMonitor, export_object
+from gateway.ops.metrics import (COUNTER, GAUGE, HISTOGRAM, MAX_LABEL_VALUES, GatewayCollector, LatencyHistogram,
+                                 LoopLagMonitor, Metric)
 from tests.helpers import raw_request, serve, ws_url
 
 
@@ -129,41 +131,80 @@ def test_latency_histogram_buckets():
     assert h.count == 4 and h.sum == pytest.approx(2.65)
 
 
-class FakeHubStats:
-    """A stats object as a feature would write it (see the contract in gateway/ops/metrics.py)."""
+class FakeGateway:
+    """What GatewayCollector reads from a gateway, with sources a feature would register."""
 
-    gauges = ("inflight_things",)
-    labels = {"dropped": "policy"}
+    def __init__(self, sources):
+        from gateway.server.process import Stats
+        self.stats = Stats()
+        self.connections = set()
+        self.ready, self.draining = True, False
+        self.config = type("Config", (), {"max_connections": 10})()
+        self.metric_sources = sources
 
+
+class FeatureStats:
     def __init__(self):
-        self.publishes = 7
-        self.inflight_things = 3
-        self.rooms = 2
-        self.dropped = collections.Counter({"drop_oldest": 4, "latest": 1})
-        self.fanout = LatencyHistogram()
-        self.fanout.observe(0.002)
-        self.state = "connected"
-        self._private = 99
+        self.things = 7
+        self.renamed_from_old = 3
+        self.by_kind = collections.Counter({"a": 4, "b": 1})
+        self.latency = LatencyHistogram()
+        self.latency.observe(0.002)
 
 
-def test_export_object_contract():
+TABLE = (
+    Metric("feature_things", COUNTER, "feature", "things", "things done"),
+    Metric("feature_level", GAUGE, "feature", "old", "an attribute that was renamed"),
+    Metric("feature_by_kind", COUNTER, "feature", "by_kind", "things by kind", ("kind",)),
+    Metric("feature_latency_seconds", HISTOGRAM, "feature", "latency", "how long"),
+    Metric("feature_dict_value", GAUGE, "feature_dict", "present", "from a callable returning a dict"),
+    Metric("feature_dict_missing", GAUGE, "feature_dict", "absent", "a key this implementation lacks"),
+    Metric("unregistered_thing", COUNTER, "nobody", "x", "a feature not in use"),
+)
+
+
+def _families(gateway, table, collector=None):
     from prometheus_client import CollectorRegistry, generate_latest
 
-    class Collector:
-        def collect(self):
-            return export_object("hub", FakeHubStats())
-
     registry = CollectorRegistry()
-    registry.register(Collector())
-    families = {f.name: f for f in text_string_to_metric_families(generate_latest(registry).decode())}
-    assert families["ws_gateway_hub_publishes"].type == "counter"
-    assert families["ws_gateway_hub_inflight_things"].type == "gauge"
-    assert families["ws_gateway_hub_rooms"].type == "gauge"
-    dropped = {s.labels["policy"]: s.value for s in families["ws_gateway_hub_dropped"].samples}
-    assert dropped == {"drop_oldest": 4, "latest": 1}
-    assert families["ws_gateway_hub_fanout_seconds"].type == "histogram"
-    assert [s.labels for s in families["ws_gateway_hub_state"].samples] == [{"state": "connected"}]
-    assert not any("private" in name for name in families)
+    registry.register(collector or GatewayCollector(gateway, table=table))
+    return {f.name: f for f in text_string_to_metric_families(generate_latest(registry).decode())}
+
+
+def test_the_table_decides_what_is_exported(caplog):
+    calls = []
+    gw = FakeGateway({"feature": FeatureStats(), "feature_dict": lambda: calls.append(1) or {"present": 5}})
+    collector = GatewayCollector(gw, table=TABLE)
+    families = _families(gw, TABLE, collector)
+    assert set(families) == {"ws_gateway_feature_things", "ws_gateway_feature_by_kind", "ws_gateway_feature_latency_seconds",
+                             "ws_gateway_feature_dict_value"}
+    assert families["ws_gateway_feature_things"].type == "counter"
+    assert {s.labels["kind"]: s.value for s in families["ws_gateway_feature_by_kind"].samples
+            if s.name.endswith("_total")} == {"a": 4, "b": 1}
+    assert families["ws_gateway_feature_latency_seconds"].type == "histogram"
+    assert families["ws_gateway_feature_dict_value"].samples[0].value == 5
+    assert calls == [1]                     # a callable source is called once per scrape
+    # An attribute the table names but the object lacks (a rename) is not exported under
+    # another name: it is missing, and said once at ERROR.
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and "ws_gateway_feature_level" in errors[0].getMessage()
+    _families(gw, TABLE, collector)
+    assert calls == [1, 1]
+    assert len([r for r in caplog.records if r.levelno == logging.ERROR]) == 1   # once, not per scrape
+    # Nothing else of the object is exported: not `renamed_from_old`, whatever its type.
+    assert not any("renamed" in name for name in families)
+
+
+def test_label_values_are_capped():
+    stats = FeatureStats()
+    stats.by_kind = collections.Counter({f"k{i}": i + 1 for i in range(MAX_LABEL_VALUES + 36)})
+    stats.by_kind["other"] = 1000
+    families = _families(FakeGateway({"feature": stats}), TABLE[2:3])
+    samples = {s.labels["kind"]: s.value for s in families["ws_gateway_feature_by_kind"].samples
+               if s.name.endswith("_total")}
+    assert len(samples) <= MAX_LABEL_VALUES
+    assert sum(samples.values()) == sum(stats.by_kind.values())    # nothing lost, only folded
+    assert samples["other"] > 1000 and "k99" in samples and "k0" not in samples
 
 
 def test_loop_lag_monitor_sees_a_blocked_loop(run):

@@ -1,0 +1,14 @@
+"""A gateway with the Redis broker exports exactly the golden list of metric names
+(tests/unit/test_metrics_golden.py), the broker's Redis-only numbers included."""
+from tests.helpers import serve
+from tests.redis_server import redis_server  # noqa: F401  (fixture)
+from tests.unit.test_metrics_golden import GOLDEN, PROCESS, _traffic_and_scrape, scraped_lines
+from tests.auth_tokens import SECRET
+
+
+def test_a_redis_backed_gateway_exports_exactly_the_golden_list(run, redis_server):  # noqa: F811
+    async def main():
+        async with serve(api_keys=("k" * 32,), jwt_secret=SECRET, broker=redis_server.url) as gw:
+            return await _traffic_and_scrape(gw)
+
+    assert scraped_lines(run(main())) == sorted(GOLDEN + PROCESS)

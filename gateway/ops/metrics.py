@@ -211,6 +211,7 @@ METRICS: tuple[Metric, ...] = (
     M("session_leaves", COUNTER, "session", "leaves", "leave requests on /ws"),
     M("session_publishes", COUNTER, "session", "publishes", "publish requests on /ws"),
     M("session_refreshes", COUNTER, "session", "refreshes", "token refresh requests on /ws"),
+    M("session_pings", COUNTER, "session", "pings", "application pings on /ws (answered with pong)"),
     M("session_errors", COUNTER, "session", "errors", "error replies on /ws, by error code", ("code",)),
     M("session_too_many_errors_closes", COUNTER, "session", "too_many_errors_closes",
       "connections closed 4003 after too many invalid requests in a row"),

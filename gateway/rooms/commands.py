@@ -11,6 +11,10 @@ client -> server (each may carry "id", a string or an integer; the server then a
     {"op":"leave","room":R}
     {"op":"publish","room":R,"data":X}      the ack also carries the publication's "seq"
     {"op":"refresh","token":T}              hand a new token to the auth layer
+    {"op":"ping"}                           answered {"op":"pong"} (with the request's "id"
+                                            if it has one): a liveness probe a browser can
+                                            see; WebSocket pings are answered by browsers
+                                            without telling the page's script
 
 server -> client:
 
@@ -19,13 +23,14 @@ server -> client:
     {"op":"dropped","room":R,"count":N}          N messages of R were dropped because this
                                                  client read too slowly (see backpressure.py)
     {"op":"ack","id":I}  /  {"op":"error","id":I,"code":C,"message":M}
+    {"op":"pong"}                                the answer to a ping
 
 Error codes (stable: clients may switch on them; "message" is for humans):
 
     bad_json            the frame is not a JSON object (or, with msgpack, not a msgpack map);
                         binary frames without the msgpack subprotocol also get this
     bad_request         a field is missing or has the wrong type ("message" names it)
-    unknown_op          "op" is none of join, leave, publish, refresh
+    unknown_op          "op" is none of join, leave, publish, refresh, ping
     bad_room            the room name is empty or contains control characters
     room_name_too_long  the room name has more than max_room_name_bytes UTF-8 bytes
     too_many_rooms      the join would exceed max_rooms_per_connection
@@ -171,7 +176,9 @@ def parse(obj: dict, max_room_name_bytes: int) -> Command:
         if len(token) > MAX_TOKEN_CHARS:
             raise CommandError("bad_request", f"\"token\" is limited to {MAX_TOKEN_CHARS} characters", rid)
         return Command("refresh", rid, token=token)
-    raise CommandError("unknown_op", f"unknown op {op[:40]!r}; expected join, leave, publish or refresh", rid)
+    if op == "ping":
+        return Command("ping", rid)
+    raise CommandError("unknown_op", f"unknown op {op[:40]!r}; expected join, leave, publish, refresh or ping", rid)
 
 
 # -- encoding ------------------------------------------------------------------------------
@@ -185,6 +192,13 @@ def ack(rid, seq: int | None = None) -> dict:
 
 def error(code: str, message: str, rid=None) -> dict:
     doc = {"op": "error", "code": code, "message": message}
+    if rid is not None:
+        doc["id"] = rid
+    return doc
+
+
+def pong(rid=None) -> dict:
+    doc = {"op": "pong"}
     if rid is not None:
         doc["id"] = rid
     return doc

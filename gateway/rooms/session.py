@@ -48,7 +48,8 @@ MAX_QUEUED_PUBLISHES = 64
 class SessionStats:
     """Request counters of /ws (plain ints; `errors` by code)."""
 
-    __slots__ = ("requests", "joins", "leaves", "publishes", "refreshes", "errors", "too_many_errors_closes")
+    __slots__ = ("requests", "joins", "leaves", "publishes", "refreshes", "pings", "errors",
+                 "too_many_errors_closes")
 
     def __init__(self) -> None:
         self.requests = 0
@@ -56,6 +57,7 @@ class SessionStats:
         self.leaves = 0
         self.publishes = 0
         self.refreshes = 0
+        self.pings = 0
         self.errors: collections.Counter = collections.Counter()   # error replies by code
         self.too_many_errors_closes = 0
 
@@ -283,6 +285,11 @@ class RoomsEndpoint:
             if not self.hub.leave(session, cmd.room):
                 raise CommandError("not_member", f"not a member of {cmd.room!r}", cmd.id)
             self._ack(session, cmd)
+            return None
+        if op == "ping":
+            # Liveness for clients that cannot see WebSocket pongs (browsers): one small reply.
+            self.stats.pings += 1
+            session.reply(commands.pong(cmd.id))
             return None
         return self._refresh(session, cmd)
 

@@ -30,6 +30,9 @@ def test_join_leave_publish_refresh():
     assert c.data == b'{"b":[1,2.5,"x",null]}' and c.id == 7
     c = parse_json('{"op":"refresh","token":"t.t.t"}')
     assert c.token == "t.t.t"
+    c = parse_json('{"op":"ping","id":"p"}')
+    assert (c.op, c.id) == ("ping", "p")
+    assert commands.pong() == {"op": "pong"} and commands.pong(3) == {"op": "pong", "id": 3}
 
 
 @pytest.mark.parametrize("text, code, rid", [

@@ -98,6 +98,7 @@ GOLDEN = [
     'ws_gateway_session_errors_total counter code',
     'ws_gateway_session_joins_total counter',
     'ws_gateway_session_leaves_total counter',
+    'ws_gateway_session_pings_total counter',
     'ws_gateway_session_publishes_total counter',
     'ws_gateway_session_refreshes_total counter',
     'ws_gateway_session_requests_total counter',

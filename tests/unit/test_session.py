@@ -277,6 +277,23 @@ def test_refresh_calls_the_gateway_hook(run):
     run(main())
 
 
+def test_ping_is_answered_with_pong_and_is_not_an_error(run):
+    """The SDK's liveness probe: answered in order with the other replies, never counted as
+    a client error (an idle page pings forever without reaching max_consecutive_errors)."""
+    async def main():
+        async with serve() as gw:
+            c = await Client.open(gw)
+            assert await c.request(op="ping") == {"op": "pong"}
+            assert await c.request(op="ping", id="p1") == {"op": "pong", "id": "p1"}
+            for _ in range(gw.config.max_consecutive_errors + 2):
+                assert await c.request(op="ping") == {"op": "pong"}
+            assert await c.request(op="join", room="r", id=1) == {"op": "ack", "id": 1}
+            ep = gw.endpoints["/ws"]
+            assert ep.stats.pings == gw.config.max_consecutive_errors + 4 and not ep.stats.errors
+            await c.close()
+    run(main())
+
+
 def test_broker_unavailable_rolls_the_join_back(run):
     async def main():
         async with serve() as gw:

@@ -291,6 +291,12 @@ class Connection(WebSocketStream, asyncio.Protocol):
 
     def _upgrade(self, request: Request, endpoint, rest: bytes) -> None:
         gw = self.gateway
+        if request.method == "GET" and "websocket" not in request.tokens("upgrade"):
+            # A plain GET of a WebSocket endpoint answers what the upgrade would (401/403 for
+            # the token, 429, 503) before its 426: a browser cannot read the status of a failed
+            # handshake (the WebSocket API reports close 1006 only), so the JS SDK asks this
+            # way after a close before open (docs/clients.md). No connection is opened.
+            gw.admit(self, request)
         key = validate_upgrade(request)
         if gw.open_connections >= gw.config.max_connections:
             raise HandshakeRejected(503, "server is at its connection limit; retry later", {"Retry-After": "5"})

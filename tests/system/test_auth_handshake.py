@@ -138,6 +138,28 @@ def test_malformed_requests_400_and_token_without_rooms_403(run):
     run(main())
 
 
+def test_plain_get_of_ws_tells_401_403_before_426(run):
+    """What the JS SDK's pre-flight relies on: a GET of /ws without the upgrade headers (all a
+    browser's fetch can send) answers 401/403 for a refused token, 426 for a good one."""
+    async def main():
+        async with serve(jwt_secret=t.SECRET) as gw:
+            base = f"http://127.0.0.1:{gw.port}/ws"
+            async with aiohttp.ClientSession() as session:
+                async def status(url):
+                    async with session.get(url) as resp:
+                        return resp.status, resp.headers.get("WWW-Authenticate", ""), await resp.text()
+                code, challenge, body = await status(base + "?token=" + t.hs256(secret=t.OTHER_SECRET))
+                assert code == 401 and "invalid_token" in challenge and "signature" in body
+                code, _, _ = await status(base)
+                assert code == 401
+                code, _, body = await status(base + "?token=" + t.hs256(rooms=[], publish=[]))
+                assert code == 403 and "grants no rooms" in body
+                code, _, _ = await status(base + "?token=" + t.hs256())
+                assert code == 426
+            assert gw.open_connections == 0
+    run(main())
+
+
 def test_max_connections_503_bystander_unaffected(run):
     async def main():
         async with serve(max_connections=1) as gw:

@@ -61,6 +61,8 @@ def install_rooms(gateway: Gateway, config: Config):
     })
     gateway.readiness_checks.append(lambda: (hub.broker_connected, f"broker {broker.name} is not connected"))
     gateway.on_shutdown.append(hub.close)
+    from gateway.server import static
+    gateway.http_routes.update(static.sdk_routes())   # the JS SDK, always: /ws-gateway.js
     if config.demo:
         from gateway.server import demo
         gateway.http_routes.update(demo.routes())

@@ -1,23 +1,13 @@
-"""The opt-in demo page (`--demo`): `/` serves gateway/static/index.html, `/demo.js` its client.
-
-Files are read once, at start; they are static and small. Imports only handshake.response.
+"""The opt-in demo page (`--demo`): `/` serves gateway/static/index.html, `/demo.js` its script
+(built on the JS SDK, which static.py serves always). Imports only static.py.
 """
 from __future__ import annotations
 
-import os
+from gateway.server.static import JS, file_route
 
-from gateway.ws.handshake import response
-
-STATIC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "static")
-FILES = {"/": ("index.html", "text/html; charset=utf-8"), "/demo.js": ("demo.js", "text/javascript; charset=utf-8")}
+FILES = {"/": ("index.html", "text/html; charset=utf-8"), "/demo.js": ("demo.js", JS)}
 
 
 def routes() -> dict:
     """HTTP routes for the Gateway: path -> handler(request, body) -> response bytes."""
-    out = {}
-    for path, (name, content_type) in FILES.items():
-        with open(os.path.join(STATIC, name), "rb") as fh:
-            answer = response(200, fh.read(), content_type, {"Cache-Control": "no-cache",
-                                                              "X-Content-Type-Options": "nosniff"})
-        out[path] = lambda request, body, answer=answer: answer
-    return out
+    return {path: file_route(name, content_type) for path, (name, content_type) in FILES.items()}

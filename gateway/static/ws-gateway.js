@@ -361,7 +361,15 @@ export class Client extends Emitter {
     ws.onopen = () => { if (ws === this._ws) this._onOpen(); };
     ws.onmessage = (ev) => { if (ws === this._ws) this._onMessage(ev.data); };
     ws.onclose = (ev) => { if (ws === this._ws) this._onClose(ev.code, ev.reason || ""); };
-    ws.onerror = () => { /* the close event follows and decides */ };
+    // A failed connection is reported by `error` (then `close` 1006 in browsers; Node 20's
+    // WebSocket may fire no close at all after a refused connect): act on the first of them.
+    ws.onerror = () => {
+      if (ws !== this._ws) return;
+      this._onClose(1006, "");      // detaches the handlers first: close() may fire error again
+      if (ws.readyState !== undefined && ws.readyState < 2) {
+        try { ws.close(); } catch { /* closing already */ }
+      }
+    };
   }
 
   _onOpen() {

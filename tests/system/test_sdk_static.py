@@ -40,3 +40,13 @@ def test_sdk_is_served_always_with_caching_headers(run):
                                      + etags["/ws-gateway.js"].encode() + b"\r\n\r\n")
             assert head.startswith(b"HTTP/1.1 304 ") and b"Content-Length" not in head and head.endswith(b"\r\n\r\n")
     run(main())
+def test_demo_routes_with_demo(run):
+    async def main():
+        async with serve(echo=False, demo=True) as gw:
+            async with aiohttp.ClientSession() as session:
+                async with session.get(f"http://127.0.0.1:{gw.port}/") as resp:
+                    assert resp.status == 200 and "ws-gateway demo" in await resp.text()
+                async with session.get(f"http://127.0.0.1:{gw.port}/demo.js") as resp:
+                    assert resp.status == 200 and resp.headers["Content-Type"].startswith("text/javascript")
+                    assert "ws-gateway.js" in await resp.text()
+    run(main())

@@ -581,6 +581,7 @@ export class Client extends Emitter {
       entry.since = true;
     } else if (sub._last) {
       frame.last = true;
+      entry.last = true;
     }
     sub.state = "joining";
     sub._join = entry;
@@ -692,9 +693,10 @@ export class Client extends Emitter {
     const epoch = typeof msg.epoch === "string" ? msg.epoch : null;
     const seq = Number.isInteger(msg.seq) ? msg.seq : null;
     if (!recovered) {
-      // Continue from the server's top: (epoch, TOP); unknown without history.
+      // Continue from the server's top: (epoch, TOP); unknown without history. After a
+      // `last` join the latest publication (seq TOP) follows the ack: deliver it too.
       sub._epoch = seq === null ? null : epoch;
-      sub._seq = seq;
+      sub._seq = seq !== null && entry.last && seq > 0 ? seq - 1 : seq;
     }
     sub._emit("joined", { room: sub.room, recovered, epoch, seq });
     if (!recovered && (entry.since || rejoin)) {

@@ -141,7 +141,14 @@ export class Subscription extends Emitter {
       return;
     }
     if (this._seq !== null) {
-      if (seq <= this._seq) return;                       // duplicate (replay overlap)
+      if (seq <= this._seq) {
+        if (this._epoch !== null) return;                 // duplicate (replay overlap)
+        // No epoch: the server keeps no history, so it never replays and this is no
+        // duplicate: the room's numbering restarted (e.g. Redis restarted). Say so, go on.
+        this._seq = seq - 1;
+        this._emit("reset", { room: this.room, epoch: null, seq: this._seq, reason: "server_reset" });
+      }
+      if (seq <= this._seq) return;
       if (seq !== this._seq + 1) {                        // gap: ask for the missing range
         this._client._recover(this);
         return;

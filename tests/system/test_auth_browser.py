@@ -165,6 +165,11 @@ def test_demo_page_passes_its_query_token(browser, tmp_path):
         wait_for(browser, lambda d: "closed (1006" in d.find_element(By.ID, "detail").text,
                  "the refused connection")
         assert page_state(browser) == "closed"
+        # The SDK's pre-flight GET learned the 401 the WebSocket API hides: it stopped for good.
+        wait_for(browser, lambda d: "handshake refused (401)" in d.find_element(By.ID, "detail").text,
+                 "the SDK to tell the 401 apart")
+        assert "reconnecting" not in browser.find_element(By.ID, "detail").text
+        assert browser.execute_script("return window.wsGatewayDemo.client.state") == "disconnected"
     finally:
         gw.stop()
     out = gw.output()

@@ -18,13 +18,13 @@ from .backoff import Backoff
 from .core import Client, ClientState, jwt_exp
 from .errors import (AuthError, ClientClosed, ClientError, ClientStopped, CommandError, CommandTimeout,
                      ConnectionLost, PolicyClose, TokenError)
-from .events import Connected, Disconnected, ErrorEvent, Joined, Left, Message, Position, Reset
+from .events import Connected, Disconnected, Joined, Left, Message, Position, Reset
 from .subscription import Subscription
 from .transport import HandshakeRejected, Transport, TransportClosed, websockets_connect
 
 __all__ = [
     "Client", "ClientState", "Subscription", "Message", "Position", "Backoff", "jwt_exp",
-    "Connected", "Disconnected", "Joined", "Reset", "Left", "ErrorEvent",
+    "Connected", "Disconnected", "Joined", "Reset", "Left",
     "ClientError", "CommandError", "CommandTimeout", "ConnectionLost", "ClientClosed", "ClientStopped",
     "AuthError", "PolicyClose", "TokenError",
     "Transport", "TransportClosed", "HandshakeRejected", "websockets_connect",

@@ -6,37 +6,38 @@ Theory of operation. One task (`_run`) owns the connection state machine
     disconnected -> connecting -> connected -> disconnected -> ... -> closed
 
 Each pass: get a token if needed, connect, write the join of every subscription (with its
-position when it has one) and every publish waiting for a connection in one batch, then
-read frames until the connection ends. The close code decides what follows (backoff.py):
+position when it has one) and every publish waiting for a connection in one write, emit
+`connected`, then read frames until the connection ends. The close code decides what
+follows (backoff.py has the delays):
 
-    1001, 1012      reconnect soon, spread over uniform(0, restart_spread)
+    1001, 1012      reconnect soon, spread over r * restart_spread
     4000            reconnect (ordinary backoff) and recover every room from its position
-    4001            get_token, then reconnect at once (no get_token: stop, AuthError)
-    4002, 4003      long backoff (at least long_backoff_min)
+    4001            get_token, then reconnect at once
+    4002, 4003      long backoff
     4004            stop (PolicyClose): reconnecting would be refused again
-    HTTP 401, 403   stop (AuthError), never hammer the server
-    anything else   full-jitter exponential backoff between min_backoff and max_backoff
+    HTTP 401, 403   stop (AuthError), never hammer the server; with get_token, a 401 with a
+                    token not fetched for that very attempt first gets one fresh token
+    anything else   full-jitter exponential backoff
 
-Requests carry integer ids; every one has a timer (`command_timeout`) and a future that
-settles exactly once: ack, error, timeout, connection lost, or client closed. A join that
-times out means the connection is broken (reconnect); a publish that times out raises
-CommandTimeout. A publish with an idempotency key survives reconnects (the server answers a
-repeat with the original seq); one without fails with ConnectionLost when the connection
-drops, since it may or may not have been applied.
+Requests carry integer ids; every one settles exactly once: ack, error reply, timeout
+(`command_timeout`), connection lost, or client closed. A join that times out means the
+server does not answer the protocol: the client closes with 3008 and reconnects. A publish
+with an idempotency key survives reconnects (the server answers a repeat with the original
+seq); one without fails with code "disconnected" when the connection drops, since it may or
+may not have been applied.
 
 Liveness: every read from the server counts (messages, and pings/pongs through the
-transport's on_activity hook). After `ping_interval` without one the client pings; after
-`ping_interval + ping_timeout` without one it drops the connection and reconnects. The
-client pings on its own instead of waiting for the server's pings so that it does not depend
-on the server's ping settings; the gateway pings only connections silent towards it.
+transport's on_activity hook). After `ping_interval` without one the client sends a
+WebSocket ping (the gateway's WebSocket layer answers it; no protocol op involved); after
+`ping_interval + liveness_margin` without one it closes with 3008 and reconnects.
 
 Token refresh: with `get_token`, the client reads the token's `exp` (JWT payload, not
-verified: only the server can) and sends {"op":"refresh"} ahead of it (`refresh_ahead`,
-at most half the remaining lifetime); a new handshake after a 4001 or with an expired token
-fetches a new one first.
+verified: only the server can) and, at exp - min(refresh_margin, lifetime / 2), calls
+get_token and sends {"op":"refresh"}. A reconnect fetches a new token first when the one it
+has expires within refresh_margin, or after a 4001.
 
 Time, randomness and the connection are injected (`clock`, `random`, `connect`) so the
-conformance transcripts drive every timer deterministically (tests/sdk/).
+conformance transcripts drive every timer deterministically (tests/unit/sdk/).
 
 Must not import any gateway module outside gateway.client, nor gateway_ext, uvloop or redis.
 """
@@ -56,14 +57,14 @@ from .clock import Clock, LoopClock
 from .codec import MSGPACK_SUBPROTOCOL, JsonCodec, codec_for
 from .errors import (AuthError, ClientClosed, ClientError, ClientStopped, CommandError, CommandTimeout,
                      ConnectionLost, PolicyClose, TokenError)
-from .events import Connected, Disconnected, Emitter, ErrorEvent, Position
+from .events import Connected, Disconnected, Emitter, Position
 from .subscription import JOINED, JOINING, LEFT, RECOVERING, Subscription
 from .transport import HandshakeRejected, TransportClosed
 
 log = logging.getLogger("gateway.client")
 
-# Join refusals worth retrying on the same connection (the server may succeed later).
-RETRYABLE_JOIN_ERRORS = frozenset({"broker_unavailable", "internal_error", "rate_limited"})
+# Join refusals that retrying cannot fix: the subscription ends (error, then left).
+PERMANENT_JOIN_ERRORS = frozenset({"forbidden", "bad_room", "room_name_too_long", "too_many_rooms", "bad_request"})
 MAX_IDEMPOTENCY_KEY_CHARS = 128
 
 
@@ -79,7 +80,7 @@ class _Request:
 
     __slots__ = ("kind", "doc", "fut", "timer", "id", "sub", "since", "last", "retry")
 
-    def __init__(self, kind: str, doc: dict, fut: asyncio.Future | None, sub: Subscription | None = None,
+    def __init__(self, kind: str, doc: dict, fut: asyncio.Future | None = None, sub: Subscription | None = None,
                  retry: bool = False) -> None:
         self.kind = kind          # join | leave | publish | refresh
         self.doc = doc
@@ -111,17 +112,16 @@ def jwt_exp(token: str) -> float | None:
 
 class Client:
     """A ws-gateway client. Use `async with Client(url, token=...) as client:` (or `start()` /
-    `await close()`). See docs/clients-python.md for the whole API."""
+    `await close()`). Options are in seconds; see docs/clients-python.md for the whole API."""
 
     EVENTS = ("connected", "disconnected", "error", "state")
 
     def __init__(self, url: str, *, token: str | None = None,
                  get_token: Callable[[], Awaitable[str] | str] | None = None,
                  encoding: str = "json", headers: dict | None = None, token_via: str = "header",
-                 min_backoff: float = 0.5, max_backoff: float = 20.0, long_backoff_min: float = 15.0,
-                 long_backoff_max: float = 120.0, restart_spread: float = 2.0,
-                 command_timeout: float = 10.0, connect_timeout: float = 10.0,
-                 ping_interval: float | None = 20.0, ping_timeout: float = 10.0, refresh_ahead: float = 30.0,
+                 backoff_initial: float = 0.5, backoff_max: float = 20.0, restart_spread: float = 1.0,
+                 long_backoff: float = 30.0, command_timeout: float = 10.0, connect_timeout: float = 10.0,
+                 ping_interval: float = 20.0, liveness_margin: float = 10.0, refresh_margin: float = 30.0,
                  max_queue: int = 10_000, connect: Callable | None = None, clock: Clock | None = None,
                  random: Callable[[], float] | None = None, **connect_options: Any) -> None:
         if token is not None and (not isinstance(token, str) or not token):
@@ -130,23 +130,21 @@ class Client:
             raise ValueError("token_via must be 'header' (Authorization: Bearer) or 'query' (?token=)")
         if command_timeout <= 0 or connect_timeout <= 0:
             raise ValueError("command_timeout and connect_timeout must be > 0")
-        if ping_interval is not None and ping_interval < 0 or ping_timeout < 0:
-            raise ValueError("ping_interval and ping_timeout must be >= 0")
+        if ping_interval < 0 or liveness_margin < 0 or refresh_margin < 0:
+            raise ValueError("ping_interval, liveness_margin and refresh_margin must be >= 0")
         if max_queue < 1:
             raise ValueError("max_queue must be >= 1")
         self.url = url
-        self._token = token
-        self._get_token = get_token
         self._codec = codec_for(encoding)
         self._wire = self._codec            # this connection's codec (JSON if msgpack was declined)
         self._headers = dict(headers or {})
         self._token_via = token_via
-        self.backoff = policy.Backoff(min_backoff, max_backoff, long_backoff_min, long_backoff_max, restart_spread)
+        self.backoff = policy.Backoff(backoff_initial, backoff_max, restart_spread, long_backoff)
         self.command_timeout = command_timeout
         self.connect_timeout = connect_timeout
-        self.ping_interval = ping_interval or None
-        self.ping_timeout = ping_timeout
-        self.refresh_ahead = refresh_ahead
+        self.ping_interval = ping_interval          # 0: no pings, no liveness check
+        self.liveness_margin = liveness_margin
+        self.refresh_margin = refresh_margin
         self.max_queue = max_queue
         if connect is None:
             from .transport import websockets_connect
@@ -160,20 +158,20 @@ class Client:
 
         self.state = ClientState.DISCONNECTED
         self.stop_error: ClientStopped | None = None   # why the client stopped on its own
+        self._token = token
+        self._get_token = get_token
+        self._token_obtained: float | None = None      # wall time the token was obtained
+        self._token_stale = False                      # 4001 / 401: fetch a new token first
         self._subs: dict[str, Subscription] = {}
         self._requests: dict[int, _Request] = {}      # in flight on the current connection
         self._outbox: list[_Request] = []              # publishes waiting for a connection
         self._next_id = 0
         self._transport = None
-        self._out: list = []                           # encoded frames for the writer
-        self._writer_wake: asyncio.Future | None = None
-        self._writer_task: asyncio.Task | None = None
+        self._batch: list | None = None                # frames collected for one write
         self._run_task: asyncio.Task | None = None
         self._sleep_fut: asyncio.Future | None = None
         self._sleep_timer = None
-        self._attempt = 0                              # consecutive ordinary failures
-        self._long_attempt = 0                         # consecutive 4002/4003 closes
-        self._token_stale = False                      # 4001 seen: fetch a new token first
+        self._attempt = 0                              # n: consecutive reconnects (backoff.py)
         self._close_override: tuple[int, str] | None = None
         self._live_timer = None
         self._last_rx = 0.0
@@ -184,6 +182,7 @@ class Client:
         self._paused_by: Subscription | None = None
         self._resume_fut: asyncio.Future | None = None
         self._tasks: set[asyncio.Task] = set()
+        self._lost: list[_Request] = []                # to settle once `disconnected` is out
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -197,25 +196,41 @@ class Client:
     def start(self) -> "Client":
         """Start connecting in the background (idempotent). Joins and publishes made before the
         connection is up are sent once it is."""
-        if self.state is ClientState.CLOSED:
-            raise ClientClosed("this client was closed; create a new one")
+        self._check_open()
         if self._run_task is None:
+            if self._token is not None and self._get_token is not None:
+                self._token_obtained = self._clock.time()
+                self._schedule_refresh()
             self._run_task = asyncio.ensure_future(self._run())
         return self
 
     async def close(self) -> None:
-        """Close the connection (1000) and stop. Every pending request fails with ClientClosed,
+        """Close the connection (1000) and stop. Every pending request fails with code "closed",
         every subscription's iteration ends."""
-        if self.state is not ClientState.CLOSED:
-            self._shutdown(None)
+        if self.state is ClientState.CLOSED:
+            await self._join_run_task()
+            return
+        was_connected = self.state is ClientState.CONNECTED
+        self._set_state(ClientState.CLOSED)
         transport = self._transport
         if transport is not None:
+            closing = asyncio.ensure_future(transport.close(1000, "client closed"))
+            await asyncio.sleep(0)     # the close frame leaves before anything is settled
+        else:
+            closing = None
+        if was_connected:
+            self._emitter.emit("disconnected", Disconnected(1000, "client closed", False, None))
+        self._shutdown(None)
+        if closing is not None:
             try:
-                await transport.close(1000, "client closed")
-            except Exception:  # already gone: nothing to close
+                await closing
+            except Exception:   # already gone: nothing to close
                 pass
+        await self._join_run_task()
+
+    async def _join_run_task(self) -> None:
         task = self._run_task
-        if task is not None and not task.done():
+        if task is not None and not task.done() and task is not asyncio.current_task():
             task.cancel()
             try:
                 await task
@@ -227,6 +242,7 @@ class Client:
         self._check_open()
         if self.state is ClientState.CONNECTED:
             return
+        self.start()
         fut = asyncio.get_running_loop().create_future()
         self._connected_waiters.append(fut)
         await fut
@@ -234,7 +250,8 @@ class Client:
     # -- events and positions ---------------------------------------------------------------
 
     def on(self, event: str, callback=None):
-        """connected(Connected), disconnected(Disconnected), error(ErrorEvent), state(ClientState)."""
+        """connected(Connected), disconnected(Disconnected), error(exception with .code),
+        state(ClientState). Without a callback: a decorator."""
         return self._emitter.on(event, callback)
 
     def off(self, event: str, callback=None) -> None:
@@ -271,25 +288,23 @@ class Client:
             return await sub.wait_joined()
         except asyncio.CancelledError:
             if sub.state != JOINED and self._subs.get(room) is sub:
-                # The caller gave up (e.g. a timeout around join): it is not joined.
-                self._drop_sub(sub, "leave")
+                self._drop_sub(sub, "app")   # the caller gave up (a timeout around join)
             raise
 
     async def leave(self, room: str) -> None:
-        """Leave `room`: its subscription's iteration ends, nothing of it is delivered any more."""
+        """Leave `room`: a leave is sent (when connected), its subscription emits `left` and
+        its iteration ends; nothing of the room is delivered any more."""
         sub = self._subs.get(room)
-        if sub is None:
-            return
-        self._drop_sub(sub, "leave")
+        if sub is not None:
+            self._drop_sub(sub, "app")
 
     def _drop_sub(self, sub: Subscription, reason: str) -> None:
         del self._subs[sub.room]
-        was = sub.state
+        if self.state is ClientState.CONNECTED and sub.state in (JOINED, RECOVERING, JOINING):
+            # Also when its join is still in flight: the leave follows it in order.
+            self._send(_Request("leave", {"op": "leave", "room": sub.room}))
         sub._finish(reason)
         self._maybe_resume(sub)
-        if self.state is ClientState.CONNECTED and was in (JOINED, RECOVERING, JOINING):
-            # Also when the join is still in flight: the leave follows it in order.
-            self._send(_Request("leave", {"op": "leave", "room": sub.room}, None))
 
     async def publish(self, room: str, data: Any, *, idempotency_key: str | None = None,
                       timeout: float | None = None) -> int | None:
@@ -329,7 +344,7 @@ class Client:
             raise self.stop_error or ClientClosed("the client is closed")
 
     def _send(self, req: _Request) -> None:
-        """Give `req` an id, register it and queue its frame (connected only)."""
+        """Give `req` an id, register it and write its frame (connected only)."""
         self._next_id += 1
         rid = req.id = self._next_id
         doc = req.doc
@@ -337,16 +352,21 @@ class Client:
         self._requests[rid] = req
         if req.timer is None:
             req.timer = self._clock.call_later(self.command_timeout, self._request_timeout, req)
-        self._write(self._wire.encode(doc))
-        doc.pop("id", None)
+        frame = self._wire.encode(doc)
+        del doc["id"]
+        batch = self._batch
+        if batch is not None:
+            batch.append(frame)
+        else:
+            self._transport.send((frame,))
 
     def _send_join(self, sub: Subscription, recovery: bool = False) -> None:
         doc = {"op": "join", "room": sub.room}
         req = _Request("join", doc, None, sub)
         if sub.seq is not None and sub.epoch is not None:
             req.since = Position(sub.epoch, sub.seq)
-            doc["since"] = {"seq": sub.seq, "epoch": sub.epoch}
-        elif sub.last:
+            doc["since"] = {"epoch": sub.epoch, "seq": sub.seq}
+        elif sub.last and not sub._was_joined:
             req.last = True
             doc["last"] = True
         sub.state = RECOVERING if recovery else JOINING
@@ -354,18 +374,20 @@ class Client:
 
     def _recover(self, sub: Subscription) -> None:
         """A gap or a `dropped` notice: ask for the missed range on this connection."""
-        if sub.state != JOINED or self.state is not ClientState.CONNECTED:
-            return
-        self._send_join(sub, recovery=True)
+        if sub.state == JOINED and self.state is ClientState.CONNECTED:
+            self._send_join(sub, recovery=True)
 
     def _request_timeout(self, req: _Request) -> None:
         req.timer = None
         self._forget(req)
+        err = CommandTimeout(f"{req.kind} got no answer within the timeout")
         if req.fut is not None and not req.fut.done():
-            req.fut.set_exception(CommandTimeout(f"{req.kind} got no answer within the timeout"))
-        if req.kind in ("join", "leave") and self._transport is not None:
+            req.fut.set_exception(err)
+        if req.kind == "join" and req.sub is not None and self._subs.get(req.sub.room) is req.sub:
+            req.sub._emitter.emit("error", err)
+        if req.kind in ("join", "leave"):
             # The server does not answer the protocol: treat the connection as broken.
-            self._abort_connection(f"{req.kind} got no answer within {self.command_timeout:g} s")
+            self._close_connection(policy.CLIENT_TIMEOUT, f"{req.kind} got no answer within {self.command_timeout:g} s")
 
     def _forget(self, req: _Request) -> None:
         if req.id is not None and self._requests.get(req.id) is req:
@@ -378,7 +400,8 @@ class Client:
             req.timer.cancel()
             req.timer = None
 
-    def _settle(self, req: _Request, exc: BaseException | None = None, result=None) -> None:
+    @staticmethod
+    def _settle(req: _Request, exc: BaseException | None = None, result=None) -> None:
         if req.timer is not None:
             req.timer.cancel()
             req.timer = None
@@ -403,7 +426,7 @@ class Client:
         except Exception as exc:  # a bug here must not leave callers waiting forever
             log.exception("ws-gateway client: connection loop failed")
             if self.state is not ClientState.CLOSED:
-                self._shutdown(ClientStopped(1011, f"client failure: {exc!r}"[:200]))
+                self._stop(ClientStopped("internal", f"client failure: {exc!r}"[:200]), 1011, "client failure")
 
     def _set_state(self, state: ClientState) -> None:
         if self.state is not state:
@@ -415,14 +438,11 @@ class Client:
         the next attempt, or None to stop."""
         self._set_state(ClientState.CONNECTING)
         try:
-            token = await self._handshake_token()
-        except ClientStopped as exc:
-            self._shutdown(exc)
-            return None
+            token, fetched = await self._handshake_token()
         except Exception as exc:
-            err = exc if isinstance(exc, TokenError) else TokenError(f"get_token failed: {exc!r}"[:300])
-            self._emitter.emit("error", ErrorEvent(err))
-            return self._failed(1006, "get_token failed")
+            err = exc if isinstance(exc, ClientError) else TokenError(f"get_token failed: {exc!r}"[:300])
+            self._emitter.emit("error", err)
+            return self._failed()
         url, headers = self.url, dict(self._headers)
         if token is not None:
             if self._token_via == "header":
@@ -435,14 +455,20 @@ class Client:
                 self._connect(url, headers=headers, subprotocols=subprotocols, on_activity=self._touch),
                 self.connect_timeout)
         except HandshakeRejected as exc:
-            if exc.status in policy.STOP_HTTP:
-                self._shutdown(AuthError(exc.status, exc.reason or "handshake refused"))
+            if exc.status == 401 and self._get_token is not None and not fetched:
+                self._token_stale = True      # maybe just expired: one fresh token, at once
+                return 0.0
+            code = policy.STOP_HTTP.get(exc.status)
+            if code is not None:
+                self._stop(AuthError(code, f"handshake refused: HTTP {exc.status} {exc.reason}".rstrip(),
+                                     status=exc.status), 1006, exc.reason, exc.status)
                 return None
-            return self._failed(exc.status, exc.reason or "handshake refused")
+            return self._failed()
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            return self._failed(1006, f"connect failed: {exc!r}"[:200])
+            log.debug("ws-gateway client: connect failed: %r", exc)
+            return self._failed()
         if self.state is ClientState.CLOSED:
             await _close_quietly(transport)
             return None
@@ -455,7 +481,8 @@ class Client:
         self._close_override = None
         self._wire = self._codec if transport.subprotocol == MSGPACK_SUBPROTOCOL else JsonCodec()
         self._set_state(ClientState.CONNECTED)
-        # Every room with its position and every waiting publish, in one write.
+        # Every room with its position, then every waiting publish: one write.
+        self._batch = []
         for sub in list(self._subs.values()):
             if sub._retry_timer is None:
                 self._send_join(sub)
@@ -463,11 +490,13 @@ class Client:
         for req in outbox:
             if req.fut is not None and not req.fut.done():
                 self._send(req)
-        self._writer_task = asyncio.ensure_future(self._writer(transport))
+        batch, self._batch = self._batch, None
+        if batch:
+            transport.send(batch)
         self._touch()
         self._pinged = False
-        self._arm_liveness(self.ping_interval)
-        self._schedule_refresh()
+        if self.ping_interval:
+            self._live_timer = self._clock.call_later(self.ping_interval, self._check_liveness)
         waiters, self._connected_waiters = self._connected_waiters, []
         for fut in waiters:
             if not fut.done():
@@ -492,7 +521,8 @@ class Client:
                 try:
                     doc = decode(frame)
                 except Exception as exc:
-                    self._emitter.emit("error", ErrorEvent(ClientError(f"undecodable frame from the server: {exc!r}"[:200])))
+                    self._emitter.emit("error", ClientError(f"undecodable frame from the server: {exc!r}"[:200],
+                                                            "bad_frame"))
                     continue
                 dispatch(doc)
                 if self._paused_by is not None:
@@ -505,30 +535,24 @@ class Client:
             return 1006, f"connection failed: {exc!r}"[:200]
 
     def _connection_ended(self) -> None:
-        """Clean up after a connection: timers, the writer, requests in flight."""
+        """Clean up after a connection: timers, requests in flight."""
         self._transport = None
-        for name in ("_live_timer", "_refresh_timer"):
-            timer = getattr(self, name)
-            if timer is not None:
-                timer.cancel()
-                setattr(self, name, None)
-        if self._refresh_task is not None:
-            self._refresh_task.cancel()
-            self._refresh_task = None
-        if self._writer_task is not None:
-            self._writer_task.cancel()
-            self._writer_task = None
-        self._out = []
+        self._batch = None
+        if self._live_timer is not None:
+            self._live_timer.cancel()
+            self._live_timer = None
+        if self.state is ClientState.CLOSED:
+            return      # close() / _stop settle everything themselves
         requests, self._requests = self._requests, {}
+        lost = []
         for req in requests.values():
             req.id = None
-            if req.kind == "publish":
-                if req.retry and self.state is not ClientState.CLOSED:
-                    self._outbox.append(req)          # keeps its timer: the caller's deadline
-                else:
-                    self._settle(req, ConnectionLost("the connection closed before the publish was acknowledged"))
+            if req.kind == "publish" and req.retry:
+                self._outbox.append(req)          # keeps its timer: the caller's deadline
+            elif req.kind in ("publish", "refresh"):
+                lost.append(req)
             else:
-                self._settle(req, ConnectionLost(f"the connection closed during {req.kind}"))
+                self._settle(req)                 # join/leave: re-sent or moot after a reconnect
         for sub in self._subs.values():
             if sub.state in (JOINED, RECOVERING):
                 sub.state = JOINING
@@ -538,65 +562,72 @@ class Client:
         self._paused_by = None
         if self._resume_fut is not None and not self._resume_fut.done():
             self._resume_fut.set_result(None)
-        if self.state is ClientState.CONNECTED:
-            self._set_state(ClientState.DISCONNECTED)
+        self._set_state(ClientState.DISCONNECTED)
+        self._lost = lost
+
+    def _settle_lost(self) -> None:
+        lost, self._lost = self._lost, []
+        for req in lost:
+            self._settle(req, ConnectionLost(f"the connection closed before the {req.kind} was acknowledged"))
 
     def _after_close(self, code: int, reason: str) -> float | None:
         """The close-code policy (module docstring); emits `disconnected`."""
         if self.state is ClientState.CLOSED:
             return None
         if code in policy.STOP:
-            self._shutdown(PolicyClose(code, reason or "closed by server policy"), code, reason)
+            self._settle_lost()
+            self._stop(PolicyClose("policy", reason or "closed by server policy", close_code=code), code, reason)
             return None
         if code == policy.TOKEN_EXPIRED:
-            if self._get_token is None:
-                self._shutdown(AuthError(code, "token expired and no get_token to renew it"), code, reason)
-                return None
             self._token_stale = True
             delay = 0.0
         elif code in policy.RECONNECT_SOON:
+            self._attempt += 1
             delay = self.backoff.restart_delay(self._random())
         elif code in policy.LONG_BACKOFF:
-            delay = self.backoff.long_delay(self._long_attempt, self._random())
-            self._long_attempt += 1
-        else:
-            delay = self.backoff.delay(self._attempt, self._random())
             self._attempt += 1
-        if code not in policy.LONG_BACKOFF:
-            self._long_attempt = 0
-        self._set_state(ClientState.DISCONNECTED)
+            delay = self.backoff.long_delay(self._random())
+        else:
+            self._attempt += 1
+            delay = self.backoff.delay(self._attempt, self._random())
         self._emitter.emit("disconnected", Disconnected(code, reason, True, delay))
+        self._settle_lost()
         return delay
 
-    def _failed(self, code: int, reason: str) -> float | None:
-        """A connection attempt failed before opening: ordinary backoff."""
+    def _failed(self) -> float | None:
+        """A connection attempt failed before opening: ordinary backoff, no event (nothing
+        was connected; `state` goes back to disconnected)."""
         if self.state is ClientState.CLOSED:
             return None
-        delay = self.backoff.delay(self._attempt, self._random())
         self._attempt += 1
+        delay = self.backoff.delay(self._attempt, self._random())
         self._set_state(ClientState.DISCONNECTED)
-        self._emitter.emit("disconnected", Disconnected(code, reason, True, delay))
         return delay
 
-    def _shutdown(self, error: ClientStopped | None, code: int | None = None, reason: str = "") -> None:
-        """Enter CLOSED: settle every future, end every subscription. error: why the client
-        stopped on its own (None: the application closed it)."""
-        was_connected = self.state is ClientState.CONNECTED
+    def _stop(self, error: ClientStopped, code: int, reason: str = "", status: int | None = None) -> None:
+        """Stop on the server's word (4004, 401, 403): error, then disconnected (no reconnect)."""
         self.stop_error = error
+        self._set_state(ClientState.CLOSED)
+        self._emitter.emit("error", error)
+        self._emitter.emit("disconnected", Disconnected(code, reason, False, None, status))
+        self._shutdown(error)
+
+    def _shutdown(self, error: ClientStopped | None) -> None:
+        """Enter CLOSED: settle every future, end every subscription, cancel every timer."""
         self._set_state(ClientState.CLOSED)
         closed = error if error is not None else ClientClosed("the client was closed")
         if self._sleep_fut is not None and not self._sleep_fut.done():
             self._sleep_fut.set_result(None)
-        for timer_name in ("_sleep_timer", "_live_timer", "_refresh_timer"):
-            timer = getattr(self, timer_name)
+        for name in ("_sleep_timer", "_live_timer", "_refresh_timer"):
+            timer = getattr(self, name)
             if timer is not None:
                 timer.cancel()
-                setattr(self, timer_name, None)
+                setattr(self, name, None)
         if self._refresh_task is not None:
             self._refresh_task.cancel()
             self._refresh_task = None
-        requests = list(self._requests.values()) + self._outbox
-        self._requests, self._outbox = {}, []
+        requests = list(self._requests.values()) + self._outbox + self._lost
+        self._requests, self._outbox, self._lost = {}, [], []
         for req in requests:
             self._settle(req, closed)
         waiters, self._connected_waiters = self._connected_waiters, []
@@ -605,15 +636,10 @@ class Client:
                 fut.set_exception(closed)
         subs, self._subs = list(self._subs.values()), {}
         for sub in subs:
-            sub._finish("closed", error)
+            sub._finish("closed", error, quiet=True)
         self._paused_by = None
         if self._resume_fut is not None and not self._resume_fut.done():
             self._resume_fut.set_result(None)
-        if error is not None:
-            self._emitter.emit("error", ErrorEvent(error))
-            if code is not None or not was_connected:
-                self._emitter.emit("disconnected", Disconnected(
-                    code if code is not None else error.code, reason or error.reason, False, None))
 
     async def _sleep(self, delay: float) -> None:
         if delay <= 0:
@@ -647,71 +673,14 @@ class Client:
         finally:
             timer.cancel()
 
-    # -- internals: writing -----------------------------------------------------------------
-
-    def _write(self, frame) -> None:
-        self._out.append(frame)
-        wake = self._writer_wake
-        if wake is not None and not wake.done():
-            wake.set_result(None)
-
-    async def _writer(self, transport) -> None:
-        """Writes what was queued during a loop pass in one transport.send (order kept)."""
-        loop = asyncio.get_running_loop()
-        try:
-            while True:
-                if not self._out:
-                    self._writer_wake = loop.create_future()
-                    await self._writer_wake
-                    self._writer_wake = None
-                frames, self._out = self._out, []
-                await transport.send(frames)
-        except (TransportClosed, asyncio.CancelledError):
-            pass
-        except Exception as exc:
-            if self._transport is transport:
-                self._abort_connection(f"send failed: {exc!r}"[:200])
-
-    def _abort_connection(self, reason: str) -> None:
+    def _close_connection(self, code: int, reason: str) -> None:
+        """Close the current connection ourselves (3008: the server stopped answering)."""
         transport = self._transport
-        if transport is None:
+        if transport is None or self._close_override is not None:
             return
-        self._close_override = (1006, reason)
-        log.info("ws-gateway client: dropping the connection: %s", reason)
-        transport.abort()
-
-    # -- internals: liveness ----------------------------------------------------------------
-
-    def _touch(self) -> None:
-        self._last_rx = self._clock.monotonic()
-
-    def _arm_liveness(self, delay: float | None) -> None:
-        if delay is None:
-            return
-        self._live_timer = self._clock.call_later(delay, self._check_liveness)
-
-    def _check_liveness(self) -> None:
-        self._live_timer = None
-        transport = self._transport
-        if transport is None:
-            return
-        interval, timeout = self.ping_interval, self.ping_timeout
-        now = self._clock.monotonic()
-        if self._paused_by is not None:
-            # We stopped reading on purpose (the app is behind): silence is ours, not the server's.
-            self._last_rx = now
-        idle = now - self._last_rx
-        if idle >= interval + timeout:
-            self._abort_connection(f"no frame from the server for {idle:.1f} s (ping_interval + ping_timeout)")
-            return
-        if idle >= interval:
-            if not self._pinged:
-                self._pinged = True
-                self._spawn(transport.ping())
-            self._arm_liveness(self._last_rx + interval + timeout - now)
-        else:
-            self._pinged = False
-            self._arm_liveness(self._last_rx + interval - now)
+        self._close_override = (code, reason)
+        log.info("ws-gateway client: closing the connection (%d): %s", code, reason)
+        self._spawn(transport.close(code, reason))
 
     def _spawn(self, aw) -> None:
         task = asyncio.ensure_future(aw)
@@ -720,8 +689,39 @@ class Client:
 
     def _spawned_done(self, task: asyncio.Task) -> None:
         self._tasks.discard(task)
-        if not task.cancelled():
-            task.exception()   # a failed ping: the connection is going away anyway
+        if not task.cancelled() and task.exception() is not None:
+            log.debug("ws-gateway client: background task failed: %r", task.exception())
+
+    # -- internals: liveness ----------------------------------------------------------------
+
+    def _touch(self) -> None:
+        self._last_rx = self._clock.monotonic()
+
+    def _check_liveness(self) -> None:
+        """Ping after ping_interval of silence; close (3008) after ping_interval + liveness_margin."""
+        self._live_timer = None
+        transport = self._transport
+        if transport is None:
+            return
+        interval = self.ping_interval
+        deadline = interval + self.liveness_margin
+        now = self._clock.monotonic()
+        if self._paused_by is not None:
+            # We stopped reading on purpose (the app is behind): silence is ours, not the server's.
+            self._last_rx = now
+        idle = now - self._last_rx
+        if idle >= deadline:
+            self._close_connection(policy.CLIENT_TIMEOUT, f"no frame from the server for {idle:g} s")
+            return
+        if idle >= interval:
+            if not self._pinged:
+                self._pinged = True
+                transport.ping()
+            due = self._last_rx + deadline
+        else:
+            self._pinged = False
+            due = self._last_rx + interval
+        self._live_timer = self._clock.call_later(due - now, self._check_liveness)
 
     # -- internals: reading -----------------------------------------------------------------
 
@@ -743,14 +743,14 @@ class Client:
         elif op == "error":
             req = self._requests.pop(doc.get("id"), None) if "id" in doc else None
             err = CommandError(str(doc.get("code", "")), str(doc.get("message", "")),
-                               req.sub.room if req is not None and req.sub is not None else doc.get("room"))
+                               req.sub.room if req is not None and req.sub is not None else None)
             if req is None:
-                self._emitter.emit("error", ErrorEvent(err))   # e.g. rate_limited before a 4002
+                self._emitter.emit("error", err)   # e.g. rate_limited before a 4002
             else:
                 self._on_error(req, err)
         elif op == "dropped":
             sub = self._subs.get(doc.get("room"))
-            if sub is not None and sub.epoch is not None:
+            if sub is not None:
                 self._recover(sub)
         elif op == "reset":
             sub = self._subs.get(doc.get("room"))
@@ -759,14 +759,11 @@ class Client:
         # Unknown ops are ignored: later servers may add events this client does not know.
 
     def _on_ack(self, req: _Request, doc: dict) -> None:
+        self._settle(req, result=doc)
         if req.kind == "join":
-            self._settle(req)
             sub = req.sub
-            if self._subs.get(sub.room) is not sub:
-                return   # left (or replaced) while the join was in flight; the leave follows it
-            sub._on_ack(doc, req.since, req.last)
-        else:
-            self._settle(req, result=doc)
+            if self._subs.get(sub.room) is sub:     # else left while the join was in flight
+                sub._on_ack(doc, req.since, req.last)
 
     def _on_error(self, req: _Request, err: CommandError) -> None:
         if req.kind != "join":
@@ -779,17 +776,17 @@ class Client:
         sub = req.sub
         if self._subs.get(sub.room) is not sub:
             return
-        if err.code in RETRYABLE_JOIN_ERRORS:
-            # The server cannot join us now (e.g. its broker is down): try again later.
-            sub._emitter.emit("error", err)
-            sub.state = JOINING
-            delay = self.backoff.delay(sub._retry_attempt, self._random())
-            sub._retry_attempt += 1
-            sub._retry_timer = self._clock.call_later(delay, self._retry_join, sub)
+        if err.code in PERMANENT_JOIN_ERRORS:
+            del self._subs[sub.room]
+            sub._finish(err.code, err)
+            self._maybe_resume(sub)
             return
-        del self._subs[sub.room]
-        sub._finish("error", err)
-        self._maybe_resume(sub)
+        # The server cannot join us now (its broker is down, ...): try again after a delay.
+        sub._emitter.emit("error", err)
+        sub.state = JOINING
+        sub._retry_attempt += 1
+        delay = self.backoff.delay(sub._retry_attempt, self._random())
+        sub._retry_timer = self._clock.call_later(delay, self._retry_join, sub)
 
     def _retry_join(self, sub: Subscription) -> None:
         sub._retry_timer = None
@@ -814,21 +811,20 @@ class Client:
 
     # -- internals: tokens ------------------------------------------------------------------
 
-    async def _handshake_token(self) -> str | None:
+    async def _handshake_token(self) -> tuple[str | None, bool]:
+        """The token for the next handshake, and whether it was fetched for it."""
         if self._get_token is None:
-            if self._token_stale:
-                raise AuthError(4001, "token expired and no get_token to renew it")
-            return self._token
+            return self._token, False
         token = self._token
-        if token is None or self._token_stale or self._expired(token):
+        if token is None or self._token_stale or self._expires_soon(token):
             token = await self._fetch_token()
-            self._token = token
-            self._token_stale = False
-        return token
+            self._adopt_token(token)
+            return token, True
+        return token, False
 
-    def _expired(self, token: str) -> bool:
+    def _expires_soon(self, token: str) -> bool:
         exp = jwt_exp(token)
-        return exp is not None and exp <= self._clock.time()
+        return exp is not None and exp - self._clock.time() <= self.refresh_margin
 
     async def _fetch_token(self) -> str:
         result = self._get_token()
@@ -838,66 +834,57 @@ class Client:
             raise TokenError("get_token must return a non-empty string")
         return result
 
+    def _adopt_token(self, token: str) -> None:
+        self._token = token
+        self._token_stale = False
+        self._token_obtained = self._clock.time()
+        self._schedule_refresh()
+
     def _schedule_refresh(self) -> None:
         if self._refresh_timer is not None:
             self._refresh_timer.cancel()
             self._refresh_timer = None
-        if self._get_token is None or self._token is None or self._transport is None:
+        if self._get_token is None or self._token is None:
             return
         exp = jwt_exp(self._token)
         if exp is None:
             return
-        remaining = exp - self._clock.time()
-        lead = min(self.refresh_ahead, max(0.0, remaining) / 2)
-        self._refresh_timer = self._clock.call_later(max(0.0, remaining - lead), self._start_refresh)
+        lifetime = exp - (self._token_obtained if self._token_obtained is not None else self._clock.time())
+        at = exp - min(self.refresh_margin, max(0.0, lifetime) / 2)
+        self._refresh_timer = self._clock.call_later(max(0.0, at - self._clock.time()), self._start_refresh)
 
     def _start_refresh(self) -> None:
         self._refresh_timer = None
-        if self._transport is not None and self._refresh_task is None:
+        if self.state is not ClientState.CLOSED and self._refresh_task is None:
             self._refresh_task = asyncio.ensure_future(self._refresh())
 
     async def _refresh(self) -> None:
-        """In-band {"op":"refresh"} with a token from get_token, ahead of the current exp."""
+        """Ahead of exp: a token from get_token, handed over in-band ({"op":"refresh"}) when
+        connected, else kept for the next handshake."""
         try:
-            try:
-                token = await self._fetch_token()
-                req = _Request("refresh", {"op": "refresh", "token": token},
-                               asyncio.get_running_loop().create_future())
-                if self.state is not ClientState.CONNECTED:
-                    self._token = token   # the next handshake uses it
-                    return
-                self._send(req)
-                await req.fut
-            except CommandError as exc:
-                if exc.code == "unsupported":
-                    return   # a server without authentication: nothing to refresh
-                self._emitter.emit("error", ErrorEvent(exc))
-                self._retry_refresh()
+            token = await self._fetch_token()
+            if self.state is not ClientState.CONNECTED:
+                self._adopt_token(token)
                 return
-            except (ConnectionLost, ClientClosed):
-                return
-            except Exception as exc:
-                err = exc if isinstance(exc, ClientError) else TokenError(f"get_token failed: {exc!r}"[:300])
-                self._emitter.emit("error", ErrorEvent(err))
-                self._retry_refresh()
-                return
-            self._token = token
-            self._refresh_task = None
-            self._schedule_refresh()
+            req = _Request("refresh", {"op": "refresh", "token": token}, asyncio.get_running_loop().create_future())
+            self._send(req)
+            await req.fut
+            self._adopt_token(token)
+        except asyncio.CancelledError:
+            raise
+        except CommandError as exc:
+            # "unsupported": a server without authentication. Otherwise the server keeps the
+            # old token until its exp, then closes with 4001 and the reconnect fetches anew.
+            if exc.code != "unsupported":
+                self._emitter.emit("error", exc)
+        except (ConnectionLost, ClientClosed):
+            pass
+        except Exception as exc:
+            self._emitter.emit("error", exc if isinstance(exc, ClientError)
+                               else TokenError(f"get_token failed: {exc!r}"[:300]))
         finally:
             if self._refresh_task is asyncio.current_task():
                 self._refresh_task = None
-
-    def _retry_refresh(self) -> None:
-        """A refresh failed: try again while the current token lasts (after it, the server
-        closes with 4001 and the reconnect fetches a new token)."""
-        exp = jwt_exp(self._token) if self._token else None
-        if exp is None or self._transport is None:
-            return
-        remaining = exp - self._clock.time()
-        if remaining > 1.0:
-            self._refresh_timer = self._clock.call_later(min(remaining / 2, max(1.0, self.backoff.max_delay)),
-                                                         self._start_refresh)
 
 
 def _resolve(fut: asyncio.Future) -> None:

@@ -1,8 +1,9 @@
 """Values the Python SDK hands to the application: messages, positions, events, and the
 small emitter behind `client.on(...)` / `sub.on(...)`.
 
-Callbacks may be plain functions or coroutine functions (those run as tasks). A callback
-that raises is logged and never breaks the client. Leaf module: standard library only.
+Callbacks get one argument (the event object; for "error" the exception, which has a
+string `code`). They may be plain functions or coroutine functions (those run as tasks). A
+callback that raises is logged and never breaks the client. Leaf module: standard library only.
 """
 from __future__ import annotations
 
@@ -73,18 +74,21 @@ class Connected:
 
 @dataclass(frozen=True, slots=True)
 class Disconnected:
-    """The connection ended (or an attempt failed: code 1006, or the HTTP status for a refused
-    handshake). `reconnect` says whether the client will try again, after `delay` seconds."""
+    """A connection ended, or the client stopped. `code` is the close code (1006 when the
+    connection died or a handshake was refused; 3008 when the client gave up on a silent
+    server), `status` the HTTP status of a refused handshake. `reconnect` says whether the
+    client will try again, after `delay` seconds (None: at once after get_token, or never)."""
     code: int
-    reason: str
-    reconnect: bool
-    delay: float | None
+    reason: str = ""
+    reconnect: bool = True
+    delay: float | None = None
+    status: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Joined:
     """A join (or a re-join after a reconnect, or a recovery) was acknowledged. recovered is
-    True when the missed range is being replayed; seq/epoch are the room's top as acked."""
+    True when the server replays the missed range; seq/epoch are the ack's (the room's top)."""
     room: str
     recovered: bool
     seq: int | None
@@ -93,23 +97,23 @@ class Joined:
 
 @dataclass(frozen=True, slots=True)
 class Reset:
-    """Recovery is impossible (numbering restarted, or history too short): the app must reload
-    the room's state. The subscription continues from (epoch, seq)."""
+    """Continuity is lost: the app must reload the room's state. The subscription continues
+    from (epoch, seq). reason: "not_recovered" (the join asked for a position the server
+    could not replay), "no_position" (a re-join without an epoch to ask with: a server
+    without history), "server_reset" (the server announced a new numbering)."""
     room: str
     epoch: str | None
     seq: int | None
+    reason: str
 
 
 @dataclass(frozen=True, slots=True)
 class Left:
+    """The subscription ended: reason "app" (leave()), or the server's error code that refused
+    the join (forbidden, bad_room, too_many_rooms, ...). When the client itself closes or
+    stops, subscriptions emit nothing (the client's events say it); their iteration ends."""
     room: str
-    reason: str          # "leave" (the app left), "error" (the server refused the join), "closed"
-
-
-@dataclass(frozen=True, slots=True)
-class ErrorEvent:
-    error: BaseException
-    room: str | None = None
+    reason: str
 
 
 class Emitter:

@@ -45,7 +45,8 @@ class Subscription:
     EVENTS = ("message", "joined", "reset", "left", "error")
 
     __slots__ = ("room", "_client", "state", "epoch", "seq", "last", "_last_seq", "_queue", "_getter",
-                 "_end", "_emitter", "_first", "_iterating", "_retry_timer", "_retry_attempt", "__weakref__")
+                 "_end", "_emitter", "_first", "_iterating", "_retry_timer", "_retry_attempt", "_was_joined",
+                 "__weakref__")
 
     def __init__(self, client: "Client", room: str, position: Position | None, last: bool) -> None:
         self.room = room
@@ -63,6 +64,7 @@ class Subscription:
         self._iterating = False
         self._retry_timer = None
         self._retry_attempt = 0
+        self._was_joined = False           # acked at least once (a re-join without epoch resets)
 
     def __repr__(self) -> str:
         return f"Subscription({self.room!r}, state={self.state}, position={self.position})"
@@ -181,67 +183,62 @@ class Subscription:
                 self._last_seq = None
                 self._deliver(Message(self.room, data, seq, self.epoch))
             # else a duplicate (replay overlapping live): dropped silently
-        elif self.epoch is None:
-            # No epoch: the server keeps no history, a gap cannot be filled. Say so, go on.
-            self.seq = seq
-            self._last_seq = None
-            self._emit_reset()
-            self._deliver(Message(self.room, data, seq, self.epoch))
         else:
-            self._client._recover(self)
+            self._client._recover(self)        # a gap: stop, ask for the missed range
 
     def _on_ack(self, doc: dict, since: Position | None, last: bool) -> None:
         """The ack of a join; `since` is what that join asked to resume from."""
         epoch = doc.get("epoch")
         top = doc.get("seq")
-        if isinstance(top, bool) or not isinstance(top, int):
+        if isinstance(top, bool) or not isinstance(top, int) or top < 0:
             top = None
         if not isinstance(epoch, str):
             epoch = None
+        was_joined = self._was_joined
+        self._was_joined = True
         self._retry_attempt = 0
         self.state = JOINED
-        if since is not None:
-            if doc.get("recovered") is True and (epoch is None or epoch == since.epoch):
-                self.epoch = since.epoch if epoch is None else epoch
-                self._emit_joined(True, top, self.epoch)
-                return
-            self.epoch = epoch
-            self.seq = top
-            self._last_seq = None
-            self._emit_joined(False, top, epoch)
-            self._emit_reset()
+        self._last_seq = None
+        if since is not None and doc.get("recovered") is True and epoch in (None, since.epoch):
+            # The server replays since.seq+1..top next: the position stays where it is.
+            self.epoch = since.epoch
+            self._emit_joined(True, top, epoch)
             return
-        if top is not None:
-            self.seq = top
-            self.epoch = epoch
-            self._last_seq = top if (last and top > 0) else None
-        elif epoch is not None:
-            self.epoch = epoch
+        # The position restarts from the ack (unknown without a seq: the next message sets it).
+        self.epoch = epoch
+        self.seq = top
+        if last and top:
+            self._last_seq = top
         self._emit_joined(False, top, epoch)
+        if since is not None:
+            self._emit_reset("not_recovered")
+        elif was_joined:
+            self._emit_reset("no_position")    # re-joined with nothing to resume from
 
     def _emit_joined(self, recovered: bool, seq, epoch) -> None:
         first = self._first
-        if first is not None and not first.done():
+        if first is None:
+            self._first = first = asyncio.get_running_loop().create_future()
+        if not first.done():
             first.set_result(self)
-        elif first is None:
-            self._first = asyncio.get_running_loop().create_future()
-            self._first.set_result(self)
         self._emitter.emit("joined", Joined(self.room, recovered, seq, epoch))
 
-    def _emit_reset(self) -> None:
-        self._emitter.emit("reset", Reset(self.room, self.epoch, self.seq))
+    def _emit_reset(self, reason: str) -> None:
+        self._emitter.emit("reset", Reset(self.room, self.epoch, self.seq, reason))
 
     def _on_reset_op(self, epoch, seq) -> None:
         """{"op":"reset"}: the room's numbering restarted while we are in it."""
-        if isinstance(seq, bool) or not isinstance(seq, int):
+        if isinstance(seq, bool) or not isinstance(seq, int) or seq < 0:
             seq = None
         self.epoch = epoch if isinstance(epoch, str) else None
         self.seq = seq
         self._last_seq = None
-        self._emit_reset()
+        self._emit_reset("server_reset")
 
-    def _finish(self, reason: str, error: BaseException | None = None) -> None:
-        """The subscription is over: wake the iterator (after its buffer) and the join waiter."""
+    def _finish(self, reason: str, error: BaseException | None = None, quiet: bool = False) -> None:
+        """The subscription is over: wake the iterator (after its buffer) and the join waiter.
+        quiet: the client itself ended (closed or stopped; the client's own events say so),
+        so the subscription emits nothing; its iteration ends (raising `error` if given)."""
         if self.state == LEFT:
             return
         self.state = LEFT
@@ -256,6 +253,8 @@ class Subscription:
         getter = self._getter
         if getter is not None and not getter.done():
             getter.set_result(None)
+        if quiet:
+            return
         if error is not None:
             self._emitter.emit("error", error)
         self._emitter.emit("left", Left(self.room, reason))

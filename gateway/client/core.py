@@ -341,7 +341,7 @@ class Client:
 
     def _check_open(self) -> None:
         if self.state is ClientState.CLOSED:
-            raise self.stop_error or ClientClosed("the client is closed")
+            raise _fresh(self.stop_error) if self.stop_error is not None else ClientClosed("the client is closed")
 
     def _send(self, req: _Request) -> None:
         """Give `req` an id, register it and write its frame (connected only)."""
@@ -615,7 +615,10 @@ class Client:
     def _shutdown(self, error: ClientStopped | None) -> None:
         """Enter CLOSED: settle every future, end every subscription, cancel every timer."""
         self._set_state(ClientState.CLOSED)
-        closed = error if error is not None else ClientClosed("the client was closed")
+        def closed() -> ClientError:
+            # One instance per waiter: an exception raised in several tasks would collect
+            # all their frames in its traceback.
+            return _fresh(error) if error is not None else ClientClosed("the client was closed")
         if self._sleep_fut is not None and not self._sleep_fut.done():
             self._sleep_fut.set_result(None)
         for name in ("_sleep_timer", "_live_timer", "_refresh_timer"):
@@ -629,14 +632,14 @@ class Client:
         requests = list(self._requests.values()) + self._outbox + self._lost
         self._requests, self._outbox, self._lost = {}, [], []
         for req in requests:
-            self._settle(req, closed)
+            self._settle(req, closed())
         waiters, self._connected_waiters = self._connected_waiters, []
         for fut in waiters:
             if not fut.done():
-                fut.set_exception(closed)
+                fut.set_exception(closed())
         subs, self._subs = list(self._subs.values()), {}
         for sub in subs:
-            sub._finish("closed", error, quiet=True)
+            sub._finish("closed", error and _fresh(error), quiet=True)
         self._paused_by = None
         if self._resume_fut is not None and not self._resume_fut.done():
             self._resume_fut.set_result(None)
@@ -885,6 +888,15 @@ class Client:
         finally:
             if self._refresh_task is asyncio.current_task():
                 self._refresh_task = None
+
+
+def _fresh(error: BaseException) -> BaseException:
+    """A copy of `error` without a traceback (to raise it again elsewhere)."""
+    cls = type(error)
+    clone = cls.__new__(cls, *error.args)
+    clone.args = error.args
+    clone.__dict__.update(error.__dict__)
+    return clone
 
 
 def _resolve(fut: asyncio.Future) -> None:

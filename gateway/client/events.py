@@ -155,10 +155,10 @@ class Emitter:
         handlers = self._handlers.get(event)
         if not handlers:
             return
-        for callback in tuple(handlers):
+        for callback in tuple(handlers) if len(handlers) > 1 else handlers:
             try:
                 result = callback(value)
-                if inspect.isawaitable(result):
+                if result is not None and inspect.isawaitable(result):
                     task = asyncio.ensure_future(result)
                     self._tasks.add(task)
                     task.add_done_callback(self._task_done)

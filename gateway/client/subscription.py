@@ -154,7 +154,7 @@ class Subscription:
 
     def _deliver(self, msg: Message) -> None:
         emitter = self._emitter
-        if emitter._handlers.get("message"):
+        if "message" in emitter._handlers and emitter._handlers["message"]:
             emitter.emit("message", msg)
             if not self._iterating:
                 return

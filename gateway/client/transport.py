@@ -75,7 +75,9 @@ class WebsocketsTransport:
 
     async def recv(self):
         try:
-            return await self.ws.recv()
+            # Text frames as bytes: orjson/json/msgpack parse UTF-8 bytes directly, so
+            # websockets need not build a str first (orjson validates the UTF-8 itself).
+            return await self.ws.recv(decode=False)
         except self._closed_exc as exc:
             raise _closed_from(exc) from None
 

@@ -10,15 +10,20 @@ States (the protocol-v2 client rules, notes in docs/clients-python.md):
     left        the app left, the server refused the join, or the client closed
 
 Delivery rule (both SDKs): deliver only seq == pos + 1 (or seq 0: unnumbered, delivered,
-position unchanged); seq <= pos is a duplicate and dropped silently; seq > pos + 1 is a gap
-and starts a recovery. With a server that sends no epoch (no history), a gap cannot be
-recovered: it is reported as a reset and the message is delivered.
+position unchanged); seq <= pos is a duplicate and dropped silently (without an epoch it is a
+numbering restart instead: reset "server_reset", then delivered); seq > pos + 1 is a gap
+and starts a recovery. With a server that sends no epoch (no history) the recovery join has
+no `since`; its ack then reports a reset (reason "no_position"), as does every re-join after
+a reconnect: such a server cannot say what was missed.
 
-Messages are delivered to `on("message")` callbacks and buffered for `async for`. The buffer
-holds at most `max_queue` messages while nobody iterates it only if no message callback
-is registered (callbacks alone: nothing is buffered); past max_queue the client stops
-reading the socket until the app catches up, so the server's slow-consumer policy applies
-instead of unbounded memory here.
+A join with `last` (only while there is no position) asks for the room's latest publication:
+the ack's seq is the position, and the publication with that seq, replayed right after the
+ack, is delivered once although it is not pos + 1.
+
+Messages go to `on("message")` callbacks, and to a buffer for `async for` unless callbacks
+alone consume them (a registered message callback and no iteration: nothing is buffered).
+Past `max_queue` buffered messages the client stops reading the socket until the app catches
+up, so the server's slow-consumer policy applies instead of unbounded memory here.
 
 Must not import any other gateway module.
 """
@@ -182,6 +187,13 @@ class Subscription:
             if seq == self._last_seq:          # join "last": the latest publication, once
                 self._last_seq = None
                 self._deliver(Message(self.room, data, seq, self.epoch))
+            elif self.epoch is None:
+                # A server without history never replays: a seq going back means the room's
+                # numbering restarted (e.g. Redis restarted empty). Say so, follow it.
+                self.seq = seq - 1
+                self._emit_reset("server_reset")
+                self.seq = seq
+                self._deliver(Message(self.room, data, seq, None))
             # else a duplicate (replay overlapping live): dropped silently
         else:
             self._client._recover(self)        # a gap: stop, ask for the missed range

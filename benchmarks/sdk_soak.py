@@ -1,20 +1,18 @@
-"""Soak of the client SDKs (issue 15): JS SDK clients through gateway restarts and Redis
-restarts while a publisher publishes at a steady rate. Not collected by pytest.
+"""Soak of the client SDKs (issue 15): JS and Python SDK clients through gateway restarts and
+Redis restarts while a publisher publishes at a steady rate. Not collected by pytest.
 
-    python -m benchmarks.sdk_soak --node-clients 100 --restarts 10 --redis-restarts 2 --rate 200
+    python -m benchmarks.sdk_soak --node-clients 100 --python-clients 100 --restarts 10 --redis-restarts 2 --rate 200
 
 Two gateways share one throwaway Redis (no persistence); the clients are spread over both.
 The restarts alternate between the gateways and between a drain (SIGTERM: 1001) and a crash
 (SIGKILL: 1006); each gateway comes back on its port. Redis is restarted empty
 `--redis-restarts` times in between, so room numbering starts again (a new epoch).
 
-Each client checks every delivered seq against its own bookkeeping (benchmarks/sdk_soak_node.mjs):
-seq == last + 1, where last is the previous seq or the one a `reset` announced. Passing means
-zero violations (no gap that was not announced by a reset) and no client stuck: after a quiet
-period every client is connected and has delivered its room's last published seq.
-
-The Python SDK's half (issue 15: 100 Python clients) plugs in beside the Node process once
-gateway/client.py exists; this script runs the Node half.
+Each client checks every delivered seq against its own bookkeeping (benchmarks/sdk_soak_node.mjs,
+benchmarks/sdk_soak_python.py: one process per SDK): seq == last + 1, where last is the previous
+seq or the one a `reset` announced. Passing means zero violations (no gap that was not announced
+by a reset) and no client stuck: after a quiet period every client is connected and has
+delivered its room's last published seq.
 """
 from __future__ import annotations
 
@@ -35,6 +33,7 @@ from tests.helpers import ROOT, GatewayProcess
 from tests.redis_server import RedisServer
 
 NODE_SCRIPT = os.path.join(ROOT, "benchmarks", "sdk_soak_node.mjs")
+PYTHON_SCRIPT = os.path.join(ROOT, "benchmarks", "sdk_soak_python.py")
 
 
 class Publisher:
@@ -86,8 +85,8 @@ class Publisher:
 
 async def main(args) -> int:
     node = shutil.which("node")
-    if node is None:
-        print("node is not installed", file=sys.stderr)
+    if node is None and args.node_clients:
+        print("node is not installed (--node-clients 0 runs the Python half alone)", file=sys.stderr)
         return 2
     rooms = [f"soak-{i}" for i in range(args.rooms)]
     with RedisServer() as redis_srv:
@@ -95,11 +94,20 @@ async def main(args) -> int:
                   "--drain-timeout", "5", "--rate-limit", "0")
         gateways = [GatewayProcess(*common).start() for _ in range(2)]
         ports = [gw.port for gw in gateways]
-        cfg = {"urls": [f"ws://127.0.0.1:{p}/ws" for p in ports], "clients": args.node_clients, "rooms": rooms}
-        proc = await asyncio.create_subprocess_exec(node, "--experimental-websocket", "--no-warnings", NODE_SCRIPT,
-                                                    json.dumps(cfg), cwd=ROOT, stdin=asyncio.subprocess.PIPE,
-                                                    stdout=asyncio.subprocess.PIPE)
-        await proc.stdout.readline()
+        urls = [f"ws://127.0.0.1:{p}/ws" for p in ports]
+        halves = []      # (sdk, process): one per SDK, same stdin/stdout protocol
+        if args.node_clients:
+            cfg = {"urls": urls, "clients": args.node_clients, "rooms": rooms}
+            halves.append(("js", await asyncio.create_subprocess_exec(
+                node, "--experimental-websocket", "--no-warnings", NODE_SCRIPT, json.dumps(cfg), cwd=ROOT,
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)))
+        if args.python_clients:
+            cfg = {"urls": urls, "clients": args.python_clients, "rooms": rooms}
+            halves.append(("python", await asyncio.create_subprocess_exec(
+                sys.executable, PYTHON_SCRIPT, json.dumps(cfg), cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT},
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, limit=1 << 24)))
+        for _, proc in halves:
+            await proc.stdout.readline()
         publisher = Publisher(ports, rooms, args.rate)
         pub_task = asyncio.ensure_future(publisher.run())
         started = time.monotonic()
@@ -123,10 +131,12 @@ async def main(args) -> int:
             publisher.stopping = True
             await asyncio.wait_for(pub_task, 10)
         await asyncio.sleep(args.quiet)
-        proc.stdin.write(b"report\n")
-        report = json.loads(await proc.stdout.readline())
-        proc.stdin.write(b"exit\n")
-        await proc.wait()
+        report = []
+        for sdk, proc in halves:
+            proc.stdin.write(b"report\n")
+            report += [{**c, "sdk": sdk} for c in json.loads(await proc.stdout.readline())]
+            proc.stdin.write(b"exit\n")
+            await proc.wait()
         for gw in gateways:
             gw.stop()
 
@@ -134,7 +144,8 @@ async def main(args) -> int:
     stuck = [i for i, c in enumerate(report)
              if c["state"] != "connected" or c["last"] != publisher.last.get(c["room"])]
     summary = {
-        "node_clients": len(report), "restarts": args.restarts, "redis_restarts": args.redis_restarts,
+        "node_clients": sum(c["sdk"] == "js" for c in report),
+        "python_clients": sum(c["sdk"] == "python" for c in report), "restarts": args.restarts, "redis_restarts": args.redis_restarts,
         "seconds": round(time.monotonic() - started, 1), "published": publisher.acked,
         "publisher_reconnects": publisher.failed,
         "delivered": sum(c["delivered"] for c in report), "resets": sum(c["resets"] for c in report),
@@ -143,10 +154,10 @@ async def main(args) -> int:
     }
     print(json.dumps(summary))
     for i, v in violations[:5]:
-        print(f"client {i}: seq jumps {v}", file=sys.stderr)
+        print(f"client {i} ({report[i]['sdk']}): seq jumps {v}", file=sys.stderr)
     for i in stuck[:5]:
         c = report[i]
-        print(f"client {i} stuck: state {c['state']}, last {c['last']}, room {c['room']} at "
+        print(f"client {i} ({c['sdk']}) stuck: state {c['state']}, last {c['last']}, room {c['room']} at "
               f"{publisher.last.get(c['room'])}", file=sys.stderr)
     return 0 if not violations and not stuck else 1
 
@@ -154,6 +165,7 @@ async def main(args) -> int:
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--node-clients", type=int, default=100)
+    p.add_argument("--python-clients", type=int, default=100)
     p.add_argument("--rooms", type=int, default=10)
     p.add_argument("--rate", type=float, default=200.0, help="publications per second")
     p.add_argument("--restarts", type=int, default=10, help="gateway restarts")

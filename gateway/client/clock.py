@@ -2,7 +2,7 @@
 
 `LoopClock` is the real one: the event loop's monotonic clock and timers, and the wall clock
 (time.time) for token `exp` (a Unix time). A test passes an object with the same three
-methods and advances it by hand (tests/sdk/fakes.py). Leaf module: standard library only.
+methods and advances it by hand (tests/client_fakes.py). Leaf module: standard library only.
 """
 from __future__ import annotations
 

@@ -37,7 +37,8 @@ get_token and sends {"op":"refresh"}. A reconnect fetches a new token first when
 has expires within refresh_margin, or after a 4001.
 
 Time, randomness and the connection are injected (`clock`, `random`, `connect`) so the
-conformance transcripts drive every timer deterministically (tests/unit/sdk/).
+conformance transcripts drive every timer deterministically (tests/sdk/transcripts/, run by
+tests/unit/test_client_transcripts.py).
 
 Must not import any gateway module outside gateway.client, nor gateway_ext, uvloop or redis.
 """

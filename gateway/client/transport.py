@@ -2,7 +2,7 @@
 
 The client core (core.py) never touches `websockets` directly: it calls a `connect` function
 returning a `Transport`. The default is `websockets_connect` below; tests pass a fake one
-(tests/unit/sdk/fakes.py) that scripts what the server sends. Contract:
+(tests/client_fakes.py) that scripts what the server sends. Contract:
 
     transport = await connect(url, headers=..., subprotocols=..., on_activity=callback)
         raises HandshakeRejected(status) when the server answers the upgrade with an HTTP

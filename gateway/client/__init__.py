@@ -12,7 +12,7 @@ recovers gaps, refreshes its token and acts on the gateway's close codes.
 
 Install with `pip install ws-gateway[client]` (adds `websockets`). This package imports
 nothing of the server (no gateway_ext, uvloop, redis): .importlinter and
-tests/unit/test_client_import.py keep it that way. Guide: docs/clients-python.md.
+tests/unit/test_client_import.py keep it that way. Guide: docs/clients.md#python.
 """
 from .backoff import Backoff
 from .core import Client, ClientState, jwt_exp

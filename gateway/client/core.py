@@ -113,7 +113,7 @@ def jwt_exp(token: str) -> float | None:
 
 class Client:
     """A ws-gateway client. Use `async with Client(url, token=...) as client:` (or `start()` /
-    `await close()`). Options are in seconds; see docs/clients-python.md for the whole API."""
+    `await close()`). Options are in seconds; see docs/clients.md#python for the whole API."""
 
     EVENTS = ("connected", "disconnected", "error", "state")
 

@@ -1,6 +1,6 @@
 """One room of a Client: its position (epoch, seq), its state, and the gap rule.
 
-States (the protocol-v2 client rules, notes in docs/clients-python.md):
+States (the protocol-v2 client rules, notes in docs/clients.md#python):
 
     joining     a join is wanted or in flight (also while the client is disconnected)
     joined      acked; messages with seq == pos + 1 are delivered and move the position

@@ -67,6 +67,7 @@ from redis.asyncio.connection import Connection, parse_url
 from redis.crc import key_slot
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
+from gateway.broker import url as broker_url
 from gateway.broker.base import Broker, BrokerHandler, BrokerUnavailable
 
 log = logging.getLogger("gateway.broker.redis")
@@ -104,43 +105,14 @@ def room_tag(room: str) -> bytes:
 
 
 def parse_broker_url(url: str) -> tuple[bool, list[dict]]:
-    """(cluster?, connection kwargs per seed node) for a broker URL; ValueError if invalid."""
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        raise ValueError(f"invalid Redis URL {url!r}: expected redis://host:port/db")
-    cluster = scheme in ("redis+cluster", "rediss+cluster")
-    if scheme not in ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster"):
-        raise ValueError(f"invalid Redis URL {url!r}: scheme must be redis, rediss, unix or redis+cluster")
-    if cluster:
-        base = scheme.split("+")[0]
-        netloc, slash, tail = rest.partition("/")
-        auth, at, hosts = netloc.rpartition("@")
-        seeds = [h for h in hosts.split(",") if h]
-        if not seeds:
-            raise ValueError(f"invalid Redis URL {url!r}: no cluster nodes (redis+cluster://host:port,...)")
-        urls = [f"{base}://{auth}{at}{h}{slash}{tail}" for h in seeds]
-    else:
-        urls = [url]
-    result = []
-    for one in urls:
-        parts = urlsplit(one)
-        try:
-            if parts.scheme != "unix":
-                if not parts.hostname:
-                    raise ValueError("no host")
-                parts.port  # noqa: B018 - raises ValueError on a bad port
-                db = parts.path.strip("/")
-                if db and not db.isdigit():
-                    raise ValueError(f"database {db!r} is not a number")
-            elif not parts.path:
-                raise ValueError("no socket path")
-            kwargs = parse_url(one)
-        except ValueError as exc:
-            raise ValueError(f"invalid Redis URL {url!r}: {exc}") from None
-        if cluster and kwargs.get("db"):
-            raise ValueError(f"invalid Redis URL {url!r}: Redis Cluster has only database 0")
-        result.append(kwargs)
-    return cluster, result
+    """(cluster?, connection kwargs per seed node) for a broker URL; ValueError if invalid.
+
+    The URL is checked by `gateway.broker.url.parse` (the one parser, shared with config
+    validation); redis-py's `parse_url` turns each node into connection keyword arguments."""
+    parsed = broker_url.parse(url)
+    if parsed.memory:
+        raise ValueError("memory:// is not a Redis URL")
+    return parsed.cluster, [parse_url(node) for node in parsed.nodes]
 
 
 class _Shard:

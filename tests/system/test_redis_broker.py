@@ -54,17 +54,32 @@ def test_parse_urls(url, cluster, expect):
 def test_tls_url_uses_tls():
     _, [seed] = parse_broker_url("rediss://h:6380/0")
     assert seed["connection_class"].__name__ == "SSLConnection"
+    cluster, seeds = parse_broker_url("rediss+cluster://a:1,b:2?ssl_cert_reqs=none")
+    assert cluster and [s["connection_class"].__name__ for s in seeds] == ["SSLConnection"] * 2
+    assert all(s["ssl_cert_reqs"] == "none" for s in seeds)
+
+
+@pytest.mark.parametrize("url", ["redis://h:1/0", "rediss://h:1/0", "unix:///tmp/r.sock",
+                                 "redis+cluster://a:1,b:2", "rediss+cluster://a:1,b:2", "REDIS://h:1"])
+def test_create_broker_takes_every_redis_scheme(url):
+    # rediss+cluster:// used to pass config validation and then be refused here (issue 13).
+    broker = create_broker(url)
+    assert isinstance(broker, RedisBroker)
+    assert broker.cluster is ("cluster" in url)
 
 
 @pytest.mark.parametrize("url, words", [
     ("ftp://h", "scheme"),
     ("redis://h:notaport", "port"),
     ("redis://h:6379/abc", "not a number"),
-    ("redis://:6379", "no host"),
-    ("unix://", "no socket path"),
-    ("redis+cluster://", "no cluster nodes"),
+    ("redis://:6379", "a host is missing"),
+    ("unix://", "needs a socket path"),
+    ("redis+cluster://", "at least one seed node"),
     ("redis+cluster://a:1/3", "only database 0"),
-    ("localhost:6379", "expected redis://"),
+    ("localhost:6379", "not a URL"),
+    ("redis://h/0?socket_timeout=1", "unsupported URL parameter 'socket_timeout'"),
+    ("redis://h/0?ssl_cert_reqs=none", "need rediss://"),
+    ("memory://", "not a Redis URL"),
 ])
 def test_bad_urls_are_clear_value_errors(url, words):
     with pytest.raises(ValueError, match=words):

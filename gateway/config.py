@@ -5,18 +5,25 @@ variables < command-line flags. One name everywhere: the field `max_connections`
 key `max_connections`, the variable `WS_GATEWAY_MAX_CONNECTIONS` and the flag
 `--max-connections`.
 
-Feature settings that are more than one scalar live in TOML tables (`[rooms]`, `[auth]`,
-`[broker]`, ...) kept verbatim in `Config.extra[name]`; the environment overrides one of
-their keys with `WS_GATEWAY_<TABLE>__<KEY>` (double underscore). A feature may call
-`register_section(name, check)` so that `check-config` validates its table too.
+Settings that are more than one scalar are typed too: `[[rooms.policy]]` tables become
+`RoomPolicy` rules in `Config.room_policies` (TOML only). The file is checked against this
+schema: unknown keys and tables are errors with a did-you-mean, and a value of the wrong TOML
+type is an error (`port = "8080"` is a string, not a port). Environment variables and flags
+are text and are parsed.
+
+This is the one place settings are validated: `serve` and `check-config` both load through
+`load_with_sources` (and then `gateway.app.preflight`, which opens the key and certificate
+files), the broker URL is checked by its one parser (`gateway/broker/url.py`), and the lists of
+names (policies, log levels and formats) are defined here once.
 
 Every problem is collected, not just the first: `ConfigError.errors` lists each one with its
 location -- `file:line` for the file, `$VARIABLE` for the environment, `--flag` for a flag --
 so `ws-gateway check-config FILE` can print all of them at once.
 
 Adding an option: add a field (with a comment: it is the documentation), a check in
-`_problems` if it has constraints, and a flag in cli.py.
-Leaf module: imports only the standard library and `errors`.
+`_problems` if it has constraints, and a flag in cli.py. Adding a per-room setting: one line
+in `RoomPolicy`.
+Leaf module: imports only the standard library, `errors` and `broker.url` (a stdlib-only parser).
 """
 from __future__ import annotations
 
@@ -24,16 +31,44 @@ import dataclasses
 import difflib
 import os
 import re
-import ssl
 import tomllib
 from dataclasses import dataclass, field, fields
-from typing import Any, Callable
+from typing import Any
 
+from gateway.broker.url import parse as parse_broker_url
 from gateway.errors import ConfigError
 
 ENV_PREFIX = "WS_GATEWAY_"
-# The names gateway/rooms/backpressure.py implements (kept here too: this module is a leaf).
+# Variables read elsewhere (gateway_ext, setup.py, the tests): not settings, not reported as unknown.
+OTHER_ENV = frozenset({"WS_GATEWAY_PURE_PYTHON", "WS_GATEWAY_REQUIRE_EXT", "WS_GATEWAY_NO_EXT",
+                       "WS_GATEWAY_TEST_REQUIRE_ALL", "WS_GATEWAY_CONFIG"})
+# The slow-consumer policies gateway/backpressure.py implements (it imports this list).
 SLOW_CONSUMER_POLICIES = ("disconnect", "drop_oldest", "drop_newest", "latest")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+# auto: text on a terminal (a person is reading), JSON otherwise (journald, files, log shippers).
+LOG_FORMATS = ("auto", "json", "text")
+MIN_API_KEY_CHARS = 16
+
+
+def _rule(kind: type, default: Any = None, *, minimum: int | None = None, choices: tuple = (),
+          required: bool = False) -> Any:
+    """A RoomPolicy setting: its TOML type and constraints, checked by `_room_policy`."""
+    return field(default=default, metadata={"kind": kind, "minimum": minimum, "choices": choices,
+                                            "required": required})
+
+
+@dataclass(frozen=True, slots=True)
+class RoomPolicy:
+    """One `[[rooms.policy]]` rule: settings for the rooms whose name matches `pattern`.
+
+    The first rule whose pattern matches a room wins (gateway/backpressure.py); a setting left
+    out (None) falls back to the global one. Adding a setting is one line here: it is then
+    type-checked, range-checked, printed by check-config and read back like the others.
+    """
+
+    pattern: str = _rule(str, "", required=True)                     # fnmatch glob, case-sensitive: "cursor.*"
+    policy: str | None = _rule(str, choices=SLOW_CONSUMER_POLICIES)  # default: slow_consumer_policy
+    max_queue_bytes: int | None = _rule(int, minimum=1)              # this room's share of a connection's queue
 
 
 @dataclass(slots=True)
@@ -118,16 +153,20 @@ class Config:
     metrics_public: bool = False       # /metrics on the main port answers everyone (default: loopback
                                        # and trusted_proxies only, others get 403; docs/security.md)
     # logging
-    log_level: str = "info"
-    log_format: str = "json"
-    # extra sections owned by later features (rooms, auth, metrics, ...): kept verbatim
-    extra: dict = field(default_factory=dict)
+    log_level: str = "info"            # debug | info | warning | error
+    log_format: str = "auto"           # auto (text on a terminal, else json) | json | text
+    # [[rooms.policy]] rules (TOML only): per room pattern, see RoomPolicy and backpressure.py
+    room_policies: tuple = ()
 
     def replace(self, **changes: Any) -> "Config":
         return dataclasses.replace(self, **changes)
 
 
-_FIELD_TYPES = {f.name: f.type for f in fields(Config) if f.name != "extra"}
+# Scalar and list settings: each has a TOML key, a $WS_GATEWAY_* variable and a --flag.
+_FIELD_TYPES = {f.name: f.type for f in fields(Config) if f.name != "room_policies"}
+# TOML tables: table -> {key: Config field holding a tuple of that rule type}.
+_TABLES = {"rooms": {"policy": ("room_policies", RoomPolicy)}}
+_RULE_FIELDS = {f.name: f.metadata for f in fields(RoomPolicy)}
 
 # Never printed by check-config (to_toml) nor logged.
 SECRET_FIELDS = frozenset({"jwt_secret", "api_keys"})
@@ -147,15 +186,6 @@ RELOADABLE = RELOADABLE | {
     "max_connections_per_ip", "rate_limit", "rate_limit_burst", "metrics_public",
 }
 
-# name -> check(table) -> list of (key path inside the table, message); see register_section.
-_SECTION_CHECKS: dict[str, Callable[[dict], list]] = {}
-
-
-def register_section(name: str, check: Callable[[dict], list]) -> None:
-    """Let a feature validate its `[name]` table: `check(table)` returns [(key, message), ...]."""
-    _SECTION_CHECKS[name] = check
-
-
 # -- where each value came from ------------------------------------------------------------
 
 def locate_keys(text: str) -> dict[tuple, int]:
@@ -172,7 +202,8 @@ def locate_keys(text: str) -> dict[tuple, int]:
         header = re.match(r"^(\[\[?)\s*([^\]]+?)\s*\]\]?\s*(#.*)?$", stripped)
         if header:
             table = _split_dotted(header.group(2))
-            where.setdefault(table, number)
+            for n in range(1, len(table) + 1):   # [a.b] also defines [a] (for "unknown table [a]")
+                where.setdefault(table[:n], number)
             if header.group(1) == "[[":
                 index = arrays[table] = arrays.get(table, -1) + 1
                 table = table + (index,)        # keys below belong to entry `index`
@@ -184,41 +215,59 @@ def locate_keys(text: str) -> dict[tuple, int]:
     return where
 
 
-def _key_path(key: str) -> tuple:
-    """A check's key "policy[1].pattern" -> ("policy", 1, "pattern"), as locate_keys stores it."""
-    out: list = []
-    for part in key.split("."):
-        name, *indexes = re.split(r"\[(\d+)\]", part)
-        if name:
-            out.append(name)
-        out.extend(int(i) for i in indexes if i)
-    return tuple(out)
-
-
 def _split_dotted(text: str) -> tuple:
     """`a."b.c".d` -> ("a", "b.c", "d"): dots inside quotes belong to the key."""
     parts = re.findall(r'"([^"]*)"|\'([^\']*)\'|([^."\']+)', text)
     return tuple((dq or sq or bare).strip() for dq, sq, bare in parts if (dq or sq or bare).strip() or dq or sq)
 
 
-def _coerce(name: str, value: Any) -> Any:
-    """Convert a TOML/env/flag value to the field's type, or raise ValueError saying why."""
+def _describe(value: Any) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, str):
+        return f"the string {value!r}"
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, list):
+        return "a list"
+    return repr(value)
+
+
+def _coerce(name: str, value: Any, *, text: bool) -> Any:
+    """Convert a value to the field's type, or raise ValueError saying why.
+
+    `text`: the value comes from the environment or a flag and is parsed ("8080" -> 8080).
+    Otherwise it is a TOML value and must already have the right TOML type: `port = "8080"`
+    is a mistake worth reporting (quotes around a number, a boolean written as a word).
+    """
     kind = _FIELD_TYPES[name]
     if kind == "tuple":
-        # A list setting: a TOML array, or comma-separated text from a flag / the environment.
+        # A list setting: a TOML array, or comma-separated text (also accepted in the file).
         items = value.split(",") if isinstance(value, str) else value
         if not isinstance(items, (list, tuple)) or not all(isinstance(i, str) for i in items):
             raise ValueError(f"expected a list of strings, got {value!r}")
         return tuple(i.strip() for i in items if i.strip())
     if isinstance(value, (dict, list)):
-        raise ValueError(f"expected a single {kind} value, got a {'table' if isinstance(value, dict) else 'list'}")
+        raise ValueError(f"expected a single {kind} value, got {_describe(value)}")
+    if not text:
+        unquote = (f" (write {name} = {value}, without quotes)"
+                   if isinstance(value, str) and _parses_as(kind, value) else "")
+        if kind == "bool" and not isinstance(value, bool):
+            raise ValueError(f"expected a boolean (true or false), got {_describe(value)}{unquote}")
+        if kind == "int" and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ValueError(f"expected an integer, got {_describe(value)}{unquote}")
+        if kind == "float" and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ValueError(f"expected a number, got {_describe(value)}{unquote}")
+        if kind == "str" and not isinstance(value, str):
+            raise ValueError(f'expected a string, got {_describe(value)} (write {name} = "{value}")')
+        return float(value) if kind == "float" else value
     if kind == "bool":
         if isinstance(value, bool):
             return value
-        text = str(value).strip().lower()
-        if text in ("1", "true", "yes", "on"):
+        text_value = str(value).strip().lower()
+        if text_value in ("1", "true", "yes", "on"):
             return True
-        if text in ("0", "false", "no", "off", ""):
+        if text_value in ("0", "false", "no", "off", ""):
             return False
         raise ValueError(f"expected a boolean, got {value!r}")
     if kind == "int":
@@ -242,39 +291,60 @@ def _coerce(name: str, value: Any) -> Any:
     return value
 
 
-_BROKER_SCHEMES = ("memory", "redis", "rediss", "unix", "redis+cluster", "rediss+cluster")
+def _parses_as(kind: str, text: str) -> bool:
+    if kind == "bool":
+        return text.strip().lower() in ("true", "false")
+    try:
+        (int if kind == "int" else float)(text)
+        return kind in ("int", "float")
+    except ValueError:
+        return False
+
+
+def _did_you_mean(word: str, candidates) -> str:
+    hint = difflib.get_close_matches(word, list(candidates), 1, 0.6)
+    return f" (did you mean {hint[0]!r}?)" if hint else ""
+
+
+def _room_policy(entry: Any) -> tuple[RoomPolicy | None, list[tuple[str, str]]]:
+    """One [[rooms.policy]] table -> (the rule or None, [(key, problem), ...])."""
+    if not isinstance(entry, dict):
+        return None, [("", "must be a table: write [[rooms.policy]] with pattern = \"...\" below it")]
+    problems: list[tuple[str, str]] = []
+    values: dict[str, Any] = {}
+    for key, value in entry.items():
+        meta = _RULE_FIELDS.get(key)
+        if meta is None:
+            problems.append((key, f"unknown key{_did_you_mean(key, _RULE_FIELDS)}; "
+                                  f"a rule has {', '.join(_RULE_FIELDS)}"))
+            continue
+        kind = meta["kind"]
+        if isinstance(value, bool) or not isinstance(value, kind):
+            unquote = " (without quotes)" if isinstance(value, str) and kind is int and _parses_as("int", value) else ""
+            problems.append((key, f"expected {'an integer' if kind is int else 'a string'}, "
+                                  f"got {_describe(value)}{unquote}"))
+        elif meta["choices"] and value not in meta["choices"]:
+            problems.append((key, f"{value!r} is not one of {', '.join(meta['choices'])}"
+                                  f"{_did_you_mean(value, meta['choices'])}"))
+        elif meta["minimum"] is not None and value < meta["minimum"]:
+            problems.append((key, f"must be at least {meta['minimum']}, got {value}"))
+        elif meta["required"] and not value:
+            problems.append((key, "must not be empty"))
+        else:
+            values[key] = value
+    for key, meta in _RULE_FIELDS.items():
+        if meta["required"] and key not in entry:
+            problems.append((key, "is missing (e.g. pattern = \"cursor.*\")"))
+    return (None if problems else RoomPolicy(**values)), problems
 
 
 def _broker_problems(config: Config) -> list[tuple[str, str]]:
-    """The broker URL's shape and the Redis options (messages never echo the URL: it may hold a password)."""
-    from urllib.parse import urlsplit
+    """The broker URL (its one parser: gateway/broker/url.py) and the Redis options."""
     out = []
-    url = config.broker
-    scheme, sep, rest = url.partition("://")
-    if url in ("", "memory"):
-        pass
-    elif not sep or scheme not in _BROKER_SCHEMES:
-        out.append(("broker", f"unsupported scheme {scheme if sep else url!r}: use memory://, redis://host:port/db, "
-                              "rediss://host:port/db, unix:///path/redis.sock or redis+cluster://host:port,host:port"))
-    elif scheme == "unix":
-        if not urlsplit(url).path:
-            out.append(("broker", "unix:// needs a socket path (unix:///path/redis.sock?db=0)"))
-    elif scheme != "memory":
-        netloc, _, path = rest.partition("/")
-        hosts = netloc.rpartition("@")[2].split(",") if scheme.endswith("cluster") else [netloc.rpartition("@")[2]]
-        for host in hosts:
-            try:
-                parts = urlsplit(f"redis://{host}")
-                if not parts.hostname:
-                    raise ValueError("a host is missing")
-                parts.port  # noqa: B018 - raises ValueError for a bad port
-            except ValueError as exc:
-                out.append(("broker", f"invalid Redis address {host!r}: {exc}"))
-        db = path.partition("?")[0].strip("/")
-        if db and not db.isdigit():
-            out.append(("broker", f"the Redis database {db!r} is not a number"))
-        elif db not in ("", "0") and scheme.endswith("cluster"):
-            out.append(("broker", "Redis Cluster has only database 0"))
+    try:
+        parse_broker_url(config.broker)
+    except ValueError as exc:   # the message never echoes the URL: it may hold a password
+        out.append(("broker", str(exc)))
     if "{" in config.redis_prefix or "}" in config.redis_prefix:
         out.append(("redis_prefix", "must not contain braces (they would change the Redis Cluster hash tag)"))
     if config.redis_seq_ttl < 1:
@@ -307,11 +377,11 @@ def _problems(config: Config) -> list[tuple[str, str]]:
     elif config.drain_window >= config.drain_timeout > 0:
         out.append(("drain_window", f"must be shorter than drain_timeout ({config.drain_timeout}) "
                                     "so clients have time to answer the close frame"))
-    if config.log_format not in ("json", "text"):
-        out.append(("log_format", f"{config.log_format!r} is not 'json' or 'text'"))
-    if config.log_level.lower() not in ("debug", "info", "warning", "error"):
-        out.append(("log_level", f"{config.log_level!r} is not debug/info/warning/error"))
-    if config.workers > 1 and config.broker.startswith("memory"):
+    if config.log_format not in LOG_FORMATS:
+        out.append(("log_format", f"{config.log_format!r} is not one of {', '.join(LOG_FORMATS)}"))
+    if config.log_level.lower() not in LOG_LEVELS:
+        out.append(("log_level", f"{config.log_level!r} is not one of {', '.join(LOG_LEVELS)}"))
+    if config.workers > 1 and config.broker in ("", "memory", "memory://"):
         out.append(("workers", "N > 1 needs a shared broker (--broker redis://...); "
                                "with the memory broker rooms would silently split between processes"))
     out.extend(_broker_problems(config))
@@ -338,8 +408,9 @@ def _problems(config: Config) -> list[tuple[str, str]]:
         out.append(("jwt_leeway", "must be >= 0 seconds"))
     if config.jwt_secret and config.jwt_secret_file:
         out.append(("jwt_secret_file", "jwt_secret and jwt_secret_file are mutually exclusive"))
-    if any(len(k) < 16 for k in config.api_keys):
-        out.append(("api_keys", "every key needs at least 16 characters (e.g. `openssl rand -hex 32`)"))
+    if any(len(k) < MIN_API_KEY_CHARS for k in config.api_keys):
+        out.append(("api_keys", f"every key needs at least {MIN_API_KEY_CHARS} characters "
+                                "(e.g. `openssl rand -hex 32`)"))
     if any("none" == a.lower() for a in config.jwt_algorithms):
         out.append(("jwt_algorithms", "'none' disables signatures and is never accepted (RFC 8725 section 3.1)"))
     out.extend(_tls_problems(config))
@@ -365,31 +436,14 @@ def _compression_problems(config: Config) -> list[tuple[str, str]]:
 
 
 def _tls_problems(config: Config) -> list[tuple[str, str]]:
-    if bool(config.certfile) != bool(config.keyfile):
-        missing = "keyfile" if config.certfile else "certfile"
-        return [(missing, "native TLS needs both certfile and keyfile")]
-    if not config.certfile:
-        return []
-    out = [(name, f"cannot read {path!r}") for name in ("certfile", "keyfile")
-           if not os.access(path := getattr(config, name), os.R_OK)]
-    if not out:
-        try:
-            make_ssl_context(config)
-        except (ssl.SSLError, OSError, ValueError) as exc:
-            out.append(("certfile", f"cannot load the certificate/key pair: {exc}"))
-    return out
-
-
-def make_ssl_context(config: Config) -> ssl.SSLContext | None:
-    """The server TLS context for native TLS, or None when certfile/keyfile are not set."""
-    if not config.certfile:
-        return None
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(config.certfile, config.keyfile)
-    # Only HTTP/1.1 carries the WebSocket upgrade (RFC 8441 over h2 is not supported).
-    ctx.set_alpn_protocols(["http/1.1"])
-    return ctx
+    """Both files or neither, readable. Loading them (a real certificate and its key) is
+    `gateway.server.tls.make_ssl_context`, run by `gateway.app.preflight` for serve and check-config."""
+    if config.certfile and not config.keyfile:
+        return [("certfile", "native TLS needs keyfile too (the certificate's private key)")]
+    if config.keyfile and not config.certfile:
+        return [("keyfile", "native TLS needs certfile too (the certificate chain)")]
+    return [(name, f"cannot read {path!r}") for name in ("certfile", "keyfile")
+            if (path := getattr(config, name)) and not os.access(path, os.R_OK)]
 
 
 def validate(config: Config) -> Config:
@@ -400,17 +454,9 @@ def validate(config: Config) -> Config:
     return config
 
 
-def _env_value(raw: str) -> Any:
-    """A section key from the environment: a TOML scalar/array if it parses as one, else the text."""
-    try:
-        return tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        return raw
-
-
 @dataclass
 class Loaded:
-    """The effective configuration and, for each field / section key, where its value came from."""
+    """The effective configuration and, for each setting, where its value came from."""
 
     config: Config
     sources: dict[str, str]
@@ -418,14 +464,18 @@ class Loaded:
 
 
 def load_with_sources(path: str | None = None, env: dict[str, str] | None = None,
-                      overrides: dict[str, Any] | None = None) -> Loaded:
-    """Build the effective configuration; raise ConfigError listing every problem with its location."""
+                      overrides: dict[str, Any] | None = None, flags: dict[str, str] | None = None) -> Loaded:
+    """Build the effective configuration; raise ConfigError listing every problem with its location.
+
+    `overrides` are flag values by field name (None: not given); `flags` names the flag that set
+    each one in messages (default `--field-name`; e.g. the field api_keys is the flag --api-key).
+    """
     values: dict[str, Any] = {}
-    extra: dict[str, Any] = {}
     sources: dict[str, str] = {}
     errors: list[str] = []
     warnings: list[str] = []
     where: dict[tuple, int] = {}
+    flags = flags or {}
 
     def at(key: tuple) -> str:
         for n in range(len(key), 0, -1):   # the key's own line, else its table's
@@ -452,19 +502,20 @@ def load_with_sources(path: str | None = None, env: dict[str, str] | None = None
         for key, value in data.items():
             if key in _FIELD_TYPES and not isinstance(value, dict):
                 try:
-                    values[key] = _coerce(key, value)
+                    values[key] = _coerce(key, value, text=False)
                     sources[key] = at((key,))
                 except ValueError as exc:
                     errors.append(f"{at((key,))}: {key}: {exc}")
-            elif isinstance(value, dict):
-                # A table: a feature's section (a table named like a scalar field, e.g. [broker],
-                # belongs to that feature too).
-                extra[key] = value
-                for sub in value:
-                    sources[f"{key}.{sub}"] = at((key, sub))
+            elif key in _TABLES and isinstance(value, dict):
+                errors.extend(_load_table(key, value, values, sources, at))
+            elif key in _FIELD_TYPES:
+                errors.append(f"{at((key,))}: [{key}] is not a table: {key} is a single setting "
+                              f"(write {key} = ... at the top of the file)")
             else:
-                hint = difflib.get_close_matches(key, _FIELD_TYPES, 1)
-                errors.append(f"{at((key,))}: unknown option {key!r}" + (f" (did you mean {hint[0]!r}?)" if hint else ""))
+                kind = "table" if isinstance(value, dict) else "option"
+                shown = f"[{key}]" if isinstance(value, dict) else repr(key)
+                candidates = [*_TABLES, *_FIELD_TYPES] if isinstance(value, dict) else [*_FIELD_TYPES, *_TABLES]
+                errors.append(f"{at((key,))}: unknown {kind} {shown}{_did_you_mean(key, candidates)}")
 
     env = os.environ if env is None else env
     for name in _FIELD_TYPES:
@@ -472,58 +523,69 @@ def load_with_sources(path: str | None = None, env: dict[str, str] | None = None
         raw_value = env.get(var)
         if raw_value is not None:
             try:
-                values[name] = _coerce(name, raw_value)
+                values[name] = _coerce(name, raw_value, text=True)
                 sources[name] = f"${var}"
             except ValueError as exc:
                 errors.append(f"${var}: {exc}")
-    for var, raw_value in env.items():
-        if var.startswith(ENV_PREFIX) and "__" in var:
-            table, _, key = var[len(ENV_PREFIX):].lower().partition("__")
-            if table and key:
-                section = extra.setdefault(table, {})
-                if isinstance(section, dict):
-                    section[key] = _env_value(raw_value)
-                    sources[f"{table}.{key}"] = f"${var}"
+    known_vars = {ENV_PREFIX + name.upper() for name in _FIELD_TYPES}
+    for var in env:
+        if var.startswith(ENV_PREFIX) and var not in known_vars and var not in OTHER_ENV:
+            warnings.append(f"${var}: not a setting, ignored{_did_you_mean(var, known_vars)}")
 
     for key, value in (overrides or {}).items():
         if value is None:
             continue
-        flag = f"--{key.replace('_', '-')}"
+        flag = flags.get(key) or f"--{key.replace('_', '-')}"
         if key not in _FIELD_TYPES:
             errors.append(f"{flag}: unknown option")
             continue
         try:
-            values[key] = _coerce(key, value)
+            values[key] = _coerce(key, value, text=True)
             sources[key] = flag
         except ValueError as exc:
             errors.append(f"{flag}: {exc}")
 
-    config = Config(**values, extra=extra)
+    config = Config(**values)
     for name, msg in _problems(config):
         errors.append(f"{sources.get(name, 'default')}: {name}: {msg}")
-    for table, check in _SECTION_CHECKS.items():
-        section = extra.get(table)
-        if section is None:
-            continue
-        try:
-            found = check(section)
-        except Exception as exc:  # a buggy check must still produce a readable error
-            found = [("", f"cannot validate: {exc!r}")]
-        for key, msg in found:
-            dotted = f"{table}.{key}" if key else table
-            loc = sources.get(dotted) or (at((table, *_key_path(str(key)))) if path else f"[{table}]")
-            errors.append(f"{loc}: {dotted}: {msg}")
-    for table in extra:
-        if table not in _SECTION_CHECKS:
-            warnings.append(f"[{table}]: no feature has registered this section; it is passed through unchecked")
     if errors:
         raise ConfigError("; ".join(errors), errors)
     return Loaded(config, sources, warnings)
 
 
-def load(path: str | None = None, env: dict[str, str] | None = None, overrides: dict[str, Any] | None = None) -> Config:
+def _load_table(table: str, data: dict, values: dict, sources: dict, at) -> list[str]:
+    """A known TOML table (e.g. [rooms]): its arrays of rules become typed tuples in `values`."""
+    errors = []
+    schema = _TABLES[table]
+    for key, value in data.items():
+        if key not in schema:
+            errors.append(f"{at((table, key))}: unknown key {table}.{key}"
+                          f"{_did_you_mean(key, schema)}; [{table}] has {', '.join(f'[[{table}.{k}]]' for k in schema)}")
+            continue
+        name, _rule_type = schema[key]
+        if not isinstance(value, list):
+            errors.append(f"{at((table, key))}: {table}.{key} must be an array of tables: "
+                          f"write [[{table}.{key}]] (two brackets) once per rule")
+            continue
+        rules = []
+        for index, entry in enumerate(value):
+            rule, problems = _room_policy(entry)
+            for field_name, msg in problems:
+                label = f"{table}.{key}[{index}]" + (f".{field_name}" if field_name else "")
+                errors.append(f"{at((table, key, index, field_name) if field_name else (table, key, index))}: "
+                              f"{label}: {msg}")
+            if rule is not None:
+                rules.append(rule)
+                sources[f"{table}.{key}[{index}]"] = at((table, key, index))
+        values[name] = tuple(rules)
+        sources[name] = at((table, key))
+    return errors
+
+
+def load(path: str | None = None, env: dict[str, str] | None = None, overrides: dict[str, Any] | None = None,
+         flags: dict[str, str] | None = None) -> Config:
     """Build the effective configuration (see the module docstring for precedence)."""
-    return load_with_sources(path, env, overrides).config
+    return load_with_sources(path, env, overrides, flags).config
 
 
 def redact_url(url: str) -> str:
@@ -550,26 +612,16 @@ def to_toml(config: Config, sources: dict[str, str] | None = None) -> str:
         if isinstance(value, str) and "://" in value:
             value = redact_url(value)   # e.g. redis://:password@host -> redis://:<redacted>@host
         lines.append(f"{name} = {_toml_value(value)}".ljust(40) + f"  # {origin}")
-    for table, section in config.extra.items():
-        lines.append("")
-        lines.extend(_toml_table([table], section, sources))
+    for table, schema in _TABLES.items():
+        for key, (name, _rule_type) in schema.items():
+            for index, rule in enumerate(getattr(config, name)):
+                origin = sources.get(f"{table}.{key}[{index}]", "")
+                lines.append("")
+                lines.append(f"[[{table}.{key}]]".ljust(40) + (f"  # {origin}" if origin else ""))
+                for f in fields(rule):
+                    if (value := getattr(rule, f.name)) is not None:
+                        lines.append(f"{f.name} = {_toml_value(value)}")
     return "\n".join(lines) + "\n"
-
-
-def _toml_table(path: list[str], table: dict, sources: dict) -> list[str]:
-    lines = [f"[{'.'.join(_toml_key(p) for p in path)}]"]
-    nested = []
-    for key, value in table.items():
-        if isinstance(value, dict):
-            nested.append((key, value))
-            continue
-        origin = sources.get(".".join([*path, key]), "")
-        line = f"{_toml_key(key)} = {_toml_value(value)}"
-        lines.append(line.ljust(40) + f"  # {origin}" if origin else line)
-    for key, value in nested:
-        lines.append("")
-        lines.extend(_toml_table([*path, key], value, sources))
-    return lines
 
 
 def _toml_key(key: str) -> str:

@@ -23,17 +23,16 @@ Every drop is counted per room in the queue (the client gets `{"op":"dropped","r
 on each policy object (per rule, for metrics labels) and in `BackpressureStats` (totals).
 
 Pure data structures, tested without sockets. Imports only the standard library and
-`config` (to register the `[rooms]` section check).
+`config` (the policy names and the typed `[[rooms.policy]]` rules, validated there).
 """
 from __future__ import annotations
 
 import fnmatch
 from collections import deque
 
-from gateway import config as config_mod
+from gateway.config import SLOW_CONSUMER_POLICIES as POLICIES
 
-DISCONNECT, DROP_OLDEST, DROP_NEWEST, LATEST = "disconnect", "drop_oldest", "drop_newest", "latest"
-POLICIES = (DISCONNECT, DROP_OLDEST, DROP_NEWEST, LATEST)
+DISCONNECT, DROP_OLDEST, DROP_NEWEST, LATEST = POLICIES
 
 # Dead entries (evicted / conflated) are removed lazily; past this many, and more than the
 # live ones, the queue is compacted so a stalled client cannot grow it with tombstones.
@@ -78,17 +77,14 @@ class PolicyTable:
 
     @classmethod
     def from_config(cls, config) -> "PolicyTable":
-        """From Config: `slow_consumer_policy`, `max_queue_bytes` and `[[rooms.policy]]` rules.
-
-        A rule's max_queue_bytes is capped by the connection-wide max_queue_bytes.
-        (config.validate has already checked names and types.)
-        """
+        """From Config: `slow_consumer_policy`, `max_queue_bytes` and the `[[rooms.policy]]` rules
+        (`config.RoomPolicy`, already validated). A rule's max_queue_bytes is capped by the
+        connection-wide max_queue_bytes; a setting a rule leaves out is the global one."""
         limit = config.max_queue_bytes
         default = SlowConsumerPolicy(config.slow_consumer_policy, limit, "*")
-        rules = []
-        for rule in (config.extra.get("rooms") or {}).get("policy") or ():
-            rules.append(SlowConsumerPolicy(rule.get("policy", config.slow_consumer_policy),
-                                            min(limit, int(rule.get("max_queue_bytes", limit))), rule["pattern"]))
+        rules = [SlowConsumerPolicy(rule.policy or config.slow_consumer_policy,
+                                    min(limit, rule.max_queue_bytes or limit), rule.pattern)
+                 for rule in config.room_policies]
         return cls(default, rules)
 
 
@@ -239,32 +235,3 @@ class OutboundQueue:
         self._rooms.clear()
         self.bytes = 0
         self._dead = 0
-
-
-_RULE_KEYS = {"pattern", "policy", "max_queue_bytes"}
-
-
-def check_rooms_section(section: dict) -> list[tuple[str, str]]:
-    """`[rooms]` config table: validate its `[[rooms.policy]]` rules (other keys pass through)."""
-    rules = section.get("policy")
-    if rules is None:
-        return []
-    if not isinstance(rules, list) or not all(isinstance(r, dict) for r in rules):
-        return [("policy", "must be an array of tables: [[rooms.policy]] with pattern, policy, max_queue_bytes")]
-    out = []
-    for i, rule in enumerate(rules):
-        where = f"policy[{i}]"
-        for key in sorted(set(rule) - _RULE_KEYS):
-            out.append((where, f"unknown key {key!r} (expected pattern, policy, max_queue_bytes)"))
-        pattern = rule.get("pattern")
-        if not isinstance(pattern, str) or not pattern:
-            out.append((where, "needs \"pattern\", a non-empty glob such as \"cursor.*\""))
-        if "policy" in rule and rule["policy"] not in POLICIES:
-            out.append((where, f"policy {rule['policy']!r} is not one of {', '.join(POLICIES)}"))
-        limit = rule.get("max_queue_bytes", 1)
-        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-            out.append((where, f"max_queue_bytes must be a positive integer, got {limit!r}"))
-    return out
-
-
-config_mod.register_section("rooms", check_rooms_section)

@@ -337,13 +337,13 @@ def from_config(config) -> Authenticator | None:
     """The Authenticator for a Config, or None when no key is configured (open mode).
 
     Reads `jwt_secret` (flag / $WS_GATEWAY_JWT_SECRET / TOML), or `jwt_secret_file`, and
-    `jwt_public_key_file`; raises ConfigError naming the setting on any problem.
+    `jwt_public_key_file`; raises ConfigError naming the setting on any problem with the key
+    material. The settings themselves (e.g. jwt_secret and jwt_secret_file are mutually
+    exclusive) were checked once, when the Config was loaded (config.py).
     """
     secret = getattr(config, "jwt_secret", "") or ""
     secret_file = getattr(config, "jwt_secret_file", "") or ""
-    if secret and secret_file:
-        raise ConfigError("jwt_secret and jwt_secret_file are mutually exclusive")
-    if secret_file:
+    if secret_file and not secret:
         try:
             with open(secret_file, "rb") as fh:
                 secret = fh.read().strip()

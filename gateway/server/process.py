@@ -38,7 +38,8 @@ import socket
 from gateway_ext import CloseCode, Corker, StreamStats
 
 from gateway.ops import logs, systemd
-from gateway.config import RELOADABLE, Config, make_ssl_context
+from gateway.config import RELOADABLE, Config
+from gateway.server.tls import make_ssl_context
 from gateway.server.connection import Connection
 from gateway.ws.deflate import Deflate
 from gateway.server.echo import EchoEndpoint

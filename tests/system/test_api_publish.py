@@ -110,10 +110,11 @@ def test_api_off_without_keys_and_oversized_body(run):
 
 
 def test_short_api_key_is_a_config_error():
-    from gateway.api.methods import PublishApi
+    from gateway.config import load
     from gateway.errors import ConfigError
-    with pytest.raises(ConfigError, match="at least 16 characters"):
-        PublishApi(None, ["short"])
+    with pytest.raises(ConfigError, match="at least 16 characters") as info:
+        load(None, env={}, overrides={"api_keys": ["short"]}, flags={"api_keys": "--api-key"})
+    assert info.value.errors[0].startswith("--api-key: api_keys:")   # the flag the user typed
 
 
 def test_broker_unavailable_503(run):

@@ -123,11 +123,11 @@ def test_tombstones_are_compacted():
 
 def test_policy_table_first_match_wins_and_caps_limits():
     cfg = config_mod.load(None, env={}, overrides={"max_queue_bytes": 1000, "slow_consumer_policy": "drop_oldest"})
-    cfg.extra["rooms"] = {"policy": [
-        {"pattern": "cursor.*", "policy": "latest", "max_queue_bytes": 100},
-        {"pattern": "cursor.*", "policy": "disconnect"},
-        {"pattern": "big.*", "policy": "drop_newest", "max_queue_bytes": 10**9},
-    ]}
+    cfg = cfg.replace(room_policies=(
+        config_mod.RoomPolicy("cursor.*", "latest", 100),
+        config_mod.RoomPolicy("cursor.*", "disconnect"),
+        config_mod.RoomPolicy("big.*", "drop_newest", 10**9),
+    ))
     table = PolicyTable.from_config(cfg)
     assert (table.for_room("cursor.1").name, table.for_room("cursor.1").max_queue_bytes) == (LATEST, 100)
     assert table.for_room("big.x").max_queue_bytes == 1000
@@ -148,6 +148,12 @@ def test_unknown_policy_is_refused():
     ('[[rooms.policy]]\npattern = "a*"\npolicy = "latest"\nmax_queue_bytes = -1', "max_queue_bytes"),
     ('[[rooms.policy]]\npattern = "a*"\ncolour = "red"', "colour"),
     ('rooms = { policy = "latest" }', "rooms.policy"),
+    ('[[rooms.policy]]\npattern = "a*"\npolicy = "latst"', "did you mean 'latest'"),
+    ('[[rooms.policy]]\npattern = "a*"\nmax_queue_bytes = "big"', "max_queue_bytes: expected an integer"),
+    ('[[rooms.policy]]\npattern = "a*"\npolicyy = "latest"', "did you mean 'policy'"),
+    ('[room.policy]\npattern = "a*"', "unknown table \\[room\\] \\(did you mean 'rooms'"),
+    ('[rooms.policy]\npattern = "a*"', r"write \[\[rooms.policy\]\]"),
+    ('[rooms]\npolicies = []', "did you mean 'policy'"),
 ])
 def test_bad_policy_config_is_a_clear_error(tmp_path, body, needle):
     path = tmp_path / "gw.toml"

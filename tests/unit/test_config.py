@@ -47,7 +47,7 @@ def test_every_error_is_reported_with_its_location(tmp_path):
         cfg.load(path, env=env, overrides={"max_connections": 0})
     errors = info.value.errors
     assert f"{path}:1: port: 70000 is not a TCP port (0-65535)" in errors
-    assert f"{path}:2: workers: expected an integer, got 'many'" in errors
+    assert f"{path}:2: workers: expected an integer, got the string 'many'" in errors
     assert any(e.startswith(f"{path}:3: unknown option 'prot'") and "did you mean 'port'" in e for e in errors)
     assert any(e.startswith(f"{path}:4: drain_window: must be shorter than drain_timeout") for e in errors)
     assert any(e.startswith(f"{path}:5: log_format:") for e in errors)
@@ -81,54 +81,100 @@ def test_type_errors(tmp_path, key, value, message):
         cfg.load(path, env={})
 
 
-def test_sections_are_kept_and_env_overrides_their_keys(tmp_path):
-    path = write(tmp_path, """
-        [rooms]
-        max_queue_bytes = 1000
-        [rooms.policies]
-        "ticker.*" = "latest"
-        [broker]
-        url = "redis://127.0.0.1:6379/0"
+def test_room_policies_are_typed_rules_with_their_lines(tmp_path):
+    path = write(tmp_path, """\
+        slow_consumer_policy = "drop_oldest"
+
+        [[rooms.policy]]
+        pattern = "cursor.*"
+        policy = "latest"
+        max_queue_bytes = 65536
+
+        [[rooms.policy]]
+        pattern = "chat.*"
     """)
-    env = {"WS_GATEWAY_ROOMS__MAX_QUEUE_BYTES": "2000", "WS_GATEWAY_AUTH__JWT_SECRET": "s3cret"}
-    loaded = cfg.load_with_sources(path, env=env)
-    extra = loaded.config.extra
-    assert extra["rooms"]["max_queue_bytes"] == 2000          # parsed as a TOML scalar
-    assert extra["rooms"]["policies"] == {"ticker.*": "latest"}
-    assert extra["broker"]["url"].startswith("redis://")
-    assert extra["auth"]["jwt_secret"] == "s3cret"            # not a TOML value: kept as text
-    assert loaded.config.broker == "memory://"                 # the [broker] table does not clobber the field
+    loaded = cfg.load_with_sources(path, env={})
+    assert loaded.config.room_policies == (cfg.RoomPolicy("cursor.*", "latest", 65536), cfg.RoomPolicy("chat.*"))
+    assert loaded.sources["rooms.policy[1]"] == f"{path}:8"
+    with pytest.raises(AttributeError):
+        loaded.config.room_policies[0].policy = "disconnect"     # frozen: validated once, never changed
 
 
-def test_registered_section_check_reports_key_line(tmp_path):
-    def check(table):
-        return [("size", "must be positive")] if table.get("size", 1) <= 0 else []
-    cfg.register_section("widgets", check)
-    try:
-        path = write(tmp_path, "port = 1\n\n[widgets]\nname = 'a'\nsize = -1\n")
-        with pytest.raises(ConfigError) as info:
-            cfg.load(path, env={})
-        assert info.value.errors == [f"{path}:5: widgets.size: must be positive"]
-        loaded = cfg.load_with_sources(write(tmp_path, "[widgets]\nsize = 2\n", "ok.toml"), env={})
-        assert not any("widgets" in w for w in loaded.warnings)
-    finally:
-        cfg._SECTION_CHECKS.pop("widgets")
+def test_room_policy_errors_name_the_rule_and_the_line(tmp_path):
+    path = write(tmp_path, """\
+        [[rooms.policy]]
+        pattern = "a*"
+
+        [[rooms.policy]]
+        pattern = "b*"
+        policy = "latst"
+        max_queue_bytes = "big"
+        colour = "red"
+    """)
+    with pytest.raises(ConfigError) as info:
+        cfg.load(path, env={})
+    assert info.value.errors == [
+        f"{path}:6: rooms.policy[1].policy: 'latst' is not one of disconnect, drop_oldest, drop_newest, latest "
+        "(did you mean 'latest'?)",
+        f"{path}:7: rooms.policy[1].max_queue_bytes: expected an integer, got the string 'big'",
+        f"{path}:8: rooms.policy[1].colour: unknown key; a rule has pattern, policy, max_queue_bytes",
+    ]
+
+
+@pytest.mark.parametrize("text, error", [
+    ('[room.policy]\npattern = "a*"\n', "1: unknown table [room] (did you mean 'rooms'?)"),
+    ('[rooms]\npolicies = []\n', "2: unknown key rooms.policies (did you mean 'policy'?)"),
+    ('[rooms.policy]\npattern = "a*"\n', "1: rooms.policy must be an array of tables: write [[rooms.policy]]"),
+    ('[broker]\nurl = "redis://h"\n', "1: [broker] is not a table: broker is a single setting"),
+    ('[metrics]\nport = 1\n', "1: unknown table [metrics]"),
+    ('pot = 1\n', "1: unknown option 'pot' (did you mean 'port'?)"),
+])
+def test_unknown_tables_and_keys_are_errors(tmp_path, text, error):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        cfg.load(path, env={})
+    assert any(e.startswith(f"{path}:{error}") for e in info.value.errors), info.value.errors
+
+
+@pytest.mark.parametrize("text, error", [
+    ('port = "8080"', "port: expected an integer, got the string '8080' (write port = 8080, without quotes)"),
+    ('echo = "true"', "echo: expected a boolean (true or false), got the string 'true' (write echo = true"),
+    ('ping_interval = "5"', "ping_interval: expected a number, got the string '5'"),
+    ("port = 8080.0", "port: expected an integer, got 8080.0"),
+    ("host = 127", "host: expected a string, got 127"),
+])
+def test_wrong_toml_types_are_errors(tmp_path, text, error):
+    path = write(tmp_path, text + "\n")
+    with pytest.raises(ConfigError) as info:
+        cfg.load(path, env={})
+    assert info.value.errors[0].startswith(f"{path}:1: {error}"), info.value.errors
+
+
+def test_environment_and_flags_are_text_and_parsed():
+    config = cfg.load(None, env={"WS_GATEWAY_PORT": "9001", "WS_GATEWAY_ECHO": "yes"}, overrides={"ping_interval": "5"})
+    assert (config.port, config.echo, config.ping_interval) == (9001, True, 5.0)
+
+
+def test_unknown_environment_variables_are_warned_about():
+    loaded = cfg.load_with_sources(None, env={"WS_GATEWAY_PROT": "1", "WS_GATEWAY_REQUIRE_EXT": "1"})
+    assert loaded.warnings == ["$WS_GATEWAY_PROT: not a setting, ignored (did you mean 'WS_GATEWAY_PORT'?)"]
 
 
 def test_to_toml_round_trips(tmp_path):
     original = cfg.load(None, env={}, overrides={"port": 1234, "log_format": "text", "drain_window": 0.5})
-    original = original.replace(extra={"rooms": {"a": 1, "b": ["x", "y"], "nested": {"c": True}}})
+    original = original.replace(room_policies=(cfg.RoomPolicy("a.*", "latest", 10), cfg.RoomPolicy("b")))
     path = write(tmp_path, cfg.to_toml(original))
     assert cfg.load(path, env={}) == original
 
 
 def test_tls_needs_both_files_and_readable_pem(tmp_path):
-    with pytest.raises(ConfigError, match="keyfile: native TLS needs both"):
+    with pytest.raises(ConfigError) as info:
         cfg.load(None, env={}, overrides={"certfile": "/etc/hostname"})
+    assert info.value.errors == ["--certfile: certfile: native TLS needs keyfile too (the certificate's private key)"]
+    with pytest.raises(ConfigError, match="--keyfile: keyfile: native TLS needs certfile too"):
+        cfg.load(None, env={}, overrides={"keyfile": "/etc/hostname"})
     bad = tmp_path / "bad.pem"
     bad.write_text("not a certificate")
-    with pytest.raises(ConfigError, match="cannot load the certificate"):
-        cfg.load(None, env={}, overrides={"certfile": str(bad), "keyfile": str(bad)})
     with pytest.raises(ConfigError, match="cannot read"):
         cfg.load(None, env={}, overrides={"certfile": str(tmp_path / "x"), "keyfile": str(bad)})
 
@@ -143,20 +189,6 @@ def test_locate_keys():
     assert where[("a",)] == 1 and where[("t",)] == 2 and where[("t", "b")] == 4
     assert where[("t", "u", "q.r")] == 6
     assert where[("t", "u", "d", "e")] == 7 and where[("arr", 0, "f")] == 9 and where[("arr",)] == 8
-
-
-def test_array_of_tables_errors_point_at_their_entry(tmp_path):
-    def check(table):
-        return [(f"rule[{i}].size", "must be positive") for i, rule in enumerate(table.get("rule", []))
-                if rule.get("size", 1) <= 0]
-    cfg.register_section("gadgets", check)
-    try:
-        path = write(tmp_path, "[[gadgets.rule]]\nsize = 1\n\n[[gadgets.rule]]\nname = 'x'\nsize = 0\n")
-        with pytest.raises(ConfigError) as info:
-            cfg.load(path, env={})
-        assert info.value.errors == [f"{path}:6: gadgets.rule[1].size: must be positive"]
-    finally:
-        cfg._SECTION_CHECKS.pop("gadgets")
 
 
 def test_check_config_output_redacts_broker_password(tmp_path):

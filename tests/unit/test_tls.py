@@ -7,6 +7,7 @@ import pytest
 import websockets
 
 from gateway.config import load
+from gateway.errors import ConfigError
 from tests.certs import client_context, make_cert
 from tests.helpers import make_config, serve
 
@@ -92,5 +93,6 @@ def test_turning_tls_off_needs_a_restart(run, tmp_path):
 def test_config_rejects_a_key_that_does_not_match(tmp_path):
     cert, _ = make_cert(tmp_path, "a")
     _, other_key = make_cert(tmp_path, "b")
-    with pytest.raises(Exception, match="cannot load the certificate/key pair"):
-        load(None, env={}, overrides={"certfile": cert, "keyfile": other_key})
+    from gateway.app import preflight
+    with pytest.raises(ConfigError, match="certfile: cannot load the certificate/key pair"):
+        preflight(load(None, env={}, overrides={"certfile": cert, "keyfile": other_key}))

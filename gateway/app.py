@@ -1,7 +1,12 @@
 """Assemble and run one gateway process (or N workers) from a Config.
 
 This is where the parts meet: the Gateway (sockets), endpoints, broker, metrics. The CLI
-calls `run(config)`; tests call `start_gateway(config)` inside their own event loop.
+calls `preflight(config)` (also what `check-config` runs) and `run(config)`; tests call
+`start_gateway(config)` inside their own event loop.
+
+Start-up failures are one line on stderr naming what failed and what to do, exit status 2
+(`StartupError`; anything unexpected while starting is reported the same way), with the
+traceback only at `--log-level debug`.
 """
 from __future__ import annotations
 
@@ -10,14 +15,17 @@ import logging
 import os
 import resource
 import signal
+import ssl
 import sys
+import traceback
 
-from gateway.ops import logs, systemd
-from gateway.config import Config
-from gateway.server.process import Gateway
 from gateway.api import methods as api
+from gateway.config import Config
+from gateway.errors import ConfigError, StartupError
+from gateway.ops import logs, systemd
 from gateway.security import defences
-from gateway.errors import ConfigError
+from gateway.server.process import Gateway, ensure_port_free
+from gateway.server.tls import make_ssl_context
 
 log = logging.getLogger("gateway.app")
 
@@ -29,7 +37,7 @@ async def start_gateway(config: Config, sock=None, worker: int = 0) -> Gateway:
     listener on metrics_port + i, so each worker can be scraped (the main port is shared).
     """
     gateway = Gateway(config, asyncio.get_running_loop())
-    gateway.worker_index = worker
+    gateway.set_worker(worker, config.workers)
     # Origin, per-IP, token checks before the 101; expiry, refresh, rate limit after it.
     defences.install(gateway, config)
     api.install(gateway, config)          # POST /api/publish (off unless api_keys are configured)
@@ -70,13 +78,21 @@ def install_rooms(gateway: Gateway, config: Config):
 
 
 async def _serve(config: Config, sock=None, reload=None, worker: int = 0) -> int:
-    gateway = await start_gateway(config, sock, worker)
+    try:
+        gateway = await start_gateway(config, sock, worker)
+    except Exception as exc:
+        raise _StartFailed() from exc
     gateway.reload_config = reload
     import gateway_ext
-    log.info("listening", extra={"event": "listen", "host": config.host, "port": gateway.port,
-                                 "pid": os.getpid(), "implementation": gateway_ext.IMPLEMENTATION,
-                                 "tls": bool(config.certfile), "metrics_port": gateway.metrics_port,
-                                 "endpoints": sorted(gateway.endpoints), "worker": worker})
+    scheme = "https" if config.certfile else "http"
+    host = f"[{config.host}]" if ":" in config.host else config.host
+    log.info(f"listening on {scheme}://{host}:{gateway.port}",
+             extra={"event": "listen", "host": config.host, "port": gateway.port,
+                    "pid": os.getpid(), "implementation": gateway_ext.IMPLEMENTATION,
+                    "tls": bool(config.certfile), "metrics_port": gateway.metrics_port,
+                    "endpoints": sorted(gateway.endpoints), "worker": worker,
+                    # /api/publish answers 404 "configure api_keys" while off: not listed then
+                    "routes": [r for r in gateway.routes() if r != api.PATH or config.api_keys]})
     if config.workers > 1 and not config.metrics_port:
         log.warning("workers share the main port, so /metrics there answers for a random worker; "
                     "set metrics_port (worker i listens on metrics_port + i)", extra={"event": "metrics_port"})
@@ -92,7 +108,15 @@ async def _serve(config: Config, sock=None, reload=None, worker: int = 0) -> int
 
 def _run_one(config: Config, sock=None, reload=None, worker: int = 0) -> int:
     import uvloop
-    return uvloop.run(_serve(config, sock, reload, worker))
+    try:
+        return uvloop.run(_serve(config, sock, reload, worker))
+    except _StartFailed as failed:
+        return report_startup_failure(failed.__cause__, config.log_level)
+
+
+class _StartFailed(Exception):
+    """Raised by _serve when start_gateway failed (the cause is the real error): a failure
+    before serving is reported as one line, a crash while serving keeps its traceback."""
 
 
 def raise_nofile_limit() -> tuple[int, int]:
@@ -107,27 +131,58 @@ def raise_nofile_limit() -> tuple[int, int]:
     return soft, hard
 
 
+def preflight(config: Config) -> None:
+    """Open what the settings name outside the file, once, before anything starts: the JWT
+    key files, the TLS certificate and key, the origin and proxy lists. Raises ConfigError
+    listing every problem. `serve` and `check-config` both run it (cli.load_config)."""
+    errors = []
+    try:
+        defences.preflight(config)   # unreadable key file, bad origin/proxy entry
+    except ConfigError as exc:
+        errors.extend(exc.errors)
+    try:
+        make_ssl_context(config)
+    except ssl.SSLError as exc:
+        errors.append(f"certfile: cannot load the certificate/key pair ({exc.reason or exc}): "
+                      "is keyfile the private key of certfile, both PEM?")
+    except (OSError, ValueError) as exc:
+        errors.append(f"certfile: cannot load the certificate/key pair: {exc}")
+    if errors:
+        raise ConfigError("; ".join(errors), errors)
+
+
+def report_startup_failure(exc: BaseException, level: str) -> int:
+    """One line on stderr (the traceback too at debug level); the exit status, 2."""
+    if isinstance(exc, StartupError):
+        line = str(exc)
+    else:
+        line = f"cannot start: {type(exc).__name__}: {exc}"
+        if level.lower() != "debug":
+            line += " (run with --log-level debug for the traceback)"
+    if level.lower() == "debug":
+        traceback.print_exception(exc, file=sys.stderr)
+    print(f"ws-gateway: error: {line}", file=sys.stderr, flush=True)
+    return 2
+
+
 def run(config: Config, reload=None) -> int:
     """Run the gateway until a signal; `reload()` re-reads the configuration on SIGHUP."""
     logs.setup(config.log_level, config.log_format)
     try:
-        defences.preflight(config)   # unreadable key file, bad origin/proxy entry: refuse to start
-    except ConfigError as exc:
-        print(f"ws-gateway: configuration error: {exc}", file=sys.stderr)
-        return 2
+        # Once, before anything starts: N workers would each report the same failure (and
+        # their own sockets share the port, so they could not see another instance on it),
+        # and a single process would have logged a few lines first.
+        if not config.reuse_port:
+            ensure_port_free(config.host, config.port)
+        if config.metrics_port and config.workers == 1:
+            ensure_port_free(config.metrics_host, config.metrics_port, "metrics_port")
+    except StartupError as exc:
+        return report_startup_failure(exc, config.log_level)
     soft, hard = raise_nofile_limit()
     log.info("open files limit", extra={"event": "rlimit", "soft": soft, "hard": hard})
-    try:
-        if config.workers <= 1:
-            return _run_one(config, reload=reload)
-        if not config.reuse_port:
-            # The workers' sockets share the port, so they cannot see another instance on it.
-            from gateway.server.process import ensure_port_free
-            ensure_port_free(config.host, config.port)
-        return _run_workers(config, reload)
-    except ConfigError as exc:   # e.g. the port is in use (server/process.py listen_socket)
-        print(f"ws-gateway: configuration error: {exc}", file=sys.stderr)
-        return 2
+    if config.workers <= 1:
+        return _run_one(config, reload=reload)
+    return _run_workers(config, reload)
 
 
 def _run_workers(config: Config, reload=None) -> int:

@@ -1,177 +1,279 @@
-"""Command line: `ws-gateway serve | version | check-config`.
+"""Command line: `ws-gateway serve | check-config | version` (and `ws-gateway --version`).
 
 Flags map one to one onto Config fields (see config.py); names are stable: add, don't rename.
+Every flag is text handed to config.py, which parses and validates it like the same setting
+from the file or the environment (one validator per setting: `--port abc` and `port = "abc"`
+get the same message). `serve` and `check-config` take the same flags and run the same
+validation (`load_config`): what check-config accepts, serve starts with.
 """
 from __future__ import annotations
 
 import argparse
-import asyncio
-import dataclasses
-import logging
+import difflib
 import os
 import sys
 
 from gateway import __version__
-from gateway.config import Config, load
+from gateway.config import (ENV_PREFIX, LOG_FORMATS, LOG_LEVELS, SLOW_CONSUMER_POLICIES, Config, Loaded,
+                            load_with_sources)
 from gateway.errors import ConfigError
 
-log = logging.getLogger("gateway.cli")
+CONFIG_ENV = "WS_GATEWAY_CONFIG"   # the file, when --config is not given
+_DEFAULTS = Config()
+
+# (group title, [(flag, field or None, metavar or action, help), ...]). The help gets the
+# setting's environment variable and default appended, so each flag documents all three.
+_FLAGS: list[tuple[str, list[tuple]]] = [
+    ("listening", [
+        ("--config", None, "FILE", f"TOML configuration file (deploy/gateway.toml lists every setting) [${CONFIG_ENV}]"),
+        ("--host", "host", "ADDR", "address to listen on: 127.0.0.1 (this machine only), 0.0.0.0 (every IPv4 "
+                                   "address) or :: (IPv6)"),
+        ("--port", "port", "N", "TCP port (0: any free port)"),
+        ("--workers", "workers", "N", "processes sharing the port (SO_REUSEPORT); N > 1 needs --broker redis://..."),
+        ("--reuse-port", "reuse_port", "bool", "set SO_REUSEPORT with one worker too, so independent instances may "
+                                               "share the port (off: a port in use fails at start)"),
+        ("--backlog", "backlog", "N", "listen() backlog: connections waiting to be accepted (see deploy/sysctl)"),
+        ("--certfile", "certfile", "PEM", "serve TLS natively with this certificate chain (needs --keyfile)"),
+        ("--keyfile", "keyfile", "PEM", "private key of --certfile"),
+    ]),
+    ("endpoints", [
+        ("--echo", "echo", "flag", "serve a raw echo endpoint at /echo (conformance tests, benchmarks)"),
+        ("--demo", "demo", "flag", "serve the demo page at / (open it in a browser)"),
+        ("--api-key", "api_keys", "append", "key for POST /api/publish, at least 16 characters (repeatable; "
+                                            "the variable takes a comma-separated list: keep keys out of `ps`)"),
+        ("--metrics-port", "metrics_port", "PORT", "serve /metrics, /healthz, /readyz on a separate listener "
+                                                   "(0: /metrics on the main port)"),
+        ("--metrics-host", "metrics_host", "ADDR", "address of the --metrics-port listener (keep it private)"),
+        ("--metrics-public", "metrics_public", "bool", "/metrics on the main port answers every client (off: loopback "
+                                                       "and --trusted-proxies only, 403 otherwise)"),
+    ]),
+    ("connections and protocol limits", [
+        ("--max-message-bytes", "max_message_bytes", "N", "largest message accepted, after decompression"),
+        ("--max-connections", "max_connections", "N", "open connections per process; beyond it upgrades get 503"),
+        ("--handshake-timeout", "handshake_timeout", "S", "seconds for the HTTP upgrade to complete (slowloris guard)"),
+        ("--ping-interval", "ping_interval", "S", "ping a connection silent this many seconds (0: no pings)"),
+        ("--ping-timeout", "ping_timeout", "S", "close a pinged connection still silent this many seconds later"),
+        ("--close-timeout", "close_timeout", "S", "seconds to wait for the peer's close frame"),
+        ("--send-buffer-bytes", "send_buffer_bytes", "N", "SO_SNDBUF of /ws sockets, bounding kernel memory per slow "
+                                                          "client (0: the kernel's autotuning)"),
+    ]),
+    ("rooms (/ws)", [
+        ("--max-rooms-per-connection", "max_rooms_per_connection", "N", "rooms one connection may join"),
+        ("--max-room-name-bytes", "max_room_name_bytes", "N", "longest room name, in UTF-8 bytes"),
+        ("--max-consecutive-errors", "max_consecutive_errors", "N", "invalid requests in a row before closing with 4003"),
+        ("--write-buffer-high-bytes", "write_buffer_high_bytes", "N", "transport buffer above which broadcast frames "
+                                                                      "queue (slow consumers)"),
+        ("--max-queue-bytes", "max_queue_bytes", "N", "a slow consumer's queue before its policy acts"),
+        ("--slow-consumer-policy", "slow_consumer_policy", "POLICY",
+         f"what a full queue does: {' | '.join(SLOW_CONSUMER_POLICIES)} (per room: [[rooms.policy]] in --config)"),
+    ]),
+    ("broker (several processes and machines)", [
+        ("--broker", "broker", "URL", "memory://, redis://host:port/db, rediss://..., unix:///path/redis.sock?db=N, "
+                                      "redis+cluster://host:port,host:port or rediss+cluster://..."),
+        ("--redis-prefix", "redis_prefix", "PREFIX", "prefix of Redis channels and keys (gateways sharing a Redis "
+                                                     "see each other only with the same prefix)"),
+        ("--redis-seq-ttl", "redis_seq_ttl", "S", "seconds an idle room's seq key lives (then its seq restarts at 1)"),
+        ("--redis-timeout", "redis_timeout", "S", "Redis connect/command timeout; silent this long counts as down"),
+    ]),
+    ("authentication (docs/security.md)", [
+        ("--jwt-secret", "jwt_secret", "SECRET", "HS256 secret, >= 32 bytes; visible in `ps`: prefer "
+                                                 "--jwt-secret-file or the variable"),
+        ("--jwt-secret-file", "jwt_secret_file", "FILE", "read the HS256 secret from FILE"),
+        ("--jwt-public-key-file", "jwt_public_key_file", "PEM", "public key verifying RS256/ES256/EdDSA tokens"),
+        ("--jwt-algorithms", "jwt_algorithms", "LIST", "accepted algorithms, comma-separated (default: by key)"),
+        ("--jwt-issuer", "jwt_issuer", "ISS", "required token issuer (iss)"),
+        ("--jwt-audience", "jwt_audience", "LIST", "accepted audiences (aud), comma-separated"),
+        ("--jwt-leeway", "jwt_leeway", "S", "clock skew tolerated on exp/nbf/iat, seconds"),
+        ("--token-cookie", "token_cookie", "NAME", "also read the token from this cookie"),
+        ("--default-rooms", "default_rooms", "GLOBS", "join patterns for tokens without a rooms claim"),
+        ("--default-publish", "default_publish", "GLOBS", "publish patterns for tokens with neither publish nor rooms"),
+    ]),
+    ("defences", [
+        ("--allowed-origins", "allowed_origins", "LIST", "Origin allow-list: https://app.example.com,"
+                                                         "https://*.example.com (empty: any)"),
+        ("--trusted-proxies", "trusted_proxies", "LIST", "proxies (IPs/CIDRs) whose X-Forwarded-For / X-Real-IP "
+                                                         "are believed"),
+        ("--max-connections-per-ip", "max_connections_per_ip", "N", "per client IP (IPv6: per /64); 0: unlimited"),
+        ("--rate-limit", "rate_limit", "MSGS", "inbound messages/s per connection, then close 4002 (0: off)"),
+        ("--rate-limit-burst", "rate_limit_burst", "N", "messages a connection may send at once"),
+    ]),
+    ("compression (permessage-deflate, RFC 7692)", [
+        ("--compression", "compression", "bool", "negotiate permessage-deflate when clients offer it"),
+        ("--compression-level", "compression_level", "0-9", "zlib level, paid once per broadcast"),
+        ("--compression-min-bytes", "compression_min_bytes", "N", "send shorter messages uncompressed"),
+        ("--compression-server-max-window-bits", "compression_server_max_window_bits", "8-15",
+         "window of the shared compressors"),
+        ("--compression-client-max-window-bits", "compression_client_max_window_bits", "9-15",
+         "window asked of clients (bounds each inflater)"),
+        ("--compression-client-context-takeover", "compression_client_context_takeover", "bool",
+         "let clients keep their compression context (one inflater per connection)"),
+        ("--compression-max-contexts", "compression_max_contexts", "N", "cap on those per-connection inflaters"),
+        ("--compression-exclude-rooms", "compression_exclude_rooms", "GLOBS",
+         "comma-separated room patterns broadcast uncompressed (e.g. 'bin.*,video.*')"),
+    ]),
+    ("shutdown", [
+        ("--drain-window", "drain_window", "S", "on SIGTERM, spread the close frames over S seconds"),
+        ("--drain-timeout", "drain_timeout", "S", "the whole graceful shutdown ends within S seconds"),
+    ]),
+    ("logging", [
+        ("--log-level", "log_level", "LEVEL", f"{' | '.join(LOG_LEVELS)}; debug also prints tracebacks"),
+        ("--log-format", "log_format", "FORMAT", f"{' | '.join(LOG_FORMATS)} (auto: text on a terminal, JSON "
+                                                 "otherwise, e.g. under systemd)"),
+    ]),
+]
+
+# Flags whose dest is a Config field become overrides.
+_SERVE_FIELDS = tuple(name for _title, flags in _FLAGS for _flag, name, _kind, _help in flags if name)
+# The flag that sets each field, for messages ("--api-key", not "--api-keys").
+FLAG_OF = {name: flag for _title, flags in _FLAGS for flag, name, _kind, _help in flags if name}
+
+
+def _env_and_default(name: str) -> str:
+    default = getattr(_DEFAULTS, name)
+    if isinstance(default, bool):
+        shown = "on" if default else "off"
+    elif isinstance(default, tuple):
+        shown = ",".join(default) or "none"
+    else:
+        shown = str(default) if default != "" else "none"
+    return f"[${ENV_PREFIX}{name.upper()}; default {shown}]"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a short error: the message, one usage line and where the full help is
+    (not the whole 35-line usage of every flag)."""
+
+    def parse_args(self, args=None, namespace=None):
+        # Unknown options are reported by the subcommand's parser: its usage line, its options.
+        namespace, extras = self.parse_known_args(args, namespace)
+        if extras:
+            parser = self
+            for action in self._actions:
+                if isinstance(action, argparse._SubParsersAction):
+                    parser = action.choices.get(getattr(namespace, action.dest, None), self)
+            parser.error(f"unrecognized arguments: {' '.join(extras)}")
+        return namespace
+
+    def error(self, message: str):
+        hint = ""
+        if message.startswith("unrecognized arguments:"):
+            known = [s for a in self._actions for s in a.option_strings]
+            for word in message.split(":", 1)[1].split():
+                close = difflib.get_close_matches(word.split("=")[0], known, 1)
+                if word.startswith("-") and close:
+                    hint = f" (did you mean {close[0]}?)"
+                    break
+        self.exit(2, f"{self.prog}: error: {message}{hint}\n{self.format_usage().strip()}\n"
+                     f"Run `{self.prog} --help` for every option.\n")
+
+
+class _Version(argparse.Action):
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, help="print the version and the hot path in use, then exit")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(version_line())
+        parser.exit(0)
 
 
 def _add_serve_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", metavar="FILE", help="TOML configuration file")
-    p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=int, help="TCP port (default 8080)")
-    p.add_argument("--workers", type=int, help="processes sharing the port with SO_REUSEPORT (needs --broker redis://)")
-    p.add_argument("--reuse-port", action=argparse.BooleanOptionalAction, default=None,
-                   help="set SO_REUSEPORT with one worker too, so independent instances may share the port "
-                        "(default off: a port in use fails at start)")
-    p.add_argument("--broker", metavar="URL",
-                   help="memory:// (default), redis://host:port/db, rediss://..., unix:///path?db=N, "
-                        "or redis+cluster://host:port,host:port (Redis Cluster: sharded pub/sub)")
-    p.add_argument("--redis-prefix", metavar="PREFIX", help="prefix of Redis channels and keys (default ws:)")
-    p.add_argument("--redis-seq-ttl", type=int, metavar="S", help="seconds an idle room's seq key lives (default 86400)")
-    p.add_argument("--redis-timeout", type=float, metavar="S", help="Redis connect/command timeout (default 5)")
-    p.add_argument("--echo", action="store_const", const=True, help="serve a raw echo endpoint at /echo")
-    p.add_argument("--demo", action="store_const", const=True, help="serve the demo page at /")
-    p.add_argument("--max-message-bytes", type=int, metavar="N", help="largest message accepted (default 1 MiB)")
-    p.add_argument("--handshake-timeout", type=float, metavar="S")
-    p.add_argument("--ping-interval", type=float, metavar="S", help="ping connections silent this long (0: off)")
-    p.add_argument("--ping-timeout", type=float, metavar="S")
-    p.add_argument("--close-timeout", type=float, metavar="S")
-    p.add_argument("--max-connections", type=int, metavar="N")
-    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
-    p.add_argument("--log-format", choices=["json", "text"])
-    p.add_argument("--backlog", type=int, metavar="N", help="listen() backlog (default 4096; see deploy/sysctl)")
-    p.add_argument("--certfile", metavar="PEM", help="serve TLS natively with this certificate chain (needs --keyfile)")
-    p.add_argument("--keyfile", metavar="PEM", help="private key for --certfile")
-    p.add_argument("--drain-window", type=float, metavar="S",
-                   help="on shutdown, spread the close frames over S seconds (default 2)")
-    p.add_argument("--drain-timeout", type=float, metavar="S",
-                   help="the whole graceful shutdown ends within S seconds (default 10)")
-    p.add_argument("--metrics-port", type=int, metavar="PORT",
-                   help="serve /metrics, /healthz, /readyz on a separate listener (default: /metrics on the main port)")
-    p.add_argument("--max-rooms-per-connection", type=int, metavar="N", help="rooms one connection may join (default 100)")
-    p.add_argument("--max-room-name-bytes", type=int, metavar="N", help="longest room name in UTF-8 bytes (default 200)")
-    p.add_argument("--max-consecutive-errors", type=int, metavar="N",
-                   help="invalid requests in a row before closing with 4003 (default 10)")
-    p.add_argument("--write-buffer-high-bytes", type=int, metavar="N",
-                   help="transport buffer above which broadcast frames queue (default 65536)")
-    p.add_argument("--max-queue-bytes", type=int, metavar="N",
-                   help="per-connection queue of a slow consumer before its policy acts (default 1 MiB)")
-    p.add_argument("--send-buffer-bytes", type=int, metavar="N",
-                   help="SO_SNDBUF of /ws sockets, bounding kernel memory per slow client (default 0: kernel autotuning)")
-    p.add_argument("--slow-consumer-policy", choices=["disconnect", "drop_oldest", "drop_newest", "latest"],
-                   help="default policy for a full queue (default disconnect; per room: [[rooms.policy]])")
-    p.add_argument("--metrics-host", metavar="ADDR", help="address of the --metrics-port listener (default 127.0.0.1)")
-    p.add_argument("--metrics-public", action=argparse.BooleanOptionalAction, default=None,
-                   help="/metrics on the main port answers every client (default: loopback and "
-                        "--trusted-proxies only, 403 otherwise)")
-    # authentication and defences (docs/security.md)
-    p.add_argument("--jwt-secret", metavar="SECRET",
-                   help="HS256 secret (>= 32 bytes); visible in `ps`: prefer --jwt-secret-file or $WS_GATEWAY_JWT_SECRET")
-    p.add_argument("--jwt-secret-file", metavar="FILE", help="read the HS256 secret from FILE")
-    p.add_argument("--jwt-public-key-file", metavar="PEM", help="public key verifying RS256/ES256/EdDSA tokens")
-    p.add_argument("--jwt-algorithms", metavar="LIST", help="accepted algorithms, e.g. RS256 (default: by key)")
-    p.add_argument("--jwt-issuer", metavar="ISS", help="required token issuer (iss)")
-    p.add_argument("--jwt-audience", metavar="LIST", help="accepted audiences (aud), comma-separated")
-    p.add_argument("--jwt-leeway", type=float, metavar="S", help="clock skew tolerated on exp/nbf (default 10)")
-    p.add_argument("--token-cookie", metavar="NAME", help="also read the token from this cookie")
-    p.add_argument("--default-rooms", metavar="GLOBS", help="join patterns when a token has no rooms claim (default *)")
-    p.add_argument("--default-publish", metavar="GLOBS",
-                   help="publish patterns when a token has neither publish nor rooms claims (default *)")
-    p.add_argument("--api-key", dest="api_keys", action="append", metavar="KEY",
-                   help="key for POST /api/publish (repeatable); prefer $WS_GATEWAY_API_KEYS or TOML api_keys")
-    p.add_argument("--allowed-origins", metavar="LIST",
-                   help="Origin allow-list: https://app.example.com,https://*.example.com (default: any)")
-    p.add_argument("--trusted-proxies", metavar="LIST",
-                   help="proxies (IPs/CIDRs) whose X-Forwarded-For / X-Real-IP are believed")
-    p.add_argument("--max-connections-per-ip", type=int, metavar="N", help="per client IP (IPv6: /64); 0 = unlimited")
-    p.add_argument("--rate-limit", type=float, metavar="MSGS",
-                   help="inbound messages/s per connection, then close 4002 (default 100; 0 = off)")
-    p.add_argument("--rate-limit-burst", type=int, metavar="N", help="messages allowed at once (default 200)")
-    p.add_argument("--compression", action=argparse.BooleanOptionalAction, default=None,
-                   help="negotiate permessage-deflate (RFC 7692) when clients offer it (default on)")
-    p.add_argument("--compression-level", type=int, metavar="0-9", help="zlib level (default 6)")
-    p.add_argument("--compression-min-bytes", type=int, metavar="N",
-                   help="send messages shorter than N uncompressed (default 256)")
-    p.add_argument("--compression-server-max-window-bits", type=int, metavar="8-15", help="default 15")
-    p.add_argument("--compression-client-max-window-bits", type=int, metavar="9-15", help="default 12")
-    p.add_argument("--compression-client-context-takeover", action=argparse.BooleanOptionalAction, default=None,
-                   help="let clients keep their compression context (one inflater per connection; default off)")
-    p.add_argument("--compression-max-contexts", type=int, metavar="N",
-                   help="cap on per-connection inflaters (default 1000)")
-    p.add_argument("--compression-exclude-rooms", metavar="GLOBS",
-                   help="comma-separated room patterns broadcast uncompressed (e.g. 'bin.*,video.*')")
-
-
-# Flags whose dest is a Config field become overrides (any field added to Config and given
-# a flag is picked up without listing it here).
-_SERVE_FIELDS = tuple(f.name for f in dataclasses.fields(Config) if f.name != "extra")
+    for title, flags in _FLAGS:
+        group = p.add_argument_group(title)
+        for flag, name, kind, text in flags:
+            if name is None:
+                group.add_argument(flag, metavar=kind, help=text)
+                continue
+            text = f"{text} {_env_and_default(name)}"
+            if kind == "flag":
+                group.add_argument(flag, dest=name, action="store_const", const=True, help=text)
+            elif kind == "bool":
+                group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=text)
+            elif kind == "append":
+                group.add_argument(flag, dest=name, action="append", metavar="KEY", help=text)
+            else:
+                group.add_argument(flag, dest=name, metavar=kind, help=text)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ws-gateway", description="High-performance WebSocket gateway")
-    sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="run the gateway")
+    parser = _Parser(prog="ws-gateway", description="High-performance WebSocket gateway: rooms, fan-out, Redis.",
+                     epilog="Run `ws-gateway serve --help` for the options. Settings come from (lowest first) "
+                            "defaults, the TOML file, WS_GATEWAY_* variables, flags.")
+    parser.add_argument("--version", action=_Version)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{serve,check-config,version}",
+                                parser_class=_Parser)
+    usage = "%(prog)s [--config FILE] [--host ADDR] [--port N] [options]"
+    serve = sub.add_parser("serve", help="run the gateway", usage=usage,
+                           description="Run the gateway. Every option is also a WS_GATEWAY_* variable and a "
+                                       "key of the --config file; flags win over both.")
     _add_serve_flags(serve)
     sub.add_parser("version", help="print the version and which implementation (Cython or Python) is in use")
-    check = sub.add_parser("check-config", help="print the effective configuration or every error")
-    check.add_argument("file")
+    check = sub.add_parser("check-config", help="validate the configuration; print the effective one or every error",
+                           usage="%(prog)s [FILE] [--config FILE] [options of serve]",
+                           description="Validate exactly as `serve` does (the file, WS_GATEWAY_* variables and the "
+                                       "same flags as serve) and print the effective configuration with where each "
+                                       "value came from, or every error with its file:line. Exit status 2 on errors.")
+    check.add_argument("file", nargs="?", metavar="FILE", help="TOML configuration file (same as --config)")
+    _add_serve_flags(check)
     return parser
 
 
-def config_from_args(args: argparse.Namespace) -> Config:
+def _config_path(args: argparse.Namespace) -> str | None:
+    file, option = getattr(args, "file", None), getattr(args, "config", None)
+    if file and option and file != option:
+        raise ConfigError(f"two configuration files given ({file} and --config {option}): pass one")
+    return file or option or os.environ.get(CONFIG_ENV) or None
+
+
+def loaded_from_args(args: argparse.Namespace, env: dict | None = None) -> Loaded:
+    """The file, the environment and the flags, validated (config.py); raises ConfigError."""
     overrides = {name: getattr(args, name, None) for name in _SERVE_FIELDS}
-    return load(getattr(args, "config", None), overrides=overrides)
+    return load_with_sources(_config_path(args), env, overrides, FLAG_OF)
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    return loaded_from_args(args).config
+
+
+def load_config(args: argparse.Namespace) -> Loaded:
+    """What serve and check-config both run: the settings, then what they name outside the file
+    (key and certificate files, origins, proxies: gateway.app.preflight). Raises ConfigError."""
+    from gateway.app import preflight
+    loaded = loaded_from_args(args)
+    preflight(loaded.config)
+    return loaded
+
+
+def version_line() -> str:
+    import gateway_ext
+    return f"ws-gateway {__version__} ({gateway_ext.IMPLEMENTATION} hot path)"
 
 
 def cmd_version() -> int:
-    import gateway_ext
-    print(f"ws-gateway {__version__} ({gateway_ext.IMPLEMENTATION} hot path)")
+    print(version_line())
     return 0
 
 
-def cmd_check_config(path: str) -> int:
-    """Print the effective configuration (file + environment) as TOML, or every error; exit 2 on errors."""
-    from gateway import config as config_mod
-    _import_features()
+def _print_errors(exc: ConfigError, prefix: str) -> None:
+    for error in exc.errors:
+        print(f"{prefix}{error}", file=sys.stderr)
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    """Print the effective configuration (file + environment + flags) as TOML, or every error; exit 2 on errors."""
     try:
-        loaded = config_mod.load_with_sources(path)
+        path = _config_path(args)
+        loaded = load_config(args)
     except ConfigError as exc:
-        for error in exc.errors:
-            print(f"error: {error}", file=sys.stderr)
-        print(f"{path}: {len(exc.errors)} error(s)", file=sys.stderr)
+        _print_errors(exc, "error: ")
+        print(f"{getattr(args, 'file', None) or getattr(args, 'config', None) or 'configuration'}: "
+              f"{len(exc.errors)} error(s)", file=sys.stderr)
         return 2
     for warning in loaded.warnings:
         print(f"warning: {warning}", file=sys.stderr)
-    from gateway.security import defences
-    try:
-        # Key files readable and usable, origins and proxies well-formed (what `serve` checks first).
-        defences.preflight(loaded.config)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        print(f"{path}: 1 error(s)", file=sys.stderr)
-        return 2
-    print(f"# effective configuration: {path} + environment (WS_GATEWAY_*)")
+    from gateway import config as config_mod
+    print(f"# effective configuration: {path or 'defaults'} + environment (WS_GATEWAY_*) + flags")
     sys.stdout.write(config_mod.to_toml(loaded.config, loaded.sources))
     return 0
-
-
-def _import_features() -> None:
-    """Import every gateway module so that each feature registers its config section checks
-    (features are otherwise imported lazily, when `serve` wires them)."""
-    import importlib
-    import pkgutil
-
-    from gateway import __path__ as package_path
-    for module in pkgutil.walk_packages(package_path, prefix=f"{__package__}."):
-        if module.name.endswith("__main__"):
-            continue
-        try:
-            importlib.import_module(module.name)
-        except Exception as exc:  # a broken or optional feature must not hide config errors
-            print(f"warning: cannot import {module.name} ({exc!r}); its section is not checked", file=sys.stderr)
 
 
 def cmd_serve(config: Config, reload=None) -> int:
@@ -184,15 +286,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "version":
         return cmd_version()
     if args.command == "check-config":
-        return cmd_check_config(args.file)
+        return cmd_check_config(args)
     try:
-        config = config_from_args(args)
+        loaded = load_config(args)
     except ConfigError as exc:
-        for error in exc.errors:
-            print(f"ws-gateway: configuration error: {error}", file=sys.stderr)
+        _print_errors(exc, "ws-gateway: configuration error: ")
         return 2
+    for warning in loaded.warnings:
+        print(f"ws-gateway: warning: {warning}", file=sys.stderr)
     # SIGHUP re-reads the same sources: the file, the environment and these flags.
-    return cmd_serve(config, reload=lambda: config_from_args(args))
+    return cmd_serve(loaded.config, reload=lambda: config_from_args(args))
 
 
 if __name__ == "__main__":  # pragma: no cover

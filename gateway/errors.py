@@ -29,6 +29,14 @@ class ConfigError(Exception):
         self.errors = list(errors) if errors else [message]
 
 
+class StartupError(Exception):
+    """The gateway cannot start (a port in use, an address this machine does not have, ...).
+
+    Its message is one line naming what failed and what to do; the CLI prints it and exits
+    with status 2 (the traceback only at --log-level debug).
+    """
+
+
 class GatewayCloseCode(IntEnum):
     """Close codes the gateway sends (4000-4999 are private use, RFC 6455 section 7.4.2).
 

@@ -61,9 +61,12 @@ class JsonFormatter(logging.Formatter):
 
 
 class TextFormatter(logging.Formatter):
+    """`time LEVEL [pid] message  key=value ...`: the pid tells the workers of one port apart."""
+
     def format(self, record: logging.LogRecord) -> str:
         extra = " ".join(f"{k}={_text(v)}" for k, v in _fields(record).items())
-        line = f"{time.strftime('%H:%M:%S', time.localtime(record.created))} {record.levelname:<7} {record.getMessage()}"
+        line = (f"{time.strftime('%H:%M:%S', time.localtime(record.created))} {record.levelname:<7} "
+                f"[{_pid()}] {record.getMessage()}")
         if extra:
             line += "  " + extra
         if record.exc_info:
@@ -156,7 +159,18 @@ class BatchingStreamHandler(logging.StreamHandler):
         super().flush()
 
 
-def setup(level: str = "info", fmt: str = "json", stream=None) -> logging.Handler:
+def resolve_format(fmt: str, stream) -> str:
+    """"auto" is text when a person is watching (the stream is a terminal), else JSON (journald,
+    files, log shippers: one parseable object per line)."""
+    if fmt != "auto":
+        return fmt
+    try:
+        return "text" if stream.isatty() else "json"
+    except (AttributeError, ValueError):   # no isatty, or a closed stream
+        return "json"
+
+
+def setup(level: str = "info", fmt: str = "auto", stream=None) -> logging.Handler:
     """Route every logger to one stream handler (stderr: journald adds its own timestamp/PID)."""
     # Skip what no line of ours prints (logging HOWTO, "Optimization"): the caller's frame
     # walk (findCaller), thread, process and multiprocessing names -- about a third of the
@@ -166,7 +180,9 @@ def setup(level: str = "info", fmt: str = "json", stream=None) -> logging.Handle
     logging.logProcesses = False
     logging.logMultiprocessing = False
     global _json_handler
-    handler = BatchingStreamHandler(stream or sys.stderr)
+    stream = stream or sys.stderr
+    fmt = resolve_format(fmt, stream)
+    handler = BatchingStreamHandler(stream)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]

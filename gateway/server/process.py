@@ -43,7 +43,7 @@ from gateway.server.tls import make_ssl_context
 from gateway.server.connection import Connection
 from gateway.ws.deflate import Deflate
 from gateway.server.echo import EchoEndpoint
-from gateway.errors import ConfigError, GatewayCloseCode, HandshakeRejected
+from gateway.errors import ConfigError, GatewayCloseCode, HandshakeRejected, StartupError
 from gateway.security.limits import OperatorOnly
 from gateway.ws.handshake import response
 from gateway.ops.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -139,6 +139,17 @@ class Gateway:
 
     def next_connection_id(self) -> int:
         return next(self._ids)
+
+    def set_worker(self, index: int, count: int) -> None:
+        """This process is worker `index` of `count`: its private metrics listener is
+        metrics_port + index, and its connection ids are index+1, index+1+count, ... so ids
+        are unique across the workers sharing a port (and id % count tells the worker)."""
+        self.worker_index = index
+        self._ids = itertools.count(index + 1, max(1, count))
+
+    def routes(self) -> list[str]:
+        """Every path this listener answers: WebSocket endpoints and HTTP routes."""
+        return sorted(set(self.endpoints) | set(self.http_routes))
 
     @property
     def clock(self) -> float:
@@ -387,8 +398,7 @@ class Gateway:
         old = self.config
         # Every field is compared: anything outside RELOADABLE (sockets, workers, broker, auth keys
         # and other settings features read once at start) is reported as needing a restart.
-        changed = {f.name for f in dataclasses.fields(old)
-                   if f.name != "extra" and getattr(old, f.name) != getattr(new, f.name)}
+        changed = {f.name for f in dataclasses.fields(old) if getattr(old, f.name) != getattr(new, f.name)}
         needs_restart = changed - RELOADABLE
         if bool(old.certfile) != bool(new.certfile):
             needs_restart |= {"certfile", "keyfile"}   # turning TLS on/off changes the listener
@@ -404,7 +414,7 @@ class Gateway:
                           extra={"event": "reload_error", "error": str(exc)})
                 apply.pop("certfile", None)
                 apply.pop("keyfile", None)
-        self.config = old.replace(**apply, extra=new.extra)
+        self.config = old.replace(**apply)
         try:
             self._metrics_access = OperatorOnly(self.config.trusted_proxies, self.config.metrics_public)
         except ConfigError as exc:   # a bad trusted_proxies entry: keep the running rule (defences says why)
@@ -468,7 +478,7 @@ class Gateway:
 
 
 def listen_socket(host: str, port: int, backlog: int, reuse_port: bool = False, what: str = "port") -> socket.socket:
-    """A listening TCP socket, or a ConfigError saying in one line why there is none.
+    """A listening TCP socket, or a StartupError saying in one line what failed and what to do.
 
     SO_REUSEADDR always (restart while old connections sit in TIME_WAIT); SO_REUSEPORT only
     when asked. Without it, binding a port another process listens on fails with EADDRINUSE
@@ -480,13 +490,13 @@ def listen_socket(host: str, port: int, backlog: int, reuse_port: bool = False, 
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if reuse_port:
             if not hasattr(socket, "SO_REUSEPORT"):
-                raise ConfigError("workers > 1 and reuse_port need SO_REUSEPORT, which this system lacks")
+                raise StartupError("workers > 1 and reuse_port need SO_REUSEPORT, which this system lacks")
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((host, port))
         sock.listen(backlog)
     except OSError as exc:
         sock.close()
-        raise ConfigError(_listen_error(what, host, port, exc)) from None
+        raise StartupError(_listen_error(what, host, port, exc)) from exc
     except BaseException:
         sock.close()
         raise
@@ -494,23 +504,29 @@ def listen_socket(host: str, port: int, backlog: int, reuse_port: bool = False, 
     return sock
 
 
-def ensure_port_free(host: str, port: int) -> None:
-    """Raise ConfigError if something listens on host:port already (checked by binding without
-    SO_REUSEPORT, then letting go). Run by the parent before forking workers, whose own
-    sockets share the port and so could not tell another instance from a sibling."""
+def ensure_port_free(host: str, port: int, what: str = "port") -> None:
+    """Raise StartupError if something listens on host:port already (checked by binding without
+    SO_REUSEPORT, then letting go). Run by app.run before anything starts: before forking
+    workers, whose own sockets share the port and so could not tell another instance from a
+    sibling, and before a single process logs anything, so the failure is the last line."""
     if port:
-        listen_socket(host, port, 1).close()
+        listen_socket(host, port, 1, what=what).close()
 
 
 def _listen_error(what: str, host: str, port: int, exc: OSError) -> str:
     where = f"{what} {port} on {host}"
+    flag = "--" + what.replace("_", "-")
     if exc.errno == errno.EADDRINUSE:
         return (f"{where} is already in use (another ws-gateway or another program listens there); "
-                "stop it or choose another port (several processes on one port: --workers N or --reuse-port)")
+                f"stop it or choose another {flag} (several processes on one port: --workers N or --reuse-port)")
     if exc.errno == errno.EACCES:
-        return f"{where}: permission denied (ports below 1024 need root or CAP_NET_BIND_SERVICE)"
+        return (f"{where}: permission denied (ports below 1024 need root or CAP_NET_BIND_SERVICE: "
+                f"use a {flag} of 1024 or more behind nginx)")
     if exc.errno == errno.EADDRNOTAVAIL:
-        return f"{where}: {host} is not an address of this machine"
+        return (f"{where}: {host} is not an address of this machine (use 127.0.0.1 for this machine only, "
+                "0.0.0.0 for every IPv4 address or :: for IPv6)")
+    if isinstance(exc, socket.gaierror):
+        return f"{where}: cannot resolve {host!r} ({exc.strerror}; give an IP address or a host name)"
     return f"{where}: cannot listen: {exc.strerror or exc}"
 
 

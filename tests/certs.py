@@ -2,17 +2,15 @@
 from __future__ import annotations
 
 import os
-import shutil
 import ssl
 import subprocess
 
-import pytest
+from tests.requires import require
 
 
 def make_cert(directory, name: str = "server", cn: str = "localhost") -> tuple[str, str]:
     """(certfile, keyfile) for `cn`, valid for 127.0.0.1 and localhost, ECDSA P-256 (fast to make)."""
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl is not installed (apt-get install openssl)")
+    require("openssl")
     cert, key = os.path.join(directory, f"{name}.crt"), os.path.join(directory, f"{name}.key")
     subprocess.run(
         ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",

@@ -19,9 +19,10 @@ import pytest
 import redis
 
 from tests.helpers import free_port
+from tests.requires import binary, require
 
-REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
-REDIS_CLI = shutil.which("redis-cli") or "/usr/bin/redis-cli"
+REDIS_SERVER = binary("redis-server") or "redis-server"
+REDIS_CLI = binary("redis-cli") or "redis-cli"
 
 
 def _wait(predicate, timeout: float, what: str) -> None:
@@ -41,6 +42,7 @@ class RedisServer:
     """`redis-server` on 127.0.0.1:<free port>; `kill()` / `restart()` keep the port."""
 
     def __init__(self, port: int | None = None, *, unix_socket: bool = False, cluster: bool = False) -> None:
+        require("redis-server")   # skips the test, saying what to install, where Redis is missing
         self._port_chosen = port is None   # ours to change if another process takes it first
         self.port = port or free_port()
         self.dir = tempfile.mkdtemp(prefix=f"redis-{self.port}-")
@@ -130,6 +132,7 @@ class RedisCluster:
     """Three cluster-enabled masters (no replicas) joined with `redis-cli --cluster create`."""
 
     def __init__(self, size: int = 3) -> None:
+        require("redis-server", "redis-cli")
         self.nodes = [RedisServer(cluster=True) for _ in range(size)]
 
     @property

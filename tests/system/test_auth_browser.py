@@ -8,7 +8,6 @@ an expiring token is closed with 4001 and the browser's close event shows that c
 The project's own demo page (`--demo`, same origin) is driven too, with auth on.
 """
 import http.server
-import shutil
 import threading
 import time
 import urllib.parse
@@ -20,12 +19,12 @@ import uvloop
 from gateway.errors import GatewayCloseCode
 from tests import auth_tokens as t
 from tests.helpers import free_port, serve
+from tests.requires import binary, requires
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMEDRIVER = shutil.which("chromedriver")
-webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
-pytestmark = [pytest.mark.timeout(120),
-              pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="chromium/chromedriver not installed")]
+CHROMIUM = binary("chromium")
+CHROMEDRIVER = binary("chromedriver")
+webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed: pip install -e '.[test]'")
+pytestmark = [pytest.mark.timeout(120), requires("chromium", "chromedriver")]
 
 # The application page: it takes the token from its own URL and hands it to the gateway.
 PAGE = b"""<!doctype html><meta charset="utf-8"><title>app</title>

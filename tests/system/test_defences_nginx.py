@@ -9,7 +9,6 @@ import asyncio
 import datetime
 import os
 import re
-import shutil
 import socket
 import ssl
 import subprocess
@@ -24,10 +23,11 @@ from cryptography.x509.oid import NameOID
 
 from tests import auth_tokens as t
 from tests.helpers import ROOT, free_port, serve
+from tests.requires import binary, requires
 
-NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
+NGINX = binary("nginx")
 pytestmark = [pytest.mark.timeout(60),
-              pytest.mark.skipif(NGINX is None, reason="nginx is not installed (.ci/run installs it)")]
+              requires("nginx")]
 
 
 def documented_nginx_block() -> str:

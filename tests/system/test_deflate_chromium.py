@@ -9,7 +9,6 @@ without compression, reads both publications.
 import asyncio
 import os
 import signal
-import shutil
 import tempfile
 
 import orjson
@@ -18,10 +17,11 @@ import websockets
 
 from gateway.ws.handshake import response
 from tests.helpers import serve
+from tests.requires import binary, requires
 
 pytestmark = pytest.mark.timeout(90)
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+CHROMIUM = binary("chromium")
 
 PAGE = """<!doctype html><title>deflate</title><script>
 const big = "hello chromium, permessage-deflate here. ".repeat(70);
@@ -37,7 +37,7 @@ ws.onclose = (e) => { document.title = "closed " + e.code; };
 </script>"""
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (.ci/run installs it)")
+@requires("chromium")
 def test_chromium_negotiates_and_round_trips_compressed(run):
     async def main():
         async with serve() as gw:

@@ -5,8 +5,6 @@ page reaches the Python client, `?token=` is passed on to the WebSocket URL, aft
 gateway restart the page (the JS SDK under it) reconnects with backoff and re-joins its room
 by itself, and a reload resumes the room from the position kept in sessionStorage.
 """
-import os
-import shutil
 import time
 import urllib.request
 
@@ -14,13 +12,12 @@ import orjson
 import pytest
 
 from tests.helpers import GatewayProcess, free_port
+from tests.requires import binary, require
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+CHROMIUM = require("chromium", "chromedriver", module_level=True)
+CHROMEDRIVER = binary("chromedriver")
 
-selenium = pytest.importorskip("selenium", reason="pip install selenium (the test extra)")
-if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
-    pytest.skip("needs Debian's chromium and chromium-driver (.ci/run installs them)", allow_module_level=True)
+selenium = pytest.importorskip("selenium", reason="selenium is not installed: pip install -e '.[test]'")
 
 from selenium import webdriver  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402

@@ -5,7 +5,6 @@ import asyncio
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import time
@@ -17,9 +16,10 @@ import websockets
 
 from tests.certs import client_context, make_cert
 from tests.helpers import ROOT, GatewayProcess, free_port
+from tests.requires import binary, requires
 
-NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
-pytestmark = pytest.mark.skipif(NGINX is None, reason="nginx is not installed (apt-get install -y nginx)")
+NGINX = binary("nginx")
+pytestmark = requires("nginx")
 SITE = os.path.join(ROOT, "deploy", "nginx", "ws-gateway.conf")
 MAIN = os.path.join(ROOT, "deploy", "nginx", "nginx-main.conf")
 

@@ -11,9 +11,9 @@ from tests.helpers import ROOT
 from tests.requires import REQUIRE_ALL_ENV, binary, reason, require
 
 # One Redis test (fixture redis_server), the cluster fixture, and a Chromium test.
-SELECTED = ["tests/test_redis_broker.py::test_interest_based_subscriptions",
-            "tests/test_broker_contract.py::test_start_reports_connected[asyncio-redis-cluster]",
-            "tests/test_deflate_chromium.py"]
+SELECTED = ["tests/system/test_redis_broker.py::test_interest_based_subscriptions",
+            "tests/system/test_broker_contract.py::test_start_reports_connected[asyncio-redis-cluster]",
+            "tests/system/test_deflate_chromium.py"]
 
 
 def _pytest(tmp_path, *args, require_all=False):

@@ -313,7 +313,7 @@ class RoomsEndpoint:
             try:
                 fut = hub.publish_queued(cmd.room, cmd.data)
             except BrokerUnavailable as exc:
-                raise CommandError("broker_unavailable", f"cannot publish now: {exc}"[:200], cmd.id) from None
+                raise _broker_unavailable("publish", exc, cmd.id) from None
             session.publishing += 1
             fut.add_done_callback(functools.partial(self._published, session, cmd))
             return None
@@ -327,13 +327,13 @@ class RoomsEndpoint:
         if exc is None:
             self._ack(session, cmd, fut.result())
         else:
-            self._refuse(session, CommandError("broker_unavailable", f"cannot publish now: {exc}"[:200], cmd.id))
+            self._refuse(session, _broker_unavailable("publish", exc, cmd.id))
 
     async def _publish_async(self, session: Session, cmd) -> None:
         try:
             seq = await self.hub.publish(cmd.room, cmd.data)
         except BrokerUnavailable as exc:
-            raise CommandError("broker_unavailable", f"cannot publish now: {exc}"[:200], cmd.id) from None
+            raise _broker_unavailable("publish", exc, cmd.id) from None
         self._ack(session, cmd, seq)
 
     def _join(self, session: Session, cmd):
@@ -357,7 +357,7 @@ class RoomsEndpoint:
         try:
             await self.hub.join(session, cmd.room)
         except BrokerUnavailable as exc:
-            raise CommandError("broker_unavailable", f"cannot join now: {exc}"[:200], cmd.id) from None
+            raise _broker_unavailable("join", exc, cmd.id) from None
         if session.closed:
             self.hub.leave(session, cmd.room)   # it went away while the broker subscribed
             return
@@ -415,3 +415,13 @@ class RoomsEndpoint:
                 self.close_session(session)
                 code = GatewayCloseCode.TOO_MANY_ERRORS
                 conn.close(int(code), CLOSE_REASONS[code])
+
+
+def _broker_unavailable(action: str, exc: BaseException, rid) -> CommandError:
+    """The client's error for a broker outage. The exception's text (e.g. redis-py's "Error 111
+    connecting to 10.0.0.5:6379") names internal addresses: it is for the logs (the broker logs
+    each state change), never for clients."""
+    message = f"cannot {action} now: the message broker is unavailable; retry later"
+    if getattr(exc, "delivered_locally", False):
+        message += " (members on this gateway process already got it, without a seq: a retry repeats it for them)"
+    return CommandError("broker_unavailable", message, rid)

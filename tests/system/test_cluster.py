@@ -240,6 +240,9 @@ def _kill_restart(run, server: RedisServer, a: GatewayProcess, b: GatewayProcess
 
             replies = await publish_all(pub, 100, 10)
             assert all(r["op"] == "error" and r["code"] == "broker_unavailable" for r in replies.values()), replies
+            # The client is told what happened, never where Redis is (issue 20, item 10).
+            assert all(str(server.port) not in r["message"] and "members on this gateway process already got it"
+                       in r["message"] for r in replies.values()), replies
             # Local members still get them, unnumbered; the other process cannot.
             got = await local.messages(10)
             assert [(m["seq"], m["data"]["i"]) for m in got] == [(0, i) for i in range(100, 110)]

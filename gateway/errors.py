@@ -6,13 +6,21 @@ from enum import IntEnum
 
 
 class HandshakeRejected(Exception):
-    """Refuse an HTTP request / WebSocket upgrade with `status` and a one-line `reason`."""
+    """Refuse an HTTP request / WebSocket upgrade with `status` and a one-line `reason`.
 
-    def __init__(self, status: int, reason: str, headers: dict[str, str] | None = None) -> None:
+    With an error `code` (a JSON API's refusal), the body is JSON, `{"ok": false, "error":
+    code, "detail": reason}`, like the API's answers; otherwise it is the reason as text.
+    `quiet`: logged at DEBUG, not INFO (requests browsers make by themselves, e.g. a favicon).
+    """
+
+    def __init__(self, status: int, reason: str, headers: dict[str, str] | None = None,
+                 code: str | None = None, quiet: bool = False) -> None:
         super().__init__(status, reason)
         self.status = status
         self.reason = reason
         self.headers = headers or {}
+        self.code = code
+        self.quiet = quiet
 
     def __str__(self) -> str:
         return f"{self.status} {self.reason}"

@@ -5,14 +5,17 @@
     Content-Type: application/json
     {"room": "chat:1", "data": {...any JSON...}}
 
-Answers (a one-line reason for a person, JSON for a program):
-    200 {"ok":true,"seq":N}     published; N is the room's sequence number (as a client's ack)
-    400 <reason>                body is not a JSON object, "room" invalid, "data" missing
-    401 <reason>                missing or wrong key, with `WWW-Authenticate: Bearer`
-    404                         no `api_keys` configured: the API is off
-    405                         not POST
-    415                         Content-Type present and not JSON
-    503 <reason>                the broker cannot take it now, or rooms are not served
+Answers, always JSON (errors: {"ok":false,"error":CODE,"detail":"<reason for a person>"}):
+    200 {"ok":true,"seq":N}       published; N is the room's sequence number (as a client's ack)
+    400 bad_json / bad_request / bad_room / room_name_too_long
+                                  body not a JSON object; "room" or "data" missing or invalid
+                                  (the same codes and messages as the /ws publish op)
+    401 unauthorized              missing or wrong key, with `WWW-Authenticate: Bearer`
+    404 api_off                   no `api_keys` configured: the API is off
+    405 method_not_allowed        not POST
+    415 unsupported_media_type    Content-Type present and not JSON
+    503 broker_unavailable        the broker cannot take it now (with "delivered_locally")
+    503 unavailable               rooms are not served by this gateway
 The room name and data go through the same validation and serialisation as the /ws
 `publish` op (commands.py), then `gateway.hub.publish(room, data_bytes)`.
 
@@ -63,38 +66,37 @@ class PublishApi:
         """The route: validate synchronously, then publish in a task (the broker may await)."""
         stats = self.stats
         if request.method != "POST":
-            raise HandshakeRejected(405, "use POST", {"Allow": "POST"})
+            raise HandshakeRejected(405, "use POST", {"Allow": "POST"}, "method_not_allowed")
         if not self._digests:
-            raise HandshakeRejected(404, "the publish API is off: configure api_keys")
+            raise HandshakeRejected(404, "the publish API is off: configure api_keys", code="api_off")
         if not self._authorized(request):
             stats.rejected["unauthorized"] += 1
             error = "" if not request.header("authorization") else ', error="invalid_token"'
             raise HandshakeRejected(401, "missing or invalid API key (Authorization: Bearer <key>)",
-                                    {"WWW-Authenticate": _CHALLENGE + error})
+                                    {"WWW-Authenticate": _CHALLENGE + error}, "unauthorized")
         ctype = request.header("content-type").split(";")[0].strip().lower()
         if ctype and ctype != "application/json" and not ctype.endswith("+json"):
             stats.rejected["bad_request"] += 1
-            raise HandshakeRejected(415, "body must be JSON (Content-Type: application/json)")
+            raise HandshakeRejected(415, "body must be JSON (Content-Type: application/json)",
+                                    code="unsupported_media_type")
         try:
             doc = orjson.loads(body)
         except orjson.JSONDecodeError as exc:
             stats.rejected["bad_request"] += 1
-            raise HandshakeRejected(400, f"body is not JSON: {str(exc)[:100]}") from None
+            raise HandshakeRejected(400, f"body is not JSON: {str(exc)[:100]}", code="bad_json") from None
         if not isinstance(doc, dict):
             stats.rejected["bad_request"] += 1
-            raise HandshakeRejected(400, 'body must be a JSON object {"room": ..., "data": ...}')
-        if "data" not in doc:
-            stats.rejected["bad_request"] += 1
-            raise HandshakeRejected(400, 'body needs "data"')
+            raise HandshakeRejected(400, 'body must be a JSON object {"room": ..., "data": ...}', code="bad_json")
         try:
-            room = commands.validate_room(doc.get("room"), self.max_room_name_bytes)
+            commands.require_fields(doc, "publish")
+            room = commands.validate_room(doc["room"], self.max_room_name_bytes)
             data = commands.serialize_data(doc["data"])
         except commands.CommandError as exc:
             stats.rejected["bad_request"] += 1
-            raise HandshakeRejected(400, f"{exc.code}: {exc.message}") from None
+            raise HandshakeRejected(400, exc.message, code=exc.code) from None
         hub = getattr(self.gateway, "hub", None)
         if hub is None:
-            raise HandshakeRejected(503, "rooms are not served by this gateway")
+            raise HandshakeRejected(503, "rooms are not served by this gateway", code="unavailable")
         return self._publish(hub, room, data)
 
     async def _publish(self, hub, room: str, data: bytes) -> bytes:

@@ -151,7 +151,36 @@ def serialize_data(value, id=None) -> bytes:
     try:
         return orjson.dumps(value)
     except TypeError as exc:  # msgpack can carry bytes, ext types, non-string keys
+        if "bytes" in str(exc):
+            raise CommandError("bad_request", "\"data\" cannot hold binary (msgpack bin) values: data travels as "
+                                              "JSON between gateways; send binary as base64 text", id) from None
         raise CommandError("bad_request", f"\"data\" must be representable as JSON: {exc}"[:160], id) from None
+
+
+# The fields each op needs; any other field is ignored (forward compatible), except that a
+# missing field's error names an unknown one that looks like a typo of it ("rom" -> "room").
+FIELDS = {"publish": ("room", "data"), "join": ("room",), "leave": ("room",), "refresh": ("token",)}
+_KNOWN = frozenset({"op", "id"}).union(*FIELDS.values())
+
+
+def require_fields(obj: dict, op: str, rid=None) -> None:
+    """CommandError (bad_request) naming every field `op` needs that `obj` lacks."""
+    missing = [name for name in FIELDS[op] if name not in obj]
+    if missing:
+        raise CommandError("bad_request", f"{op} needs " + " and ".join(f'"{m}"' for m in missing)
+                           + _typo_hint(obj, missing), rid)
+
+
+def _typo_hint(obj: dict, missing) -> str:
+    import difflib   # only on this error path
+    unknown = [k for k in obj if isinstance(k, str) and k not in _KNOWN]
+    for key in unknown:
+        close = difflib.get_close_matches(key, missing, 1, 0.5)
+        if close:
+            return f' ("{key[:40]}" is not a field: did you mean "{close[0]}"?)'
+    if unknown:
+        return " (unknown field" + ("s " if len(unknown) > 1 else " ") + ", ".join(f'"{k[:40]}"' for k in unknown[:3]) + ")"
+    return ""
 
 
 def parse(obj: dict, max_room_name_bytes: int) -> Command:
@@ -159,19 +188,22 @@ def parse(obj: dict, max_room_name_bytes: int) -> Command:
     rid = _request_id(obj)
     op = obj.get("op")
     if not isinstance(op, str):
-        raise CommandError("bad_request", "missing \"op\" (a string)", rid)
+        raise CommandError("bad_request", "missing \"op\" (a string: join, leave, publish or refresh)"
+                           + (_typo_hint(obj, ["op"]) if "op" not in obj else ""), rid)
     if op == "publish":
-        if "data" not in obj:
-            raise CommandError("bad_request", "publish needs \"data\"", rid)
-        room = validate_room(obj.get("room"), max_room_name_bytes, rid)
+        if "data" not in obj or "room" not in obj:
+            require_fields(obj, op, rid)
+        room = validate_room(obj["room"], max_room_name_bytes, rid)
         return Command("publish", rid, room, serialize_data(obj["data"], rid))
     if op == "join" or op == "leave":
         if "room" not in obj:
-            raise CommandError("bad_request", f"{op} needs \"room\"", rid)
+            require_fields(obj, op, rid)
         return Command(op, rid, validate_room(obj["room"], max_room_name_bytes, rid))
     if op == "refresh":
         token = obj.get("token")
         if not isinstance(token, str) or not token:
+            if "token" not in obj:
+                require_fields(obj, op, rid)
             raise CommandError("bad_request", "refresh needs \"token\" (a non-empty string)", rid)
         if len(token) > MAX_TOKEN_CHARS:
             raise CommandError("bad_request", f"\"token\" is limited to {MAX_TOKEN_CHARS} characters", rid)

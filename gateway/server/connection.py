@@ -234,7 +234,9 @@ class Connection(WebSocketStream, asyncio.Protocol):
             self._upgrade(request, endpoint, rest)
             return
         if request.path not in gw.http_routes:
-            raise HandshakeRejected(404, f"no endpoint at {request.path[:100]}")
+            # A browser asks for /favicon.ico by itself (the demo page, a dashboard): nothing an
+            # operator can act on, so not an INFO line per page load.
+            raise HandshakeRejected(404, f"no endpoint at {request.path[:100]}", quiet=request.path == "/favicon.ico")
         if "transfer-encoding" in request.headers:
             # parse_request refused every coding but chunked (501) and TE with Content-Length (400).
             raise HandshakeRejected(411, "chunked request bodies are not supported; send Content-Length")
@@ -350,10 +352,14 @@ class Connection(WebSocketStream, asyncio.Protocol):
     def _reject(self, exc: HandshakeRejected) -> None:
         stats = self.gateway.stats
         stats.rejected[str(exc.status)] += 1
-        lifecycle.info("request rejected", {
-            "event": "reject", "conn": self.id, "peer": self.peer, "client": self.client_ip, "status": exc.status,
-            "reason": exc.reason,
-        })
+        if exc.quiet:
+            lifecycle.debug("request rejected", {"event": "reject", "conn": self.id, "peer": self.peer,
+                                                 "status": exc.status, "reason": exc.reason})
+        else:
+            lifecycle.info("request rejected", {
+                "event": "reject", "conn": self.id, "peer": self.peer, "client": self.client_ip, "status": exc.status,
+                "reason": exc.reason,
+            })
         self._respond(reject(exc))
 
     def _respond(self, data: bytes) -> None:

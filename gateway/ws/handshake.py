@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 from dataclasses import dataclass, field
 from urllib.parse import parse_qs, unquote
 
@@ -251,5 +252,9 @@ def response(status: int, body: bytes = b"", content_type: str = "text/plain; ch
 
 
 def reject(exc: HandshakeRejected) -> bytes:
-    """The response for a refused request: the status and a one-line reason a person can act on."""
+    """The response for a refused request: the status and a one-line reason a person can act on
+    (as JSON when the refusal has an error code: an API's client is a program)."""
+    if exc.code:
+        body = json.dumps({"ok": False, "error": exc.code, "detail": exc.reason}).encode() + b"\n"
+        return response(exc.status, body, "application/json", headers=exc.headers)
     return response(exc.status, (exc.reason + "\n").encode("utf-8"), headers=exc.headers)

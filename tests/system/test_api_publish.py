@@ -59,22 +59,24 @@ def test_publish_reaches_members_like_a_client_publish(run):
     run(main())
 
 
-@pytest.mark.parametrize("kwargs, status, text", [
-    (dict(key=None), 401, "missing or invalid API key"),
-    (dict(key="wrong-key-0123456789abcdef"), 401, "missing or invalid API key"),
-    (dict(key=KEY[:-1]), 401, "missing or invalid API key"),            # a prefix is not the key
-    (dict(body=b"{not json"), 400, "body is not JSON"),
-    (dict(body=[1, 2]), 400, "must be a JSON object"),
-    (dict(body={"room": "news"}), 400, 'needs "data"'),
-    (dict(body={"data": 1}), 400, "bad_request"),
-    (dict(body={"room": "", "data": 1}), 400, "bad_room"),
-    (dict(body={"room": "a\nb", "data": 1}), 400, "bad_room"),
-    (dict(body={"room": "x" * 300, "data": 1}), 400, "room_name_too_long"),
-    (dict(headers={"Content-Type": "text/plain"}), 415, "must be JSON"),
-    (dict(method="GET"), 405, "use POST"),
-], ids=["no-key", "wrong-key", "key-prefix", "not-json", "not-object", "no-data", "no-room", "empty-room",
+@pytest.mark.parametrize("kwargs, status, code, text", [
+    (dict(key=None), 401, "unauthorized", "missing or invalid API key"),
+    (dict(key="wrong-key-0123456789abcdef"), 401, "unauthorized", "missing or invalid API key"),
+    (dict(key=KEY[:-1]), 401, "unauthorized", "missing or invalid API key"),            # a prefix is not the key
+    (dict(body=b"{not json"), 400, "bad_json", "body is not JSON"),
+    (dict(body=[1, 2]), 400, "bad_json", "must be a JSON object"),
+    (dict(body={"room": "news"}), 400, "bad_request", 'publish needs "data"'),
+    (dict(body={"data": 1}), 400, "bad_request", 'publish needs "room"'),
+    (dict(body={"rom": "news"}), 400, "bad_request",
+     'publish needs "room" and "data" ("rom" is not a field: did you mean "room"?)'),
+    (dict(body={"room": "", "data": 1}), 400, "bad_room", "must not be empty"),
+    (dict(body={"room": "a\nb", "data": 1}), 400, "bad_room", "control"),
+    (dict(body={"room": "x" * 300, "data": 1}), 400, "room_name_too_long", "limited to 200"),
+    (dict(headers={"Content-Type": "text/plain"}), 415, "unsupported_media_type", "must be JSON"),
+    (dict(method="GET"), 405, "method_not_allowed", "use POST"),
+], ids=["no-key", "wrong-key", "key-prefix", "not-json", "not-object", "no-data", "no-room", "typo", "empty-room",
         "control-char-room", "long-room", "content-type", "get"])
-def test_rejections_with_reason(run, kwargs, status, text):
+def test_rejections_are_json_with_a_code_and_a_reason(run, kwargs, status, code, text):
     kwargs = dict(kwargs)    # shared by the asyncio and uvloop runs of this case
 
     async def main():
@@ -82,7 +84,10 @@ def test_rejections_with_reason(run, kwargs, status, text):
             ws = await member(gw, "news")
             body = kwargs.pop("body", {"room": "news", "data": 1})
             got, headers, reply = await post(gw, body, **kwargs)
-            assert got == status and text in reply.decode() and reply.count(b"\n") == 1
+            # JSON like the successes (issue 20, item 10): a backend parses one format.
+            assert got == status and headers["Content-Type"] == "application/json" and reply.count(b"\n") == 1
+            doc = orjson.loads(reply)
+            assert doc["ok"] is False and doc["error"] == code and text in doc["detail"], doc
             if status == 401:
                 challenge = headers["WWW-Authenticate"]
                 assert challenge.startswith("Bearer ")
@@ -98,7 +103,8 @@ def test_api_off_without_keys_and_oversized_body(run):
     async def main():
         async with serve() as gw:
             status, _, body = await post(gw, {"room": "r", "data": 1})
-            assert status == 404 and b"configure api_keys" in body
+            assert status == 404 and orjson.loads(body) == {"ok": False, "error": "api_off",
+                                                            "detail": "the publish API is off: configure api_keys"}
         async with serve(api_keys=KEY, max_message_bytes=1000) as gw:
             status, _, _ = await post(gw, {"room": "r", "data": "x" * 2000})
             assert status == 413

@@ -9,6 +9,8 @@ import select
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 
 import jwt
 import uvloop
@@ -223,3 +225,17 @@ def test_workers_show_their_pid_and_number_connections_apart(redis_server):
     first, second = by_pid.values()
     assert not first & second                               # ids never repeat across workers
     assert {c % 2 for c in first} != {c % 2 for c in second}   # worker i of 2 numbers i+1, i+3, ...
+
+
+def test_a_favicon_404_is_not_an_info_line():
+    with GatewayProcess("--demo", "--log-format", "json") as gw:
+        for path in ("/favicon.ico", "/nothing-here"):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{gw.port}{path}", timeout=5)
+            except urllib.error.HTTPError as exc:
+                assert exc.code == 404
+        deadline = time.monotonic() + 30    # the other 404 is an INFO line: wait until it is written
+        while "/nothing-here" not in gw.output() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        rejects = [line for line in _json_lines(gw.output()) if line.get("event") == "reject"]
+    assert [r["reason"] for r in rejects] == ["no endpoint at /nothing-here"]

@@ -35,6 +35,24 @@ def test_join_leave_publish_refresh():
     assert commands.pong() == {"op": "pong"} and commands.pong(3) == {"op": "pong", "id": 3}
 
 
+def test_missing_fields_are_all_named_with_a_typo_hint():
+    def message(text):
+        with pytest.raises(commands.CommandError) as info:
+            parse_json(text)
+        return info.value.code, info.value.message
+    # {"rom": ...} used to be reported only as the missing "data".
+    assert message('{"op":"publish","rom":"a"}') == (
+        "bad_request", 'publish needs "room" and "data" ("rom" is not a field: did you mean "room"?)')
+    assert message('{"op":"publish","rom":"a","data":1}') == (
+        "bad_request", 'publish needs "room" ("rom" is not a field: did you mean "room"?)')
+    assert message('{"op":"join","name":"a"}') == ("bad_request", 'join needs "room" (unknown field "name")')
+    assert message('{"op":"refresh","tokn":"x"}') == (
+        "bad_request", 'refresh needs "token" ("tokn" is not a field: did you mean "token"?)')
+    assert message('{"opp":"join","room":"a"}')[1].endswith('("opp" is not a field: did you mean "op"?)')
+    # Unknown fields next to complete requests are ignored (forward compatible).
+    assert parse_json('{"op":"join","room":"a","colour":"red"}').room == "a"
+
+
 @pytest.mark.parametrize("text, code, rid", [
     ("{", "bad_json", None),
     ("[1,2]", "bad_json", None),
@@ -76,6 +94,8 @@ def test_msgpack_requests_and_non_json_data():
     assert code_of(commands.decode_msgpack, msgpack.packb({"op": "join"}) + b"\x00") == ("bad_json", None)
     raw = commands.decode_msgpack(msgpack.packb({"op": "publish", "room": "r", "data": b"\x00bin", "id": 4}))
     assert code_of(commands.parse, raw, LIMIT) == ("bad_request", 4)
+    with pytest.raises(CommandError, match="cannot hold binary .* send binary as base64 text"):
+        commands.parse(raw, LIMIT)
     raw = commands.decode_msgpack(msgpack.packb({"op": "publish", "room": "r", "data": {1: 2}}, strict_types=False))
     assert code_of(commands.parse, raw, LIMIT)[0] == "bad_request"
 

@@ -41,8 +41,16 @@ def _wait(predicate, timeout: float, what: str) -> None:
 class RedisServer:
     """`redis-server` on 127.0.0.1:<free port>; `kill()` / `restart()` keep the port."""
 
-    def __init__(self, port: int | None = None, *, unix_socket: bool = False, cluster: bool = False) -> None:
+    def __init__(self, port: int | None = None, *, unix_socket: bool = False, cluster: bool = False,
+                 tls: tuple[str, str] | None = None, password: str | None = None, extra_args: tuple = ()) -> None:
+        """`tls`: (certfile, keyfile) to also listen with TLS on `tls_port` (clients need no
+        certificate; with `cluster`, the cluster bus and the announced ports are TLS too).
+        `password`: the default user's (requirepass). `extra_args`: more redis-server options."""
         require("redis-server")   # skips the test, saying what to install, where Redis is missing
+        self.tls = tls
+        self.tls_port = free_port() if tls else None
+        self.password = password
+        self.extra_args = tuple(extra_args) + (("--requirepass", password) if password else ())
         self._port_chosen = port is None   # ours to change if another process takes it first
         self.port = port or free_port()
         self.dir = tempfile.mkdtemp(prefix=f"redis-{self.port}-")
@@ -68,10 +76,16 @@ class RedisServer:
         if self.cluster:
             args += ["--cluster-enabled", "yes", "--cluster-config-file", os.path.join(self.dir, "nodes.conf"),
                      "--cluster-node-timeout", "2000", "--cluster-port", str(self.bus_port)]
-        return args
+        if self.tls:
+            cert, key = self.tls
+            args += ["--tls-port", str(self.tls_port), "--tls-cert-file", cert, "--tls-key-file", key,
+                     "--tls-ca-cert-file", cert, "--tls-auth-clients", "no"]
+            if self.cluster:
+                args += ["--tls-cluster", "yes", "--tls-replication", "yes"]
+        return [*args, *self.extra_args]
 
     def client(self) -> redis.Redis:
-        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5)
+        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5, password=self.password)
 
     def start(self, timeout: float = 10.0) -> "RedisServer":
         for attempt in range(3):
@@ -131,9 +145,9 @@ class RedisServer:
 class RedisCluster:
     """Three cluster-enabled masters (no replicas) joined with `redis-cli --cluster create`."""
 
-    def __init__(self, size: int = 3) -> None:
+    def __init__(self, size: int = 3, *, tls: tuple[str, str] | None = None) -> None:
         require("redis-server", "redis-cli")
-        self.nodes = [RedisServer(cluster=True) for _ in range(size)]
+        self.nodes = [RedisServer(cluster=True, tls=tls) for _ in range(size)]
 
     @property
     def url(self) -> str:

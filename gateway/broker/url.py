@@ -70,10 +70,9 @@ def parse(url: str) -> BrokerUrl:
     if scheme == "memory":
         raise ValueError("memory:// takes no address")
     cluster, tls = SCHEMES[scheme]
-    netloc, slash, tail = rest.partition("/")
-    path, _, query = tail.partition("?")
-    if "?" in netloc:   # redis://host:port?db=1 (no slash before the query)
-        netloc, _, query = netloc.partition("?")
+    # The query first: its values may hold slashes (ssl_ca_certs=/etc/ssl/ca.pem), the rest cannot hold "?".
+    rest, _, query = rest.partition("?")
+    netloc, _, path = rest.partition("/")
     params = _params(query, scheme, tls)
     if scheme == "unix":
         socket_path = "/" + path

@@ -255,6 +255,6 @@ def reject(exc: HandshakeRejected) -> bytes:
     """The response for a refused request: the status and a one-line reason a person can act on
     (as JSON when the refusal has an error code: an API's client is a program)."""
     if exc.code:
-        body = json.dumps({"ok": False, "error": exc.code, "detail": exc.reason}).encode() + b"\n"
+        body = json.dumps({"ok": False, "error": exc.code, "detail": exc.reason}, separators=(",", ":")).encode() + b"\n"
         return response(exc.status, body, "application/json", headers=exc.headers)
     return response(exc.status, (exc.reason + "\n").encode("utf-8"), headers=exc.headers)

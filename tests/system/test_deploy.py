@@ -126,3 +126,64 @@ def test_dashboard_queries_only_metrics_the_gateway_exports(run, redis_server):
         missing = sorted(m for m in wanted if m not in names)
         assert not missing, f"the dashboard queries metrics that are not exported: {missing}"
     run(main())
+
+
+def _install_steps() -> list[str]:
+    block = re.search(r"## Install, step by step.*?```sh\n(.*?)```", README, re.S).group(1)
+    return [line for line in block.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+
+
+def test_install_steps_match_the_units_and_the_build():
+    steps = _install_steps()
+    apt = next(line for line in steps if line.startswith("apt-get install"))
+    # pip compiles the Cython hot path: a compiler and the Python headers (issue 20, item 9).
+    assert {"build-essential", "python3-dev", "python3-venv", "nginx", "redis-server"} <= set(apt.split())
+    binary = re.search(r"^ExecStart=(\S+) ", _unit("ws-gateway@.service"), re.M).group(1)
+    calls = [line for line in steps if re.search(r"\bws-gateway (check-config|serve|--version)", line)]
+    assert calls and all(f"{binary} " in line for line in calls), calls   # the venv's binary, as the units
+    merge = [line for line in README.split("```sh", 1)[1].split("```")[0].splitlines() if "nginx-main.conf" in line]
+    assert merge, "no step merges nginx/nginx-main.conf"
+    main_directives = re.findall(r"^\s*(\w+) ", open(os.path.join(DEPLOY, "nginx", "nginx-main.conf")).read(), re.M)
+    block = README.split("```sh", 1)[1].split("```")[0]
+    assert all(d in block for d in main_directives if d != "events"), main_directives
+
+
+def test_the_host_name_step_replaces_every_example_name(tmp_path):
+    sed = next(line for line in _install_steps() if line.startswith("sed -i"))
+    site = tmp_path / "ws-gateway.conf"
+    site.write_text(open(os.path.join(DEPLOY, "nginx", "ws-gateway.conf")).read())
+    assert "ws.example.com" in site.read_text()
+    subprocess.run(sed.replace("deploy/nginx/ws-gateway.conf", str(site)), shell=True, check=True, timeout=30)
+    text = site.read_text()
+    host = re.search(r"-d (\S+)", next(line for line in _install_steps() if line.startswith("certbot"))).group(1)
+    assert "example.com" not in text and f"server_name {host};" in text
+    assert f"/etc/letsencrypt/live/{host}/fullchain.pem" in text     # where certbot puts it
+
+
+def test_the_check_config_step_passes_with_the_units_flags():
+    step = next(line for line in _install_steps() if "check-config" in line)
+    flags = re.search(r"check-config \S+ (.*?)\)?$", step).group(1).split()
+    unit_flags = re.search(r"^ExecStart=\S+ serve --config \S+ (.*)$", _unit("ws-gateway@.service"), re.M).group(1)
+    assert flags == unit_flags.replace("%i", "8081").split()     # the same overrides as the instance
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WS_GATEWAY_")}
+    result = subprocess.run([sys.executable, "-m", "gateway", "check-config", os.path.join(DEPLOY, "gateway.toml"),
+                             *flags], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert re.search(r'^port = 8081 +# --port$', result.stdout, re.M)
+
+
+def _location(text: str, name: str) -> list[str]:
+    body = re.search(rf"location = {re.escape(name)} \{{(.*?)\n\s*\}}", text, re.S).group(1)
+    return sorted(line.split("#")[0].strip() for line in body.splitlines() if line.split("#")[0].strip()
+                  and not line.strip().startswith("access_log"))
+
+
+def test_the_security_guide_nginx_block_agrees_with_the_site_file():
+    guide = open(os.path.join(ROOT, "docs", "security.md")).read()
+    site = open(os.path.join(DEPLOY, "nginx", "ws-gateway.conf")).read()
+    documented = _location(guide, "/ws")
+    shipped = _location(site, "/ws")
+    # The site sets proxy_http_version for the whole server block; the guide's location repeats it.
+    shipped_server = re.findall(r"^    (proxy_http_version [^;]+;)", site, re.M)
+    assert documented == sorted(shipped + shipped_server), (documented, shipped)
+    assert "location / {\n        proxy_pass" not in guide     # /ws only, as deploy/ (issue 20, item 9)

@@ -239,7 +239,14 @@ def load_config(args: argparse.Namespace) -> Loaded:
     (key and certificate files, origins, proxies: gateway.app.preflight). Raises ConfigError."""
     from gateway.app import preflight
     loaded = loaded_from_args(args)
-    preflight(loaded.config)
+    try:
+        preflight(loaded.config)
+    except ConfigError as exc:
+        # Its messages start with the setting ("jwt_public_key_file: cannot read ..."): say where
+        # that setting came from, like every other error (file:line, $VARIABLE or --flag).
+        errors = [f"{loaded.sources[name]}: {error}" if (name := error.split(":", 1)[0]) in loaded.sources
+                  else error for error in exc.errors]
+        raise ConfigError("; ".join(errors), errors) from None
     return loaded
 
 

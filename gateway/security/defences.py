@@ -282,7 +282,19 @@ def install(gateway, config, authenticator=None) -> Defences:
 
 def preflight(config) -> None:
     """Build every piece once from `config` so a bad key file, origin or proxy entry stops
-    start-up with a ConfigError (before workers fork), not the first client."""
-    authenticator = build_authenticator(config)
-    OriginPolicy(_list(getattr(config, "allowed_origins", ())), bool(authenticator and authenticator.cookie))
-    ClientAddress(_list(getattr(config, "trusted_proxies", ())))
+    start-up with a ConfigError (before workers fork), not the first client. Every piece is
+    tried: the ConfigError lists each problem found, as config loading does."""
+    errors: list[str] = []
+    authenticator = None
+    try:
+        authenticator = build_authenticator(config)
+    except ConfigError as exc:
+        errors.extend(exc.errors)
+    for build in (lambda: OriginPolicy(_list(config.allowed_origins), bool(authenticator and authenticator.cookie)),
+                  lambda: ClientAddress(_list(config.trusted_proxies))):
+        try:
+            build()
+        except ConfigError as exc:
+            errors.extend(exc.errors)
+    if errors:
+        raise ConfigError("; ".join(errors), errors)

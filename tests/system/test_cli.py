@@ -97,6 +97,16 @@ def test_serve_and_check_config_report_the_same_errors(tmp_path, text, error):
     assert check_errors == serve_errors and any(error in line for line in serve_errors), (check.stderr, serve.stderr)
 
 
+def test_errors_about_files_a_setting_names_say_where_it_was_set(tmp_path):
+    path = tmp_path / "gw.toml"
+    path.write_text('host = "127.0.0.1"\njwt_public_key_file = "/nonexistent.pem"\n')
+    result = run_cli("check-config", str(path), "--allowed-origins", "app.example.com")
+    lines = result.stderr.splitlines()
+    assert result.returncode == 2
+    assert lines[0].startswith(f"error: {path}:2: jwt_public_key_file: cannot read '/nonexistent.pem'"), lines
+    assert lines[1].startswith("error: --allowed-origins: allowed_origins: 'app.example.com' is not an origin"), lines
+
+
 def test_bad_tls_files_are_one_line_for_serve_and_check_config(tmp_path):
     from tests.certs import make_cert
     cert, _ = make_cert(tmp_path, "a")

@@ -100,6 +100,8 @@ class RedisServer:
                 self.port = free_port()
                 if self.cluster:
                     self.bus_port = free_port()
+                if self.tls:
+                    self.tls_port = free_port()
         raise AssertionError("unreachable")
 
     def _start(self, timeout: float) -> "RedisServer":

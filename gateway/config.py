@@ -42,7 +42,7 @@ ENV_PREFIX = "WS_GATEWAY_"
 # Variables read elsewhere (gateway_ext, setup.py, the tests): not settings, not reported as unknown.
 OTHER_ENV = frozenset({"WS_GATEWAY_PURE_PYTHON", "WS_GATEWAY_REQUIRE_EXT", "WS_GATEWAY_NO_EXT",
                        "WS_GATEWAY_TEST_REQUIRE_ALL", "WS_GATEWAY_CONFIG"})
-# The slow-consumer policies gateway/backpressure.py implements (it imports this list).
+# The slow-consumer policies gateway/rooms/backpressure.py implements (it imports this list).
 SLOW_CONSUMER_POLICIES = ("disconnect", "drop_oldest", "drop_newest", "latest")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 # auto: text on a terminal (a person is reading), JSON otherwise (journald, files, log shippers).
@@ -50,9 +50,10 @@ LOG_FORMATS = ("auto", "json", "text")
 MIN_API_KEY_CHARS = 16
 
 
-def _rule(kind: type, default: Any = None, *, minimum: int | None = None, choices: tuple = (),
+def _rule(kind: type, default: Any = None, *, minimum: float | None = None, choices: tuple = (),
           required: bool = False) -> Any:
-    """A RoomPolicy setting: its TOML type and constraints, checked by `_room_policy`."""
+    """A RoomPolicy setting: its TOML type (str, int, float or bool; a float setting takes an
+    integer too) and constraints, checked by `_room_policy`."""
     return field(default=default, metadata={"kind": kind, "minimum": minimum, "choices": choices,
                                             "required": required})
 
@@ -61,7 +62,7 @@ def _rule(kind: type, default: Any = None, *, minimum: int | None = None, choice
 class RoomPolicy:
     """One `[[rooms.policy]]` rule: settings for the rooms whose name matches `pattern`.
 
-    The first rule whose pattern matches a room wins (gateway/backpressure.py); a setting left
+    The first rule whose pattern matches a room wins (gateway/rooms/backpressure.py); a setting left
     out (None) falls back to the global one. Adding a setting is one line here: it is then
     type-checked, range-checked, printed by check-config and read back like the others.
     """
@@ -306,6 +307,9 @@ def _did_you_mean(word: str, candidates) -> str:
     return f" (did you mean {hint[0]!r}?)" if hint else ""
 
 
+_KIND_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "a boolean (true or false)"}
+
+
 def _room_policy(entry: Any) -> tuple[RoomPolicy | None, list[tuple[str, str]]]:
     """One [[rooms.policy]] table -> (the rule or None, [(key, problem), ...])."""
     if not isinstance(entry, dict):
@@ -319,10 +323,11 @@ def _room_policy(entry: Any) -> tuple[RoomPolicy | None, list[tuple[str, str]]]:
                                   f"a rule has {', '.join(_RULE_FIELDS)}"))
             continue
         kind = meta["kind"]
-        if isinstance(value, bool) or not isinstance(value, kind):
-            unquote = " (without quotes)" if isinstance(value, str) and kind is int and _parses_as("int", value) else ""
-            problems.append((key, f"expected {'an integer' if kind is int else 'a string'}, "
-                                  f"got {_describe(value)}{unquote}"))
+        accepted = (int, float) if kind is float else kind
+        if isinstance(value, bool) is not (kind is bool) or not isinstance(value, accepted):
+            unquote = (" (without quotes)" if isinstance(value, str) and kind in (int, float, bool)
+                       and _parses_as(kind.__name__, value) else "")
+            problems.append((key, f"expected {_KIND_NAMES[kind]}, got {_describe(value)}{unquote}"))
         elif meta["choices"] and value not in meta["choices"]:
             problems.append((key, f"{value!r} is not one of {', '.join(meta['choices'])}"
                                   f"{_did_you_mean(value, meta['choices'])}"))
@@ -331,7 +336,7 @@ def _room_policy(entry: Any) -> tuple[RoomPolicy | None, list[tuple[str, str]]]:
         elif meta["required"] and not value:
             problems.append((key, "must not be empty"))
         else:
-            values[key] = value
+            values[key] = float(value) if kind is float else value
     for key, meta in _RULE_FIELDS.items():
         if meta["required"] and key not in entry:
             problems.append((key, "is missing (e.g. pattern = \"cursor.*\")"))

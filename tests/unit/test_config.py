@@ -200,3 +200,25 @@ def test_check_config_output_redacts_broker_password(tmp_path):
     assert "redis://:<redacted>@127.0.0.1:6390/0" in text
     assert redact_url("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
     assert redact_url("rediss://user:pw@h:1") == "rediss://user:<redacted>@h:1"
+
+
+def test_a_new_per_room_setting_is_one_line(monkeypatch, tmp_path):
+    # What the history work (issue 14) will do: add fields to RoomPolicy, nothing else.
+    import dataclasses as dc
+
+    @dc.dataclass(frozen=True, slots=True)
+    class Extended(cfg.RoomPolicy):
+        history_size: int | None = cfg._rule(int, minimum=0)
+        history_ttl: float | None = cfg._rule(float, minimum=0)
+
+    monkeypatch.setattr(cfg, "RoomPolicy", Extended)
+    monkeypatch.setattr(cfg, "_RULE_FIELDS", {f.name: f.metadata for f in dc.fields(Extended)})
+    path = write(tmp_path, '[[rooms.policy]]\npattern = "chat.*"\nhistory_size = 100\nhistory_ttl = 30\n')
+    loaded = cfg.load_with_sources(path, env={})
+    assert loaded.config.room_policies == (Extended("chat.*", history_size=100, history_ttl=30.0),)
+    assert cfg.load(write(tmp_path, cfg.to_toml(loaded.config), "again.toml"), env={}) == loaded.config
+    bad = write(tmp_path, '[[rooms.policy]]\npattern = "a"\nhistory_size = -1\nhistory_ttl = "1h"\n', "bad.toml")
+    with pytest.raises(ConfigError) as info:
+        cfg.load(bad, env={})
+    assert info.value.errors == [f"{bad}:3: rooms.policy[0].history_size: must be at least 0, got -1",
+                                 f"{bad}:4: rooms.policy[0].history_ttl: expected a number, got the string '1h'"]

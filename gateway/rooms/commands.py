@@ -159,7 +159,7 @@ def serialize_data(value, id=None) -> bytes:
 
 # The fields each op needs; any other field is ignored (forward compatible), except that a
 # missing field's error names an unknown one that looks like a typo of it ("rom" -> "room").
-FIELDS = {"publish": ("room", "data"), "join": ("room",), "leave": ("room",), "refresh": ("token",)}
+FIELDS = {"publish": ("room", "data"), "join": ("room",), "leave": ("room",), "refresh": ("token",), "ping": ()}
 _KNOWN = frozenset({"op", "id"}).union(*FIELDS.values())
 
 
@@ -188,7 +188,7 @@ def parse(obj: dict, max_room_name_bytes: int) -> Command:
     rid = _request_id(obj)
     op = obj.get("op")
     if not isinstance(op, str):
-        raise CommandError("bad_request", "missing \"op\" (a string: join, leave, publish or refresh)"
+        raise CommandError("bad_request", "missing \"op\" (a string: join, leave, publish, refresh or ping)"
                            + (_typo_hint(obj, ["op"]) if "op" not in obj else ""), rid)
     if op == "publish":
         if "data" not in obj or "room" not in obj:

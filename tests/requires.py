@@ -7,7 +7,8 @@ install; `requires(name)` is the same as a mark (`pytestmark = requires("nginx")
 So `python -m pytest -q` passes on a machine with only Python and a C compiler: the tests
 that need redis-server, nginx or Chromium skip and say how to get them. CI must run them
 all: with WS_GATEWAY_TEST_REQUIRE_ALL=1 (set by .ci/run) `require` fails instead of
-skipping, and conftest.py fails the run if any test was skipped at all.
+skipping, and conftest.py fails the run if any test was skipped because a program "is not
+installed" (whichever helper skipped it).
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ PROGRAMS = {
     "chromedriver": ((), "apt-get install chromium-driver"),
     "openssl": ((), "apt-get install openssl"),
     "systemd-analyze": ((), "apt-get install systemd"),
+    "node": (("nodejs",), "Node.js 20+ (apt-get install nodejs, or nodesource's package)"),
 }
 
 

@@ -52,3 +52,22 @@ def test_require_names_the_missing_program(monkeypatch):
     with pytest.raises(pytest.fail.Exception, match="missing programs fail"):
         require("no-such-program-x")
     assert "apt-get install nginx" in reason("nginx") or binary("nginx")
+
+
+def test_only_skips_for_a_missing_program_fail_the_run(tmp_path):
+    # The run's own conftest hooks, on two tests: a deliberate skip passes, a missing program fails.
+    (tmp_path / "conftest.py").write_text("from tests.conftest import (pytest_collectreport, pytest_runtest_logreport,"
+                                          " pytest_sessionfinish, pytest_terminal_summary)  # noqa: F401\n")
+    (tmp_path / "test_two.py").write_text(
+        "import pytest\n"
+        "def test_later():\n    pytest.skip('comes with issue 14')\n"
+        "def test_program():\n    pytest.skip('node is not installed')\n")
+    env = {**os.environ, "PYTHONPATH": ROOT, REQUIRE_ALL_ENV: "1"}
+    args = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(tmp_path), str(tmp_path)]
+    both = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    listed = both.stdout.split("fail the run", 1)[-1]
+    assert both.returncode == 1 and "test_two.py::test_program: Skipped: node is not installed" in listed, both.stdout
+    assert "comes with issue 14" not in listed
+    deliberate = subprocess.run([*args[:-1], str(tmp_path / "test_two.py") + "::test_later"], cwd=tmp_path, env=env,
+                                capture_output=True, text=True, timeout=120)
+    assert deliberate.returncode == 0 and "1 skipped" in deliberate.stdout, deliberate.stdout

@@ -13,7 +13,6 @@ import asyncio
 import base64
 import json
 import os
-import shutil
 import signal
 import time
 import urllib.request
@@ -24,12 +23,13 @@ import websockets
 
 from tests import auth_tokens as t
 from tests.helpers import ROOT, GatewayProcess, free_port
-from tests.redis_server import RedisServer, REDIS_SERVER
+from tests.redis_server import RedisServer
+from tests.requires import binary, requires
 
-NODE = shutil.which("node")
+NODE = binary("node")
 DRIVER = os.path.join(ROOT, "tests", "sdk", "js", "driver.mjs")
-pytestmark = [pytest.mark.timeout(120), pytest.mark.skipif(NODE is None, reason="node is not installed")]
-needs_redis = pytest.mark.skipif(not os.path.exists(REDIS_SERVER), reason="redis-server is not installed")
+pytestmark = [pytest.mark.timeout(120), requires("node")]
+needs_redis = requires("redis-server")
 
 # Fast reconnects for tests; the defaults are for production.
 FAST = {"backoffInitial": 100, "backoffMax": 1000, "restartSpread": 200, "longBackoff": 600,

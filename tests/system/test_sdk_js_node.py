@@ -1,18 +1,18 @@
 """CI's single pytest command also runs the JS SDK's own suite: `node --test tests/sdk/js/`
 (the shared conformance transcripts against gateway/static/ws-gateway.js, with fakes)."""
 import os
-import shutil
 import subprocess
 
 import pytest
 
 from tests.helpers import ROOT
+from tests.requires import binary, requires
 
-NODE = shutil.which("node")
+NODE = binary("node")
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.skipif(NODE is None, reason="node is not installed (CI installs Node 20)")
+@requires("node")
 def test_node_test_runner_passes_the_js_sdk_suite():
     proc = subprocess.run([NODE, "--experimental-websocket", "--no-warnings", "--test", os.path.join("tests", "sdk", "js")],
                           cwd=ROOT, capture_output=True, text=True, timeout=280)

@@ -54,9 +54,12 @@ def install_rooms(gateway: Gateway, config: Config):
     from gateway.rooms.hub import Hub
     from gateway.rooms.session import RoomsEndpoint
 
-    broker = create_broker(config.broker, prefix=config.redis_prefix, seq_ttl=config.redis_seq_ttl,
-                           timeout=config.redis_timeout)
-    hub = Hub(broker, PolicyTable.from_config(config).for_room, gateway.loop, deflate=gateway.deflate)
+    from gateway.rooms.history import RetentionTable
+    retention = RetentionTable.from_config(config)
+    broker = create_broker(config.broker, prefix=config.redis_prefix, timeout=config.redis_timeout,
+                           retention=retention.for_room, max_history_bytes=config.history_max_bytes)
+    hub = Hub(broker, PolicyTable.from_config(config).for_room, gateway.loop, deflate=gateway.deflate,
+              retention=retention.for_room)
     endpoint = RoomsEndpoint(hub, config)
     gateway.endpoints["/ws"] = endpoint
     gateway.hub = hub   # backends publish through it: `await gateway.hub.publish(room, json_bytes)`

@@ -67,12 +67,19 @@ _FLAGS: list[tuple[str, list[tuple]]] = [
         ("--slow-consumer-policy", "slow_consumer_policy", "POLICY",
          f"what a full queue does: {' | '.join(SLOW_CONSUMER_POLICIES)} (per room: [[rooms.policy]] in --config)"),
     ]),
+    ("history and recovery (docs/history.md)", [
+        ("--history-size", "history_size", "N", "publications each room keeps for recovery (0: off; per room: "
+                                                "[[rooms.policy]] history_size)"),
+        ("--history-ttl", "history_ttl", "S", "seconds a room's history lives after its last publication (also "
+                                              "the idempotency window)"),
+        ("--history-max-bytes", "history_max_bytes", "N", "memory broker: cap on all rooms' history (the rooms "
+                                                          "published to longest ago are evicted first)"),
+    ]),
     ("broker (several processes and machines)", [
         ("--broker", "broker", "URL", "memory://, redis://host:port/db, rediss://..., unix:///path/redis.sock?db=N, "
                                       "redis+cluster://host:port,host:port or rediss+cluster://..."),
         ("--redis-prefix", "redis_prefix", "PREFIX", "prefix of Redis channels and keys (gateways sharing a Redis "
                                                      "see each other only with the same prefix)"),
-        ("--redis-seq-ttl", "redis_seq_ttl", "S", "seconds an idle room's seq key lives (then its seq restarts at 1)"),
         ("--redis-timeout", "redis_timeout", "S", "Redis connect/command timeout; silent this long counts as down"),
     ]),
     ("authentication (docs/security.md)", [

@@ -70,6 +70,8 @@ class RoomPolicy:
     pattern: str = _rule(str, "", required=True)                     # fnmatch glob, case-sensitive: "cursor.*"
     policy: str | None = _rule(str, choices=SLOW_CONSUMER_POLICIES)  # default: slow_consumer_policy
     max_queue_bytes: int | None = _rule(int, minimum=1)              # this room's share of a connection's queue
+    history_size: int | None = _rule(int, minimum=0)                 # publications kept for recovery (0: none)
+    history_ttl: int | None = _rule(int, minimum=1)                  # seconds they live after the last publication
 
 
 @dataclass(slots=True)
@@ -112,11 +114,18 @@ class Config:
     compression_exclude_rooms: str = ""            # comma-separated fnmatch patterns sent uncompressed
     # broker
     broker: str = "memory://"
-    # Redis broker (gateway/broker/redis.py): channels are <prefix>{room}, seq keys <prefix>seq:{room};
+    # Redis broker (gateway/broker/redis.py): channels are <prefix>{room}, keys <prefix>meta:{room} etc.;
     # gateways sharing one Redis see each other only with the same prefix
     redis_prefix: str = "ws:"
-    redis_seq_ttl: int = 86400         # seconds an idle room's seq key lives (then its seq restarts at 1)
     redis_timeout: float = 5.0         # connect/command timeout; a Redis silent this long counts as down
+    # history and recovery (docs/history.md): each room keeps its last history_size publications
+    # for history_ttl seconds after its last publication (0: no history, numbering only); per
+    # room pattern in [[rooms.policy]] (history_size, history_ttl). The idempotency window is
+    # history_ttl too. The position (epoch, seq) lives 2 x history_ttl, and while any process
+    # holds the room. The memory broker caps all its history at history_max_bytes.
+    history_size: int = 100
+    history_ttl: int = 300
+    history_max_bytes: int = 64 << 20
     # rooms on /ws (protocol and error codes: gateway/rooms/commands.py)
     max_rooms_per_connection: int = 100    # a join beyond this gets the error too_many_rooms
     max_room_name_bytes: int = 200         # longer room names (UTF-8) get room_name_too_long
@@ -352,8 +361,12 @@ def _broker_problems(config: Config) -> list[tuple[str, str]]:
         out.append(("broker", str(exc)))
     if "{" in config.redis_prefix or "}" in config.redis_prefix:
         out.append(("redis_prefix", "must not contain braces (they would change the Redis Cluster hash tag)"))
-    if config.redis_seq_ttl < 1:
-        out.append(("redis_seq_ttl", "must be at least 1 second"))
+    if config.history_size < 0:
+        out.append(("history_size", "must be >= 0 (0 turns history off)"))
+    if config.history_ttl < 1:
+        out.append(("history_ttl", "must be at least 1 second"))
+    if config.history_max_bytes < 0:
+        out.append(("history_max_bytes", "must be >= 0"))
     if not config.redis_timeout > 0:
         out.append(("redis_timeout", "must be positive"))
     return out

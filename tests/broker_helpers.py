@@ -16,12 +16,14 @@ class Recorder:
 
     def __init__(self) -> None:
         self.publications: list[tuple[str, int, bytes]] = []
+        self.epochs: list[str | None] = []      # the epoch of each publication, in order
         self.states: list[bool] = []
         self.tasks: list = []
         self._changed = asyncio.Event()
 
-    def handle_publication(self, room: str, seq: int, data: bytes) -> None:
+    def handle_publication(self, room: str, seq: int, data: bytes, epoch: str | None = None) -> None:
         self.publications.append((room, seq, data))
+        self.epochs.append(epoch)
         self.tasks.append(asyncio.current_task())
         self._changed.set()
 

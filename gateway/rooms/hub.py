@@ -87,8 +87,9 @@ class Hub:
     """See the module docstring. `policy_for(room_name)` gives each room its slow-consumer policy."""
 
     def __init__(self, broker: Broker, policy_for=None, loop: asyncio.AbstractEventLoop | None = None,
-                 deflate=None, max_unflushed_bytes: int = 1 << 20) -> None:
+                 deflate=None, max_unflushed_bytes: int = 1 << 20, retention=None) -> None:
         self.broker = broker
+        self.retention = retention or broker.retention
         self.deflate = deflate           # deflate.Deflate (compress-once frames) or None
         self.policy_for = policy_for or (lambda name: None)
         self.loop = loop
@@ -317,7 +318,7 @@ class Hub:
         Callers check `must_throttle` afterwards: past `max_unflushed_bytes` they stop
         reading their client until `after_flush` says this pass's frames went out.
         """
-        seq = self._sync_publish(room, data)
+        seq = self._sync_publish(room, data)[0]
         self.publishes += 1
         self.unflushed_bytes += len(data)
         return seq
@@ -346,7 +347,7 @@ class Hub:
         every member's frame as is. Raises BrokerUnavailable when the broker refuses.
         """
         try:
-            seq = await self.broker.publish(room, data)
+            seq = (await self.broker.publish(room, data))[0]
         except BrokerUnavailable:
             self.publish_failures += 1
             raise
@@ -387,7 +388,7 @@ class Hub:
                      extra={"event": "broker_state", "broker": self.broker.name, "connected": connected})
         self.broker_connected = connected
 
-    def handle_publication(self, name: str, seq: int, data: bytes) -> None:
+    def handle_publication(self, name: str, seq: int, data: bytes, epoch: str | None = None) -> None:
         room = self.rooms.get(name)
         if room is None or not room.subscribed:
             self.publications_unrouted += 1

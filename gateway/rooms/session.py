@@ -325,7 +325,7 @@ class RoomsEndpoint:
             return
         exc = fut.exception()
         if exc is None:
-            self._ack(session, cmd, fut.result())
+            self._ack(session, cmd, fut.result()[0])
         else:
             self._refuse(session, _broker_unavailable("publish", exc, cmd.id))
 

@@ -9,7 +9,7 @@ import msgpack
 import orjson
 import pytest
 
-from gateway.broker.base import Broker, BrokerUnavailable
+from gateway.broker.base import Broker, BrokerUnavailable, History
 from gateway.broker.memory import MemoryBroker
 from gateway.rooms.hub import Hub
 from gateway_ext import FrameParser
@@ -40,6 +40,7 @@ class ScriptedBroker(Broker):
     name = "scripted"
 
     def __init__(self):
+        super().__init__()
         self.calls = []
         self.fail_subscribe = False
         self.gate = None
@@ -58,8 +59,12 @@ class ScriptedBroker(Broker):
     async def unsubscribe(self, room):
         self.calls.append(("unsubscribe", room))
 
-    async def publish(self, room, data):
+    async def publish(self, room, data, idempotency_key=None):
         raise BrokerUnavailable("redis is down")
+
+    async def history(self, room, since, limit):
+        self.calls.append(("history", room))
+        return History("e1", 0, [])
 
     async def close(self):
         pass

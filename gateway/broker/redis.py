@@ -15,19 +15,34 @@ shard per primary. Each shard has exactly two connections: a publisher and a pub
 reader. On a cluster, sharded pub/sub (SPUBLISH/SSUBSCRIBE) keeps a room's traffic on the
 shard that owns its slot instead of broadcasting it to every node.
 
-Names. Room R uses channel `<prefix>{R}` and sequence key `<prefix>seq:{R}`. The hash tag
-`{R}` puts both in one cluster slot, which sharded pub/sub and the script below require;
-on a single node it is harmless. "}" and "%" in R are percent-escaped and an empty R is
+Names. Room R uses channel `<prefix>{R}`, meta hash `<prefix>meta:{R}` (its epoch `e` and
+top seq `s`), history stream `<prefix>hist:{R}` and idempotency keys `<prefix>idem:{R}:<key>`.
+The hash tag `{R}` puts them all in one cluster slot, which sharded pub/sub and the scripts
+below require; on a single node it is harmless. "}" and "%" in R are percent-escaped and an empty R is
 "%" (see `room_tag`); the prefix may not contain braces (it would move the tag).
 
-Sequence numbers. Publishing runs one Lua script: INCR the room's seq key, EXPIRE it
-(`seq_ttl`, so idle rooms do not leak keys), PUBLISH `b"<seq>:<data>"`. Redis runs scripts
-one at a time, so the number a publisher gets back is the number every subscriber sees, and
-channel order is seq order: gaps are real gaps. Cost: one EVALSHA per publication instead of
-a bare PUBLISH (three commands inside Redis, roughly 2x the server CPU of PUBLISH) and one
-small key per room active within `seq_ttl`. After `seq_ttl` seconds of silence, or after a
-Redis restart without persistence, a room's seq starts again at 1; subscribers count that as
-`seq_resets` (a break they cannot measure) rather than as a gap.
+Sequence numbers and history. Publishing runs ONE Lua script (PUBLISH_SCRIPT): an
+idempotency key seen within the room's TTL answers the original (seq, epoch) and does
+nothing else; otherwise it reads the room's epoch from the meta hash (minting one, and
+deleting any stream left from an older numbering, when the hash is gone), HINCRBYs the top
+seq, EXPIREs the hash (`Retention.meta_ttl`), XADDs the publication to the stream with the
+seq as its id (`MAXLEN ~ size`: trimmed by whole stream nodes, so it may hold a few more),
+EXPIREs the stream (`Retention.ttl`), PUBLISHes `b"<seq>:<epoch>:<data>"` and records the
+idempotency key (EX ttl). Redis runs scripts one at a time, so the number a publisher gets
+back is the number every subscriber sees and the history holds, and channel order is seq
+order: gaps are real gaps. After meta_ttl of silence in a room no process holds, or a Redis
+restart without persistence, the room gets a new epoch and its seq starts again at 1;
+subscribers count that as `seq_resets`. Reads (READ_SCRIPT) return the position and an
+XRANGE after `since`, minting the epoch the same way for a room Redis does not know, so a
+joiner's position is the one later publications continue.
+
+Keys live only while they serve (issue 12): the stream `ttl` seconds after the room's last
+publication, the meta hash `meta_ttl` (2 x ttl) after its last publication or read, and
+while any process holds the room (the touch loop re-EXPIREs the meta of held rooms that
+saw no publication for a third of their meta_ttl). Redis memory per room: the meta hash
+(~100 B), up to `size` (+ one stream node, <= 100) entries of ~(payload + 30 B) while
+published to, and ~(80 B + key) per idempotency key within the ttl. With history off
+(size 0) only the meta hash and the keys.
 
 Batching. `publish()` appends to its shard's queue; one writer task per shard writes
 everything queued since its last write as one pipeline, then reads the replies.
@@ -68,17 +83,60 @@ from redis.crc import key_slot
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from gateway.broker import url as broker_url
-from gateway.broker.base import Broker, BrokerHandler, BrokerUnavailable
+from gateway.broker.base import Broker, BrokerHandler, BrokerUnavailable, History, Publication
+from gateway.broker.memory import new_epoch
 
 log = logging.getLogger("gateway.broker.redis")
 
-# KEYS[1] seq key, KEYS[2] channel; ARGV[1] data, ARGV[2] ttl seconds, ARGV[3] PUBLISH|SPUBLISH.
-# The channel is passed as a key so Redis Cluster checks it shares the seq key's slot.
+# KEYS[1] meta hash, KEYS[2] history stream, KEYS[3] channel, KEYS[4] (optional) idempotency
+# key; ARGV[1] data, ARGV[2] history size, ARGV[3] ttl, ARGV[4] meta ttl, ARGV[5]
+# PUBLISH|SPUBLISH, ARGV[6] the epoch to mint if the room has none. Returns {seq, epoch, dup}.
+# The channel is passed as a key so Redis Cluster checks it shares the others' slot.
 PUBLISH_SCRIPT = b"""
-local seq = redis.call('INCR', KEYS[1])
-redis.call('EXPIRE', KEYS[1], ARGV[2])
-redis.call(ARGV[3], KEYS[2], seq .. ':' .. ARGV[1])
-return seq
+if KEYS[4] then
+  local done = redis.call('GET', KEYS[4])
+  if done then
+    local seq, epoch = string.match(done, '^(%d+):(.*)$')
+    return {tonumber(seq), epoch, 1}
+  end
+end
+local epoch = redis.call('HGET', KEYS[1], 'e')
+if not epoch then
+  epoch = ARGV[6]
+  redis.call('HSET', KEYS[1], 'e', epoch)
+  redis.call('DEL', KEYS[2])
+end
+local seq = redis.call('HINCRBY', KEYS[1], 's', 1)
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+if ARGV[2] ~= '0' then
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], seq, 'd', ARGV[1])
+  redis.call('EXPIRE', KEYS[2], ARGV[3])
+end
+redis.call(ARGV[5], KEYS[3], seq .. ':' .. epoch .. ':' .. ARGV[1])
+if KEYS[4] then
+  redis.call('SET', KEYS[4], seq .. ':' .. epoch, 'EX', ARGV[3])
+end
+return {seq, epoch, 0}
+"""
+
+# KEYS[1] meta hash, KEYS[2] history stream; ARGV[1] since, ARGV[2] limit (0: position only),
+# ARGV[3] meta ttl, ARGV[4] the epoch to mint if the room has none. Returns {top, epoch, entries}.
+READ_SCRIPT = b"""
+local meta = redis.call('HMGET', KEYS[1], 'e', 's')
+local epoch, top = meta[1], tonumber(meta[2] or '0')
+if not epoch then
+  epoch = ARGV[4]
+  top = 0
+  redis.call('HSET', KEYS[1], 'e', epoch, 's', 0)
+  redis.call('DEL', KEYS[2])
+end
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+local entries = {}
+local since = tonumber(ARGV[1])
+if ARGV[2] ~= '0' and since < top then
+  entries = redis.call('XRANGE', KEYS[2], since + 1, '+', 'COUNT', ARGV[2])
+end
+return {top, epoch, entries}
 """
 
 # Replies meaning "the topology is not what we think": refresh it by reconnecting.
@@ -93,6 +151,22 @@ def _bulk(arg: bytes) -> bytes:
 def _command(*args: bytes) -> bytes:
     """RESP-encode one command. Hand-rolled: the publish path packs thousands per second."""
     return b"*%d\r\n%b" % (len(args), b"".join(_bulk(a) for a in args))
+
+
+def _history(reply) -> History:
+    top, epoch, entries = reply
+    # XRANGE entries: [id, [field, value]]; the id is "<seq>-0" (the script sets it).
+    pubs = [Publication(int(entry[0].partition(b"-")[0]), entry[1][1]) for entry in entries]
+    return History(epoch.decode(), int(top), pubs)
+
+
+def _ignore(reply) -> None:
+    return None
+
+
+def _retrieve(fut: asyncio.Future) -> None:
+    if not fut.cancelled():
+        fut.exception()   # a failed EXPIRE is a fault the supervisor handles; nothing to report here
 
 
 def room_tag(room: str) -> bytes:
@@ -136,16 +210,16 @@ class _Shard:
 class RedisBroker(Broker):
     name = "redis"
 
-    def __init__(self, url: str, *, prefix: str = "ws:", seq_ttl: int = 86400, timeout: float = 5.0,
+    def __init__(self, url: str, *, prefix: str = "ws:", timeout: float = 5.0, retention=None,
                  reconnect_min: float = 0.05, reconnect_max: float = 5.0, local_fallback: bool = True) -> None:
+        super().__init__(retention)
         self.cluster, self._seeds = parse_broker_url(url)
         if "{" in prefix or "}" in prefix:
             raise ValueError(f"invalid Redis channel prefix {prefix!r}: braces would change the cluster hash tag")
-        if seq_ttl < 1 or timeout <= 0 or not 0 < reconnect_min <= reconnect_max:
-            raise ValueError("seq_ttl must be >= 1, timeout > 0 and 0 < reconnect_min <= reconnect_max")
+        if timeout <= 0 or not 0 < reconnect_min <= reconnect_max:
+            raise ValueError("timeout must be > 0 and 0 < reconnect_min <= reconnect_max")
         self.url = url
         self.prefix = prefix.encode()
-        self.seq_ttl = b"%d" % seq_ttl
         self.timeout = timeout
         self.reconnect_min = reconnect_min
         self.reconnect_max = reconnect_max
@@ -157,10 +231,15 @@ class RedisBroker(Broker):
         self._handler: BrokerHandler | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._rooms: dict[bytes, str] = {}        # channel -> room, for every room held
-        self._last_seq: dict[str, int] = {}        # room -> last seq received (gap detection)
+        self._last_seq: dict[str, tuple] = {}      # room -> (seq, epoch) last received (gap detection)
+        self._args: dict[str, tuple] = {}          # room -> its keys and retention arguments (held rooms)
+        self._touched: dict[str, float] = {}       # held room -> when its meta TTL was last refreshed
+        self._toucher: asyncio.Task | None = None
+        self._now = 0.0                            # loop time, refreshed every second by the touch loop
         self._shards: list[_Shard] = []
         self._slots: list[int] | None = None       # cluster: slot -> index in _shards
         self._sha: bytes = b""
+        self._read_sha: bytes = b""
         self._fault: asyncio.Future | None = None
         self._supervisor: asyncio.Task | None = None
         self._closing = False
@@ -177,14 +256,35 @@ class RedisBroker(Broker):
         self.messages_lost = 0
         self.seq_resets = 0
         self.local_deliveries = 0
+        self.duplicates = 0            # idempotent retries answered with the original seq
+        self.history_reads = 0
+        self.meta_touches = 0          # EXPIREs of held rooms' meta hashes (touch loop)
 
     # -- names -------------------------------------------------------------------------
 
     def channel(self, room: str) -> bytes:
         return b"%b{%b}" % (self.prefix, room_tag(room))
 
-    def seq_key(self, room: str) -> bytes:
-        return b"%bseq:{%b}" % (self.prefix, room_tag(room))
+    def meta_key(self, room: str) -> bytes:
+        return b"%bmeta:{%b}" % (self.prefix, room_tag(room))
+
+    def history_key(self, room: str) -> bytes:
+        return b"%bhist:{%b}" % (self.prefix, room_tag(room))
+
+    def idempotency_key(self, room: str, key: str) -> bytes:
+        return b"%bidem:{%b}:%b" % (self.prefix, room_tag(room), key.encode("utf-8", "surrogatepass"))
+
+    def _room_args(self, room: str) -> tuple:
+        """(channel, meta, stream, size, ttl, meta_ttl) as RESP bulk strings, cached per held room."""
+        args = self._args.get(room)
+        if args is None:
+            retention = self.retention(room)
+            args = (self.channel(room), _bulk(self.meta_key(room)), _bulk(self.history_key(room)),
+                    _bulk(b"%d" % retention.size), _bulk(b"%d" % retention.ttl), _bulk(b"%d" % retention.meta_ttl),
+                    retention.meta_ttl)
+            if self.channel(room) in self._rooms:
+                self._args[room] = args
+        return args
 
     def _shard_for(self, channel: bytes) -> _Shard:
         if self._slots is None:
@@ -211,9 +311,12 @@ class RedisBroker(Broker):
         else:
             self._set_state(True)
             self._supervisor = self._loop.create_task(self._supervise(first_delay=False))
+        self._toucher = self._loop.create_task(self._touch_loop())
 
     async def close(self) -> None:
         self._closing = True
+        if self._toucher is not None:
+            self._toucher.cancel()
         if self._supervisor is not None:
             self._supervisor.cancel()
             await asyncio.wait([self._supervisor])
@@ -221,6 +324,8 @@ class RedisBroker(Broker):
         await self._teardown(BrokerUnavailable("broker closed"))
         self._rooms.clear()
         self._last_seq.clear()
+        self._touched.clear()
+        self._args.clear()
 
     def _set_state(self, connected: bool, error: BaseException | None = None) -> None:
         self.connected = connected
@@ -341,8 +446,7 @@ class RedisBroker(Broker):
                     info = await shard.pub.read_response()
                     if b"cluster_state:ok" not in info:
                         raise RedisError(f"cluster not ready on {shard.address}")
-                await shard.pub.send_packed_command(_command(b"SCRIPT", b"LOAD", PUBLISH_SCRIPT))
-                self._sha = await shard.pub.read_response()
+                await self._load_scripts(shard.pub)
         # Resubscribe the rooms held, per shard, in chunks; wait for every confirmation.
         by_shard: dict[int, list[bytes]] = collections.defaultdict(list)
         for channel in self._rooms:
@@ -377,6 +481,12 @@ class RedisBroker(Broker):
                 async with asyncio.timeout(self.timeout):
                     await shard.sub.send_packed_command(_command(self._unsubscribe_cmd, *stale))
 
+    async def _load_scripts(self, conn: Connection) -> None:
+        await conn.send_packed_command(_command(b"SCRIPT", b"LOAD", PUBLISH_SCRIPT))
+        self._sha = await conn.read_response()
+        await conn.send_packed_command(_command(b"SCRIPT", b"LOAD", READ_SCRIPT))
+        self._read_sha = await conn.read_response()
+
     def _report_fault(self, error: BaseException) -> None:
         if self._fault is not None and not self._fault.done():
             self._fault.set_result(error)
@@ -390,7 +500,8 @@ class RedisBroker(Broker):
             for task in (shard.writer, shard.reader):
                 if task is not None and task is not current and not task.done():
                     task.cancel()
-            for *_, fut in (*shard.inflight, *shard.queue):
+            for item in (*shard.inflight, *shard.queue):
+                fut = item[1]
                 if not fut.done():
                     self.publish_errors += 1
                     fut.set_exception(BrokerUnavailable(reason))
@@ -412,13 +523,13 @@ class RedisBroker(Broker):
                 except Exception:  # noqa: BLE001 - the socket is being thrown away anyway
                     pass
 
-    # -- publishing --------------------------------------------------------------------
+    # -- publishing and history ----------------------------------------------------------
 
-    async def publish(self, room: str, data: bytes) -> int:
-        return await self.publish_future(room, data)
+    async def publish(self, room: str, data: bytes, idempotency_key: str | None = None) -> tuple[int, str]:
+        return await self.publish_future(room, data, idempotency_key)
 
-    def publish_future(self, room: str, data: bytes) -> asyncio.Future:
-        """Queue a publication now; the future gets its seq (or BrokerUnavailable).
+    def publish_future(self, room: str, data: bytes, idempotency_key: str | None = None) -> asyncio.Future:
+        """Queue a publication now; the future gets its (seq, epoch) (or BrokerUnavailable).
 
         Synchronous on purpose: publications queued in call order are sent, numbered and
         delivered in that order (one FIFO per shard, a room lives on one shard), so a
@@ -436,31 +547,53 @@ class RedisBroker(Broker):
                                         "delivered only to members on this process, without a seq",
                                         delivered_locally=True)
             raise BrokerUnavailable(f"redis unavailable ({self._last_error})")
-        channel = self.channel(room)
+        channel, meta, stream, size, ttl, meta_ttl, _ = self._room_args(room)
+        if idempotency_key is None:
+            head = b"*12\r\n$7\r\nEVALSHA\r\n" + _bulk(self._sha) + b"$1\r\n3\r\n"
+            idem = b""
+        else:
+            head = b"*13\r\n$7\r\nEVALSHA\r\n" + _bulk(self._sha) + b"$1\r\n4\r\n"
+            idem = _bulk(self.idempotency_key(room, idempotency_key))
+        cmd = b"".join((head, meta, stream, _bulk(channel), idem, _bulk(data), size, ttl, meta_ttl,
+                        _bulk(self._publish_cmd), _bulk(new_epoch().encode())))
+        self.publishes += 1
+        return self._enqueue(channel, cmd, self._published)
+
+    def _published(self, reply) -> tuple[int, str]:
+        seq, epoch, dup = reply
+        if dup:
+            self.duplicates += 1
+        return seq, epoch.decode()
+
+    async def history(self, room: str, since: int, limit: int) -> History:
+        if not self.connected:
+            raise BrokerUnavailable(f"redis unavailable ({self._last_error})")
+        channel, meta, stream, _size, _ttl, meta_ttl, _ = self._room_args(room)
+        cmd = b"".join((b"*9\r\n$7\r\nEVALSHA\r\n", _bulk(self._read_sha), b"$1\r\n2\r\n", meta, stream,
+                        _bulk(b"%d" % max(0, since)), _bulk(b"%d" % max(0, limit)), meta_ttl,
+                        _bulk(new_epoch().encode())))
+        self.history_reads += 1
+        return await self._enqueue(channel, cmd, _history)
+
+    def _enqueue(self, channel: bytes, cmd: bytes, convert) -> asyncio.Future:
+        """Queue one packed command on the channel's shard; the future gets convert(reply)."""
         shard = self._shard_for(channel)
         fut = self._loop.create_future()
-        shard.queue.append((self.seq_key(room), channel, data, fut))
+        shard.queue.append((cmd, fut, convert))
         if shard.writer is None or shard.writer.done():
             shard.writer = self._loop.create_task(self._write_loop(shard))
-        self.publishes += 1
         return fut
-
-    def _evalsha_head(self) -> bytes:
-        # EVALSHA sha 2 <key> <channel> <data> <ttl> <cmd>: 8 arguments, the first 3 fixed.
-        return b"*8\r\n$7\r\nEVALSHA\r\n" + _bulk(self._sha) + b"$1\r\n2\r\n"
 
     def _deliver_local(self, room: str, data: bytes) -> None:
         if self.channel(room) in self._rooms:
             try:
-                self._handler.handle_publication(room, 0, data)
+                self._handler.handle_publication(room, 0, data, None)
             except Exception:
                 log.exception("publication handler failed", extra={"room": room})
 
     async def _write_loop(self, shard: _Shard) -> None:
         """Write the queue as one pipeline, read its replies, repeat while more was queued."""
         conn = shard.pub
-        head = self._evalsha_head()
-        tail = _bulk(self.seq_ttl) + _bulk(self._publish_cmd)
         try:
             while shard.queue:
                 batch = shard.inflight = shard.queue
@@ -472,11 +605,9 @@ class RedisBroker(Broker):
                 fault = None
                 # One deadline for the whole batch: a Redis that stops answering is a fault.
                 async with asyncio.timeout(self.timeout):
-                    await conn.send_packed_command(
-                        [b"".join([head, _bulk(key), _bulk(channel), _bulk(data), tail]) for key, channel, data, _ in batch],
-                        check_health=False)
+                    await conn.send_packed_command([item[0] for item in batch], check_health=False)
                     for item in batch:
-                        fut = item[3]
+                        fut = item[1]
                         try:
                             reply = await conn.read_response()
                         except NoScriptError:
@@ -485,27 +616,52 @@ class RedisBroker(Broker):
                         except ResponseError as exc:
                             self.publish_errors += 1
                             if not fut.done():
-                                fut.set_exception(BrokerUnavailable(f"redis refused the publication: {exc}"))
+                                fut.set_exception(BrokerUnavailable(f"redis refused the command: {exc}"))
                             if str(exc).encode().startswith(_REDIRECTS):
                                 fault = exc   # keep reading the batch's replies, then refresh the topology
                             continue
                         if not fut.done():
-                            fut.set_result(reply)
+                            try:
+                                fut.set_result(item[2](reply))
+                            except Exception as exc:  # noqa: BLE001 - an unexpected reply shape
+                                fut.set_exception(BrokerUnavailable(f"unexpected reply from redis: {exc!r}"[:200]))
                 shard.inflight = []
                 if fault is not None:
                     shard.queue[:0] = retry
                     self._report_fault(fault)
                     return
                 if retry:
+                    # The scripts' SHA1s do not change, so the queued EVALSHAs stay valid.
                     async with asyncio.timeout(self.timeout):
-                        await conn.send_packed_command(_command(b"SCRIPT", b"LOAD", PUBLISH_SCRIPT))
-                        self._sha = await conn.read_response()
-                    head = self._evalsha_head()
+                        await self._load_scripts(conn)
                     shard.queue[:0] = retry
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - connection errors, timeouts: a fault
             self._report_fault(exc)
+
+    async def _touch_loop(self) -> None:
+        """Keep the meta hash of every held room alive (keys live while they serve).
+
+        A room published to refreshes its own TTL in the script; a held room that stays
+        silent would otherwise lose its numbering after meta_ttl and its members would see
+        a reset. Every second, held rooms untouched for a third of their meta_ttl get one
+        pipelined EXPIRE each.
+        """
+        while True:
+            await asyncio.sleep(1.0)
+            now = self._now = self._loop.time()
+            if not self.connected:
+                continue
+            touched = self._touched
+            for room in list(touched):
+                args = self._args.get(room)
+                if args is None or now - touched[room] < args[6] / 3:
+                    continue
+                touched[room] = now
+                self.meta_touches += 1
+                self._enqueue(args[0], b"*3\r\n$6\r\nEXPIRE\r\n" + args[1] + args[5], _ignore) \
+                    .add_done_callback(_retrieve)
 
     # -- subscriptions -----------------------------------------------------------------
 
@@ -518,6 +674,8 @@ class RedisBroker(Broker):
             raise BrokerUnavailable(f"redis unavailable: {self._last_error}")
         # Held from now on, so a reconnect while we wait resubscribes it.
         self._rooms[channel] = room
+        self._room_args(room)
+        self._touched[room] = self._now = self._loop.time()
         shard = self._shard_for(channel)
         fut = self._loop.create_future()
         shard.sub_waiters[channel].append(fut)
@@ -541,6 +699,8 @@ class RedisBroker(Broker):
         if self._rooms.pop(channel, None) is None:
             return
         self._last_seq.pop(room, None)
+        self._touched.pop(room, None)
+        self._args.pop(room, None)
         if not self.connected or not self._shards:
             return   # not subscribed in Redis anyway; the next connect will not resubscribe it
         shard = self._shard_for(channel)
@@ -560,6 +720,7 @@ class RedisBroker(Broker):
         conn = shard.sub
         rooms = self._rooms
         last_seq = self._last_seq
+        touched = self._touched
         handler = self._handler
         try:
             while True:
@@ -569,18 +730,26 @@ class RedisBroker(Broker):
                     room = rooms.get(reply[1])
                     if room is None:
                         continue   # released while the message was on its way
-                    seq_b, _, data = reply[2].partition(b":")
+                    seq_b, _, rest = reply[2].partition(b":")
+                    epoch_b, _, data = rest.partition(b":")
                     seq = int(seq_b)
                     self.messages_received += 1
                     prev = last_seq.get(room)
                     if prev is not None:
-                        if seq > prev + 1:
-                            self.messages_lost += seq - prev - 1
-                        elif seq <= prev:
+                        if prev[1] != epoch_b or seq <= prev[0]:
                             self.seq_resets += 1
-                    last_seq[room] = seq
+                            epoch = epoch_b.decode()
+                        else:
+                            epoch = prev[2]
+                            if seq > prev[0] + 1:
+                                self.messages_lost += seq - prev[0] - 1
+                    else:
+                        epoch = epoch_b.decode()
+                    last_seq[room] = (seq, epoch_b, epoch)
+                    if room in touched:
+                        touched[room] = self._now   # the script refreshed the meta TTL
                     try:
-                        handler.handle_publication(room, seq, data)
+                        handler.handle_publication(room, seq, data, epoch)
                     except Exception:
                         log.exception("publication handler failed", extra={"room": room})
                 elif kind == b"subscribe" or kind == b"ssubscribe":
@@ -622,6 +791,9 @@ class RedisBroker(Broker):
             "messages_lost": self.messages_lost,
             "seq_resets": self.seq_resets,
             "local_deliveries": self.local_deliveries,
+            "duplicates": self.duplicates,
+            "history_reads": self.history_reads,
+            "meta_touches": self.meta_touches,
             "rooms": len(self._rooms),
             "shards": len(self._shards),
         }

@@ -13,7 +13,7 @@ import uuid
 
 import pytest
 
-from gateway.broker import BrokerUnavailable, create_broker
+from gateway.broker import BrokerUnavailable, Retention, create_broker
 from gateway.broker.memory import MemoryBroker
 from tests.broker_helpers import Recorder, same_slot_room
 from tests.redis_server import RedisCluster, RedisServer
@@ -31,15 +31,26 @@ def contract_cluster():
         yield cluster
 
 
+def retention(room: str) -> Retention:
+    """Rooms named "small*" keep 3 publications, "off*" none, the rest the default."""
+    if room.startswith("small"):
+        return Retention(3, 60)
+    if room.startswith("off"):
+        return Retention(0, 60)
+    return Retention()
+
+
 @pytest.fixture(params=["memory", "redis", "redis-cluster"])
 def make_broker(request):
-    """A factory of unstarted brokers of one kind; Redis ones share a per-test prefix."""
+    """A factory of unstarted brokers of one kind; Redis ones share a per-test prefix.
+
+    Memory brokers made by one factory share nothing (each is a process of its own)."""
     kind = request.param
     prefix = f"t{uuid.uuid4().hex[:8]}:"
     if kind == "memory":
-        return lambda: create_broker("memory://")
+        return lambda: create_broker("memory://", retention=retention)
     url = request.getfixturevalue("contract_redis" if kind == "redis" else "contract_cluster").url
-    return lambda: create_broker(url, prefix=prefix)
+    return lambda: create_broker(url, prefix=prefix, retention=retention)
 
 
 async def started(make_broker) -> tuple[object, Recorder]:
@@ -65,9 +76,11 @@ def test_publish_reaches_subscriber_with_the_returned_seq(run, make_broker):
         broker, rec = await started(make_broker)
         try:
             await broker.subscribe("lobby")
-            seq = await broker.publish("lobby", b'{"text":"hi"}')
+            seq, epoch = await broker.publish("lobby", b'{"text":"hi"}')
             assert isinstance(seq, int) and seq >= 1
+            assert isinstance(epoch, str) and epoch
             assert await rec.wait_count("lobby", 1) == [(seq, b'{"text":"hi"}')]
+            assert rec.epochs == [epoch]
         finally:
             await broker.close()
     run(main())
@@ -95,7 +108,7 @@ def test_order_and_consecutive_seq_under_concurrent_publishes(run, make_broker):
         try:
             await broker.subscribe("r")
             payloads = [b'{"i":%d}' % i for i in range(500)]
-            seqs = await asyncio.gather(*(broker.publish("r", p) for p in payloads))
+            seqs = [seq for seq, _ in await asyncio.gather(*(broker.publish("r", p) for p in payloads))]
             # Publications made in order get increasing, consecutive numbers...
             assert seqs == list(range(seqs[0], seqs[0] + len(payloads)))
             got = await rec.wait_count("r", len(payloads))
@@ -113,7 +126,7 @@ def test_only_subscribed_rooms_are_delivered(run, make_broker):
             sentinel = same_slot_room("other")
             await broker.subscribe("mine")
             await broker.subscribe(sentinel)
-            assert isinstance(await broker.publish("other", b"1"), int)
+            assert isinstance((await broker.publish("other", b"1"))[0], int)
             await broker.publish("mine", b"2")
             await broker.publish(sentinel, b"3")
             await rec.wait_count(sentinel, 1)
@@ -142,7 +155,7 @@ def test_unsubscribe_stops_delivery(run, make_broker):
             assert [d for _, d in rec.of("r")] == [b"before"]
             # ... and subscribing again resumes delivery.
             await broker.subscribe("r")
-            seq = await broker.publish("r", b"again")
+            seq, _ = await broker.publish("r", b"again")
             got = await rec.wait_count("r", 2)
             assert got[-1] == (seq, b"again")
         finally:
@@ -161,7 +174,7 @@ def test_rooms_are_independent_and_names_arbitrary(run, make_broker):
                 await broker.subscribe(room)
             sent = {}
             for room in rooms:
-                sent[room] = [(await broker.publish(room, p), p) for p in payloads]
+                sent[room] = [((await broker.publish(room, p))[0], p) for p in payloads]
             for room in rooms:
                 assert await rec.wait_count(room, len(payloads)) == sent[room]
                 assert [s for s, _ in sent[room]] == list(range(sent[room][0][0], sent[room][0][0] + len(payloads)))
@@ -220,3 +233,133 @@ def test_publish_after_close_never_claims_delivery(run, make_broker):
 def test_memory_broker_is_the_default():
     assert isinstance(create_broker(""), MemoryBroker)
     assert isinstance(create_broker("memory://"), MemoryBroker)
+
+
+# -- history, positions and idempotency (issue 14) -----------------------------------------
+
+def test_history_returns_what_came_after_since_in_order(run, make_broker):
+    async def main():
+        broker, rec = await started(make_broker)
+        try:
+            await broker.subscribe("h")
+            sent = [await broker.publish("h", b'{"n":%d}' % i) for i in range(5)]
+            epoch = sent[0][1]
+            assert {e for _, e in sent} == {epoch}
+            seqs = [s for s, _ in sent]
+            assert seqs == [1, 2, 3, 4, 5]
+            found = await broker.history("h", 0, 100)
+            assert (found.epoch, found.top) == (epoch, 5)
+            assert [(p.seq, p.data) for p in found.publications] == [(i + 1, b'{"n":%d}' % i) for i in range(5)]
+            assert [p.seq for p in (await broker.history("h", 3, 100)).publications] == [4, 5]
+            assert [p.seq for p in (await broker.history("h", 1, 2)).publications] == [2, 3]
+            assert (await broker.history("h", 5, 100)).publications == []
+            assert (await broker.history("h", 0, 0)).publications == []
+            assert await broker.position("h") == (5, epoch)
+            # Live delivery carries the same epoch.
+            await rec.wait_count("h", 5)
+            assert set(rec.epochs) == {epoch}
+        finally:
+            await broker.close()
+    run(main())
+
+
+def test_publications_to_rooms_nobody_holds_are_numbered_and_kept(run, make_broker):
+    """A backend publishing while the room's members reconnect: nothing is lost for them."""
+    async def main():
+        broker, rec = await started(make_broker)
+        try:
+            first = await broker.publish("away", b"1")
+            second = await broker.publish("away", b"2")
+            assert (first[0], second[0]) == (1, 2) and first[1] == second[1]
+            found = await broker.history("away", 0, 10)
+            assert [(p.seq, p.data) for p in found.publications] == [(1, b"1"), (2, b"2")]
+        finally:
+            await broker.close()
+    run(main())
+
+
+def test_a_position_read_starts_the_numbering_later_publications_continue(run, make_broker):
+    async def main():
+        broker, rec = await started(make_broker)
+        try:
+            top, epoch = await broker.position("fresh")
+            assert top == 0 and isinstance(epoch, str) and epoch
+            assert await broker.publish("fresh", b"x") == (1, epoch)
+        finally:
+            await broker.close()
+    run(main())
+
+
+def test_history_size_bounds_what_is_kept(run, make_broker):
+    """ "small*" keeps 3: the newest ones, contiguous up to the top (Redis trims by stream
+    node, MAXLEN ~, so it may keep more; never fewer, never a hole)."""
+    async def main():
+        broker, rec = await started(make_broker)
+        try:
+            for i in range(250):
+                await broker.publish("small", b"%d" % i)
+            found = await broker.history("small", 0, 1000)
+            seqs = [p.seq for p in found.publications]
+            assert found.top == 250
+            assert 3 <= len(seqs) <= 3 + 100
+            assert seqs == list(range(251 - len(seqs), 251))
+            assert [p.data for p in found.publications][-3:] == [b"247", b"248", b"249"]
+        finally:
+            await broker.close()
+    run(main())
+
+
+def test_history_off_keeps_the_numbering_only(run, make_broker):
+    async def main():
+        broker, rec = await started(make_broker)
+        try:
+            await broker.subscribe("off")
+            seq, epoch = await broker.publish("off", b"1")
+            await broker.publish("off", b"2")
+            found = await broker.history("off", 0, 10)
+            assert (found.top, found.epoch, found.publications) == (seq + 1, epoch, [])
+            await rec.wait_count("off", 2)
+        finally:
+            await broker.close()
+    run(main())
+
+
+def test_the_same_idempotency_key_publishes_once(run, make_broker):
+    async def main():
+        broker, rec = await started(make_broker)
+        try:
+            sentinel = same_slot_room("idem")
+            await broker.subscribe("idem")
+            await broker.subscribe(sentinel)
+            first = await broker.publish("idem", b'"a"', idempotency_key="order-17")
+            again = await broker.publish("idem", b'"a"', idempotency_key="order-17")
+            other = await broker.publish("idem", b'"b"', idempotency_key="order-18")
+            assert again == first
+            assert other == (first[0] + 1, first[1])
+            # The same key in another room is another publication.
+            assert (await broker.publish(sentinel, b'"a"', idempotency_key="order-17"))[0] == 1
+            await broker.publish(sentinel, b"fence")
+            await rec.wait_count(sentinel, 2)
+            assert rec.of("idem") == [(first[0], b'"a"'), (other[0], b'"b"')]
+            assert [p.seq for p in (await broker.history("idem", 0, 10)).publications] == [first[0], other[0]]
+        finally:
+            await broker.close()
+    run(main())
+
+
+def test_every_process_sees_one_numbering(run, make_broker):
+    """Redis: two processes share the position and history; memory: each process is its own world."""
+    async def main():
+        (a, _), (b, _) = await started(make_broker), await started(make_broker)
+        try:
+            sa = await a.publish("shared", b"1")
+            sb = await b.publish("shared", b"2")
+            if isinstance(a, MemoryBroker):
+                assert sa[0] == sb[0] == 1 and sa[1] != sb[1]
+            else:
+                assert sb == (sa[0] + 1, sa[1])
+                assert [p.data for p in (await a.history("shared", 0, 10)).publications] == [b"1", b"2"]
+        finally:
+            await a.close()
+            await b.close()
+    run(main())

@@ -16,6 +16,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from gateway.broker import BrokerUnavailable, create_broker
+from gateway.broker.base import Retention
 from gateway.broker.redis import RedisBroker, parse_broker_url
 from gateway.config import load
 from gateway.errors import ConfigError
@@ -89,8 +90,8 @@ def test_bad_urls_are_clear_value_errors(url, words):
 def test_bad_options():
     with pytest.raises(ValueError, match="braces"):
         RedisBroker("redis://h", prefix="a{b}")
-    with pytest.raises(ValueError, match="seq_ttl"):
-        RedisBroker("redis://h", seq_ttl=0)
+    with pytest.raises(ValueError, match="timeout"):
+        RedisBroker("redis://h", timeout=0)
 
 
 @pytest.mark.parametrize("broker, field, words", [
@@ -109,12 +110,12 @@ def test_config_rejects_bad_broker_urls(broker, field, words):
 
 def test_config_redis_options():
     config = load(None, env={}, overrides={"broker": "redis+cluster://a:1,b:2", "redis_prefix": "app1:",
-                                           "redis_seq_ttl": 60, "redis_timeout": 1.5})
-    assert (config.redis_prefix, config.redis_seq_ttl, config.redis_timeout) == ("app1:", 60, 1.5)
+                                           "history_ttl": 60, "redis_timeout": 1.5})
+    assert (config.redis_prefix, config.history_ttl, config.redis_timeout) == ("app1:", 60, 1.5)
     with pytest.raises(ConfigError, match="braces"):
         load(None, env={}, overrides={"redis_prefix": "{x}"})
-    with pytest.raises(ConfigError, match="redis_seq_ttl"):
-        load(None, env={}, overrides={"redis_seq_ttl": 0})
+    with pytest.raises(ConfigError, match="history_ttl"):
+        load(None, env={}, overrides={"history_ttl": 0})
 
 
 def test_workers_need_a_shared_broker():
@@ -138,9 +139,9 @@ def test_cli_bad_broker_url_is_a_configuration_error():
 def test_cli_flags_reach_the_config():
     from gateway.cli import build_parser, config_from_args
     args = build_parser().parse_args(["serve", "--broker", "redis://127.0.0.1:1/0", "--redis-prefix", "p:",
-                                      "--redis-seq-ttl", "5", "--redis-timeout", "0.5"])
+                                      "--history-ttl", "5", "--redis-timeout", "0.5"])
     config = config_from_args(args)
-    assert (config.broker, config.redis_prefix, config.redis_seq_ttl, config.redis_timeout) == \
+    assert (config.broker, config.redis_prefix, config.history_ttl, config.redis_timeout) == \
         ("redis://127.0.0.1:1/0", "p:", 5, 0.5)
 
 
@@ -180,8 +181,8 @@ def test_seq_is_shared_by_every_process(run, redis_server):
         try:
             await a.subscribe("r")
             await b.subscribe("r")
-            results = await asyncio.gather(*(
-                (a if i % 2 else b).publish("r", b'{"n":%d}' % i) for i in range(400)))
+            results = [seq for seq, _ in await asyncio.gather(*(
+                (a if i % 2 else b).publish("r", b'{"n":%d}' % i) for i in range(400)))]
             assert sorted(results) == list(range(1, 401))
             got_a = await rec_a.wait_count("r", 400)
             got_b = await rec_b.wait_count("r", 400)
@@ -212,17 +213,73 @@ def test_publishes_of_one_loop_pass_share_one_round_trip(run, redis_server):
     run(main())
 
 
-def test_seq_keys_expire_and_live_in_the_selected_db(run, redis_server):
+def test_room_keys_follow_the_retention_and_live_in_the_selected_db(run, redis_server):
+    """Issue 12: a room's keys live only while they serve: the stream `ttl` after the last
+    publication, the meta hash 2 x ttl; a room without history gets no stream; nothing a
+    day long. All in the selected database, all in the room's hash tag."""
     async def main():
         url = f"redis://127.0.0.1:{redis_server.port}/3"
-        broker, _ = await started(url, seq_ttl=120)
+        retention = lambda room: Retention(0 if room.startswith("off") else 10, 120)
+        broker, _ = await started(url, retention=retention)
         try:
-            await broker.publish("r", b"1")
+            for i in range(150):
+                await broker.publish(f"room-{i}", b"1")
+            await broker.publish("off", b"1")
             async with aioredis.Redis(host="127.0.0.1", port=redis_server.port, db=3) as r:
-                assert await r.get(broker.seq_key("r")) == b"1"
-                assert 0 < await r.ttl(broker.seq_key("r")) <= 120
+                keys = sorted(await r.keys("*"))
+                assert len(keys) == 2 * 150 + 1
+                for key in keys:
+                    ttl = await r.ttl(key)
+                    if b"hist:" in key:
+                        assert 0 < ttl <= 120
+                    else:
+                        assert b"meta:" in key and 120 < ttl <= 240
+                assert await r.hgetall(broker.meta_key("room-0")) == {b"e": (await broker.position("room-0"))[1].encode(),
+                                                                       b"s": b"1"}
+                assert await r.exists(broker.history_key("off")) == 0
+                assert await r.xlen(broker.history_key("room-0")) == 1
+                assert await r.exists(b"ws:seq:{room-0}") == 0     # the old per-room key is gone for good
             async with aioredis.Redis(host="127.0.0.1", port=redis_server.port, db=0) as r:
-                assert await r.exists(broker.seq_key("r")) == 0
+                assert await r.dbsize() == 0
+        finally:
+            await broker.close()
+    run(main())
+
+
+def test_held_rooms_keep_their_numbering_while_idle(run, redis_server):
+    """The meta hash of a room some process holds is refreshed; an unheld one expires."""
+    async def main():
+        broker, rec = await started(redis_server.url, retention=lambda room: Retention(10, 1))
+        try:
+            await broker.subscribe("held")
+            held = await broker.publish("held", b"1")
+            await broker.publish("unheld", b"1")
+            async with aioredis.Redis(host="127.0.0.1", port=redis_server.port) as r:
+                while await r.exists(broker.meta_key("unheld")):
+                    await asyncio.sleep(0.2)     # meta_ttl is 2 s: wait for Redis to expire it
+                assert await r.exists(broker.meta_key("held")) == 1
+                assert broker.stats()["meta_touches"] >= 1
+            assert await broker.publish("held", b"2") == (2, held[1])
+        finally:
+            await broker.close()
+    run(main())
+
+
+def test_epoch_changes_when_redis_loses_the_numbering(run, redis_server):
+    """Redis restarted without persistence: the next publication starts a new epoch at 1,
+    and a subscriber sees the new epoch (counted as a seq reset)."""
+    async def main():
+        broker, rec = await started(redis_server.url)
+        try:
+            await broker.subscribe("r")
+            seq, epoch = await broker.publish("r", b"1")
+            await broker.publish("r", b"2")
+            await rec.wait_count("r", 2)
+            redis_server.restart()
+            await rec.wait_states([True, False, True])
+            assert await broker.history("r", 0, 10) != (epoch, 2, [])
+            seq2, epoch2 = await broker.publish("r", b"3")
+            assert seq2 == 1 and epoch2 != epoch
         finally:
             await broker.close()
     run(main())
@@ -233,7 +290,7 @@ def test_unix_socket_url(run, redis_server):
         broker, rec = await started(redis_server.unix_url)
         try:
             await broker.subscribe("r")
-            seq = await broker.publish("r", b'"over a unix socket"')
+            seq, _ = await broker.publish("r", b'"over a unix socket"')
             assert await rec.wait_count("r", 1) == [(seq, b'"over a unix socket"')]
         finally:
             await broker.close()
@@ -246,8 +303,8 @@ def test_prefixes_isolate_gateways_sharing_a_redis(run, redis_server):
         try:
             await a.subscribe("r")
             await b.subscribe("r")
-            assert await a.publish("r", b"1") == 1
-            assert await b.publish("r", b"2") == 1          # separate numbering too
+            assert (await a.publish("r", b"1"))[0] == 1
+            assert (await b.publish("r", b"2"))[0] == 1          # separate numbering too
             assert await rec_a.wait_count("r", 1) == [(1, b"1")]
             assert await rec_b.wait_count("r", 1) == [(1, b"2")]
             await a.publish("r", b"3")
@@ -265,11 +322,11 @@ def test_a_failing_handler_does_not_stop_delivery(run, redis_server, caplog):
         calls = []
         original = rec.handle_publication
 
-        def flaky(room, seq, data):
+        def flaky(room, seq, data, epoch):
             calls.append(seq)
             if seq == 1:
                 raise RuntimeError("handler bug")
-            original(room, seq, data)
+            original(room, seq, data, epoch)
         rec.handle_publication = flaky
         try:
             await broker.subscribe("r")
@@ -307,7 +364,7 @@ def test_redis_killed_and_restarted(run, redis_server, caplog):
         try:
             await broker.subscribe("r")
             await broker.subscribe("s")
-            assert await broker.publish("r", b"1") == 1
+            assert (await broker.publish("r", b"1"))[0] == 1
             await rec.wait_count("r", 1)
 
             redis_server.kill()
@@ -333,7 +390,7 @@ def test_redis_killed_and_restarted(run, redis_server, caplog):
             assert await numsub(redis_server, broker.channel("new")) == 0
             # Redis restarted without persistence: numbering starts again, and the gap is
             # reported as a reset (unmeasurable), not as a number of lost messages.
-            assert await broker.publish("s", b"after") == 1
+            assert (await broker.publish("s", b"after"))[0] == 1
             assert await rec.wait_count("s", 1) == [(1, b"after")]
             await broker.publish("r", b"after")
             await rec.wait_count("r", 3)
@@ -381,7 +438,7 @@ def test_a_silent_redis_counts_as_down(run, redis_server):
                 await broker.publish("r", b"1")
             await rec.wait_states([True, False])
             await rec.wait_states([True, False, True])   # the pause ends: reconnected
-            assert await broker.publish("r", b"2") >= 1
+            assert (await broker.publish("r", b"2"))[0] >= 1
             assert await numsub(redis_server, broker.channel("r")) == 1
         finally:
             await broker.close()
@@ -406,7 +463,7 @@ def test_missed_publications_are_counted_from_seq_gaps(run, redis_server):
             await until(lambda: b.connect_failures >= 1)
             await redis_command(redis_server, "CONFIG", "SET", "requirepass", "", password="let-me-in")
             await rec_b.wait_states([True, False, True])
-            seq = await a.publish("r", b"after")
+            seq, _ = await a.publish("r", b"after")
             assert seq == 7
             assert await rec_b.wait_count("r", 2) == [(1, b"1"), (7, b"after")]
             assert b.stats()["messages_lost"] == 5 and b.stats()["seq_resets"] == 0
@@ -430,7 +487,7 @@ def test_start_with_redis_down_then_up(run):
             server.start()
             await rec.wait_states([False, True])
             await broker.subscribe("r")
-            assert await broker.publish("r", b"1") == 1
+            assert (await broker.publish("r", b"1"))[0] == 1
             assert await rec.wait_count("r", 1) == [(1, b"1")]
         finally:
             await broker.close()
@@ -471,7 +528,7 @@ def test_cluster_uses_sharded_pubsub_on_the_owning_node(run, redis_cluster):
                 assert dict(zip(*[iter(await node_command(owner, "PUBSUB", "SHARDNUMSUB", channel))] * 2)) == {channel: 1}
                 # Not the classic (broadcast-to-every-node) pub/sub.
                 assert await node_command(owner, "PUBSUB", "NUMSUB", channel) == [channel, 0]
-            sent = {room: await b.publish(room, room.encode()) for room in rooms.values()}
+            sent = {room: (await b.publish(room, room.encode()))[0] for room in rooms.values()}
             for room, seq in sent.items():
                 assert await rec_a.wait_count(room, 1) == [(seq, room.encode())]
             port, room = next(iter(rooms.items()))
@@ -503,7 +560,7 @@ def test_cluster_node_killed_and_restarted(run):
             victim.start()   # same port, same nodes.conf: it rejoins with its slots
             await rec.wait_states([True, False, True])
             for room in rooms.values():
-                seq = await broker.publish(room, b'"back"')
+                seq, _ = await broker.publish(room, b'"back"')
                 await rec.wait_for(lambda: (seq, b'"back"') in rec.of(room))
             owner_channel = broker.channel(rooms[victim.port])
             assert await node_command(victim, "PUBSUB", "SHARDNUMSUB", owner_channel) == [owner_channel, 1]

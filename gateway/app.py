@@ -69,6 +69,7 @@ def install_rooms(gateway: Gateway, config: Config):
     gateway.metric_sources.update({
         "hub": hub, "hub_gauges": lambda: hub.stats, "broker": broker.stats,
         "session": endpoint.stats, "backpressure": endpoint.backpressure,
+        "history": lambda: hub.history.stats,   # ws_gateway_history_*: reads, recoveries, bytes
     })
     gateway.readiness_checks.append(lambda: (hub.broker_connected, f"broker {broker.name} is not connected"))
     gateway.on_shutdown.append(hub.close)

@@ -124,3 +124,9 @@ class GatewayProcess:
         self.stop()
         if self.log_path and os.path.exists(self.log_path):
             os.unlink(self.log_path)
+
+
+def join_ack(reply: dict) -> dict:
+    """A join's ack without its position (seq, epoch: always present, checked here)."""
+    assert isinstance(reply.get("seq"), int) and isinstance(reply.get("epoch"), str), reply
+    return {k: v for k, v in reply.items() if k not in ("seq", "epoch")}

@@ -101,7 +101,7 @@ class PublishApi:
 
     async def _publish(self, hub, room: str, data: bytes) -> bytes:
         try:
-            seq = await hub.publish(room, data)
+            seq, epoch = await hub.publish(room, data)
         except BrokerUnavailable as exc:
             self.stats.rejected["broker_unavailable"] += 1
             log.warning("api publish failed: broker unavailable", extra={"event": "api_publish", "room": room,
@@ -114,7 +114,7 @@ class PublishApi:
                         if exc.delivered_locally else "")}
             return response(503, orjson.dumps(body), "application/json", {"Retry-After": "1"})
         self.stats.published += 1
-        return response(200, orjson.dumps({"ok": True, "seq": seq}), "application/json")
+        return response(200, orjson.dumps({"ok": True, "seq": seq, "epoch": epoch}), "application/json")
 
 
 class ApiStats:

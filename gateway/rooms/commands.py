@@ -7,9 +7,21 @@ frames, with the same shapes.
 client -> server (each may carry "id", a string or an integer; the server then answers
 `{"op":"ack","id":...}` or `{"op":"error","id":...,"code":...,"message":...}`):
 
-    {"op":"join","room":R}
+    {"op":"join","room":R}                  ack: {"op":"ack","id":I,"seq":TOP,"epoch":E}, the
+                                            position the live messages continue from
+    {"op":"join","room":R,"since":{"seq":N,"epoch":E}}
+                                            recovery: ack with "recovered": true, then every
+                                            message after N in order, then live (no gap, no
+                                            duplicate); "recovered": false when E is not the
+                                            room's epoch or N is older than the history kept.
+                                            By a member of R: the recovery after `dropped`.
+    {"op":"join","room":R,"last":true}      ack, then the room's most recent message
     {"op":"leave","room":R}
-    {"op":"publish","room":R,"data":X}      the ack also carries the publication's "seq"
+    {"op":"publish","room":R,"data":X,"idempotency_key":K}
+                                            the ack also carries the publication's "seq"; a
+                                            retry with the same K (<= 128 chars) within the
+                                            room's history TTL gets the original seq and
+                                            publishes nothing
     {"op":"refresh","token":T}              hand a new token to the auth layer
     {"op":"ping"}                           answered {"op":"pong"} (with the request's "id"
                                             if it has one): a liveness probe a browser can
@@ -22,6 +34,8 @@ server -> client:
                                                  N grows by one per publication in R
     {"op":"dropped","room":R,"count":N}          N messages of R were dropped because this
                                                  client read too slowly (see backpressure.py)
+    {"op":"reset","room":R,"epoch":E,"seq":N}    R's numbering restarted under this member: what
+                                                 came before cannot be recovered; continue from (E, N)
     {"op":"ack","id":I}  /  {"op":"error","id":I,"code":C,"message":M}
     {"op":"pong"}                                the answer to a ping
 
@@ -67,6 +81,8 @@ CLIENT_ERRORS = frozenset({
 
 MAX_ID_CHARS = 128          # an "id" is echoed back: keep it small
 MAX_TOKEN_CHARS = 8192      # a JWT with generous claims fits
+MAX_IDEMPOTENCY_KEY_CHARS = 128
+MAX_EPOCH_CHARS = 64
 
 
 class CommandError(Exception):
@@ -82,7 +98,7 @@ class CommandError(Exception):
 class Command:
     """One validated client request. `data` (publish) is already-serialised JSON bytes."""
 
-    __slots__ = ("op", "id", "room", "data", "token")
+    __slots__ = ("op", "id", "room", "data", "token", "since", "epoch", "last", "key")
 
     def __init__(self, op: str, id=None, room: str = "", data: bytes = b"", token: str = "") -> None:
         self.op = op
@@ -90,6 +106,10 @@ class Command:
         self.room = room
         self.data = data
         self.token = token
+        self.since: int | None = None   # join: recover after this seq ...
+        self.epoch: str | None = None   # ... of this epoch
+        self.last = False               # join: the most recent message only
+        self.key: str | None = None     # publish: idempotency key
 
     def __repr__(self) -> str:  # for test failures; never logs data or tokens
         return f"Command({self.op!r}, id={self.id!r}, room={self.room!r})"
@@ -160,7 +180,7 @@ def serialize_data(value, id=None) -> bytes:
 # The fields each op needs; any other field is ignored (forward compatible), except that a
 # missing field's error names an unknown one that looks like a typo of it ("rom" -> "room").
 FIELDS = {"publish": ("room", "data"), "join": ("room",), "leave": ("room",), "refresh": ("token",), "ping": ()}
-_KNOWN = frozenset({"op", "id"}).union(*FIELDS.values())
+_KNOWN = frozenset({"op", "id", "since", "last", "idempotency_key"}).union(*FIELDS.values())   # optional ones too
 
 
 def require_fields(obj: dict, op: str, rid=None) -> None:
@@ -194,11 +214,33 @@ def parse(obj: dict, max_room_name_bytes: int) -> Command:
         if "data" not in obj or "room" not in obj:
             require_fields(obj, op, rid)
         room = validate_room(obj["room"], max_room_name_bytes, rid)
-        return Command("publish", rid, room, serialize_data(obj["data"], rid))
+        cmd = Command("publish", rid, room, serialize_data(obj["data"], rid))
+        if obj.get("idempotency_key") is not None:
+            cmd.key = idempotency_key(obj["idempotency_key"], rid)
+        return cmd
     if op == "join" or op == "leave":
         if "room" not in obj:
             require_fields(obj, op, rid)
-        return Command(op, rid, validate_room(obj["room"], max_room_name_bytes, rid))
+        cmd = Command(op, rid, validate_room(obj["room"], max_room_name_bytes, rid))
+        if op == "join":
+            since = obj.get("since")
+            if since is not None:
+                if not isinstance(since, dict):
+                    raise CommandError("bad_request", '"since" must be {"seq": N, "epoch": E}', rid)
+                seq, epoch = since.get("seq"), since.get("epoch")
+                if isinstance(seq, bool) or not isinstance(seq, int) or not 0 <= seq < (1 << 63):
+                    raise CommandError("bad_request", '"since.seq" must be an integer >= 0', rid)
+                if not isinstance(epoch, str) or len(epoch) > MAX_EPOCH_CHARS:
+                    raise CommandError("bad_request", f'"since.epoch" must be a string (<= {MAX_EPOCH_CHARS} chars)',
+                                       rid)
+                cmd.since, cmd.epoch = seq, epoch
+            last = obj.get("last", False)
+            if not isinstance(last, bool):
+                raise CommandError("bad_request", '"last" must be a boolean', rid)
+            if last and since is not None:
+                raise CommandError("bad_request", '"last" and "since" exclude each other', rid)
+            cmd.last = last
+        return cmd
     if op == "refresh":
         token = obj.get("token")
         if not isinstance(token, str) or not token:
@@ -213,12 +255,34 @@ def parse(obj: dict, max_room_name_bytes: int) -> Command:
     raise CommandError("unknown_op", f"unknown op {op[:40]!r}; expected join, leave, publish, refresh or ping", rid)
 
 
+def idempotency_key(value, rid=None) -> str:
+    """An idempotency key: a non-empty string of at most MAX_IDEMPOTENCY_KEY_CHARS characters."""
+    if not isinstance(value, str) or not value:
+        raise CommandError("bad_request", '"idempotency_key" must be a non-empty string', rid)
+    if len(value) > MAX_IDEMPOTENCY_KEY_CHARS:
+        raise CommandError("bad_request", f'"idempotency_key" is limited to {MAX_IDEMPOTENCY_KEY_CHARS} characters',
+                           rid)
+    if not value.isprintable():
+        raise CommandError("bad_request", '"idempotency_key" must not contain control characters', rid)
+    return value
+
+
 # -- encoding ------------------------------------------------------------------------------
 
 def ack(rid, seq: int | None = None) -> dict:
     doc = {"op": "ack", "id": rid}
     if seq is not None:
         doc["seq"] = seq
+    return doc
+
+
+def join_ack(rid, seq: int, epoch: str, recovered: bool | None = None) -> dict:
+    """The answer to a join: the position the member continues from (and, with `since`,
+    whether the missed range follows)."""
+    doc = {"op": "ack", "id": rid, "seq": seq, "epoch": epoch} if rid is not None else \
+        {"op": "ack", "seq": seq, "epoch": epoch}
+    if recovered is not None:
+        doc["recovered"] = recovered
     return doc
 
 

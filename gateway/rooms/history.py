@@ -119,7 +119,7 @@ class HistoryStats:
     """Counters exported as ws_gateway_history_* (plain ints, read at scrape time)."""
 
     __slots__ = ("reads", "read_failures", "recoveries_succeeded", "recoveries_failed", "replayed",
-                 "window_bytes", "broker", "resets", "last_joins", "gauges")
+                 "window_bytes", "bytes", "broker", "resets", "last_joins", "gauges")
 
     def __init__(self, broker=None) -> None:
         self.reads = 0                  # history reads this process made from the broker
@@ -130,10 +130,12 @@ class HistoryStats:
         self.resets = 0                 # `reset` ops: a room's numbering restarted under its members
         self.last_joins = 0             # joins with `last: true`
         self.window_bytes = 0           # replay windows held by the hub
+        self.bytes = 0                  # history bytes held by this process (refreshed by `stats`)
         self.broker = broker
         self.gauges = ("window_bytes", "bytes")
 
     @property
-    def bytes(self) -> int:
-        """History bytes held by this process: the hub's windows plus the memory broker's logs."""
-        return self.window_bytes + getattr(self.broker, "history_bytes", 0)
+    def stats(self) -> "HistoryStats":
+        """For metrics (read at scrape time): the hub's windows plus the memory broker's logs."""
+        self.bytes = self.window_bytes + getattr(self.broker, "history_bytes", 0)
+        return self

@@ -23,6 +23,20 @@ compressed ONCE per group (server_no_context_takeover makes one compressed frame
 every member of the group) -- no per-member compressor state. Rooms matching
 `compression_exclude_rooms` keep those members with the plain ones.
 
+Positions and recovery (rooms/history.py, docs/history.md). Each room knows its position:
+`epoch` and `top` (the last seq accepted) and `flushed` (the last seq handed to members).
+Publications are de-duplicated by seq (a copy that a history read already delivered is
+dropped) and a new epoch makes the hub deliver `{"op":"reset",...}` to the members first.
+A join is answered with the position its member continues from (`reply(seq, epoch,
+recovered)`, called synchronously right before the member is attached, so the ack, the
+replayed range and the live stream follow each other with no gap and no duplicate). A join
+with `since` is served from the room's replay window when it covers the range, at once;
+otherwise the joiner waits (not attached: live frames do not reach it) for ONE history read
+per room in flight, which serves every waiting joiner whose range it covers and leaves a
+window behind for the next ones. Replayed frames are built once per publication and
+encoding and shared by joiners, like live fan-out. A re-join with `since` by a member
+detaches it until its range is replayed (recovery after `dropped`).
+
 The member interface is tiny (so benchmarks use fake members):
     member.msgpack: bool                          which encoding it wants
     member.deflate_key: int | None                optional: its permessage-deflate window (deflate.py)
@@ -41,7 +55,8 @@ import time
 from gateway_ext import encode_frame
 
 from gateway.rooms import commands
-from gateway.broker.base import Broker, BrokerUnavailable
+from gateway.rooms.history import WINDOW_IDLE, Entry, HistoryStats, Window
+from gateway.broker.base import Broker, BrokerUnavailable, SyncPublisher, QueuedPublisher
 
 log = logging.getLogger("gateway.rooms.hub")
 
@@ -52,7 +67,8 @@ class Room:
     """One room of this process: its members, cached prefix and policy, the pass's frames."""
 
     __slots__ = ("name", "members", "mp_members", "prefix", "policy", "frames", "pubs", "subscribed", "waiters",
-                 "z_members", "payloads")
+                 "z_members", "payloads", "epoch", "top", "flushed", "window", "joining", "reading", "held",
+                 "retention")
 
     def __init__(self, name: str, policy) -> None:
         self.name = name
@@ -66,9 +82,36 @@ class Room:
         self.waiters = None              # future while the broker subscribe is in flight
         self.z_members: dict = {}        # deflate key -> {member: None}: compressed JSON members
         self.payloads: list = []         # this pass's JSON payloads, kept only for z_members
+        self.epoch: str | None = None    # the room's numbering as this process knows it (None: not yet)
+        self.top = 0                     # last seq accepted (live or from a history read)
+        self.flushed = -1                # last seq handed to members; -1: position not known yet
+        self.window: Window | None = None
+        self.joining: list = []          # Joiners waiting for the position or their range
+        self.reading = None              # the `since` of the history read in flight, or None
+        self.held: list | None = None    # entries fanned out while a read is in flight
+        self.retention = None
 
     def __len__(self) -> int:
         return len(self.members) + len(self.mp_members) + sum(map(len, self.z_members.values()))
+
+    def empty(self) -> bool:
+        return not self.members and not self.mp_members and not self.z_members and not self.joining
+
+
+class Joiner:
+    """A join waiting for its position or its range: answered (and attached) by the hub."""
+
+    __slots__ = ("member", "since", "epoch", "last", "reply", "future", "read", "rejoin")
+
+    def __init__(self, member, since, epoch, last, reply, future) -> None:
+        self.member = member
+        self.since = since      # seq to replay after, or None (plain join / last)
+        self.epoch = epoch
+        self.last = last        # latest-value join: the most recent publication only
+        self.reply = reply      # reply(seq, epoch, recovered) -> None: the ack, sent before the replay
+        self.future = future    # resolved True when attached, False if it left first
+        self.read = False       # a history read that covered it has completed
+        self.rejoin = False     # a member asking for a range again (it stays a member on failure)
 
     def __repr__(self) -> str:
         return f"Room({self.name!r}, members={len(self)})"
@@ -100,8 +143,14 @@ class Hub:
         self._dirty: list[Room] = []
         self._flush_scheduled = False
         self._unsubscribing: dict[str, asyncio.Task] = {}
-        self._sync_publish = getattr(broker, "publish_nowait", None)
-        self._queue_publish = getattr(broker, "publish_future", None)   # Redis: queue now, seq later
+        self._sync_publish = broker.publish_nowait if isinstance(broker, SyncPublisher) else None
+        # Redis: queue now, seq later
+        self._queue_publish = broker.publish_future if isinstance(broker, QueuedPublisher) else None
+        self._sync_history = getattr(broker, "history_nowait", None)    # memory: reads need no await
+        self.history = HistoryStats(broker)
+        self._window_sweep = None
+        self.max_window_bytes = 64 << 20     # all rooms' replay windows together
+        self.duplicates_dropped = 0          # publications already delivered (e.g. by a history read)
         # Inbound backpressure for synchronous publishes (see after_flush).
         self.max_unflushed_bytes = max_unflushed_bytes
         self.unflushed_bytes = 0
@@ -136,6 +185,9 @@ class Hub:
     async def close(self) -> None:
         for task in list(self._unsubscribing.values()):
             task.cancel()
+        if self._window_sweep is not None:
+            self._window_sweep.cancel()
+            self._window_sweep = None
         await self.broker.close()
 
     @property
@@ -151,6 +203,13 @@ class Hub:
     @property
     def connections(self) -> int:
         return len(self.member_rooms)
+
+    def position(self, name: str) -> tuple[int, str] | None:
+        """(seq, epoch) a member of `name` on this process is at, if known here."""
+        room = self.rooms.get(name)
+        if room is None or room.flushed < 0:
+            return None
+        return room.flushed, room.epoch
 
     def rooms_of(self, member) -> dict:
         mine = self.member_rooms.get(member)
@@ -170,31 +229,47 @@ class Hub:
 
     # -- membership -------------------------------------------------------------------------
 
-    def join_nowait(self, member, name: str):
-        """Join without waiting if the room is already subscribed here.
+    def join_nowait(self, member, name: str, since: int | None = None, epoch: str | None = None,
+                    last: bool = False, reply=None):
+        """Join without waiting if the room is subscribed here and its position or the
+        joiner's range is at hand (the usual case).
 
-        True: joined; False: already a member; None: the broker must subscribe first
-        (call `await join(member, name)`).
+        True: joined (`reply` was called, the replay delivered, the member attached);
+        False: already a member (a plain join: harmless, nothing done); None: it must wait
+        (call `await join(...)` with the same arguments).
         """
         mine = self.member_rooms.get(member)
         if mine is not None and (mine.name == name if type(mine) is Room else name in mine):
-            return False
+            return False if since is None and not last else None   # a recovery: `await join(...)`
         room = self.rooms.get(name)
         if room is None or not room.subscribed:
             return None
-        self._add(member, room, mine)
+        if room.flushed < 0 and not room.joining and self._sync_history is not None:
+            self._read(room)                     # memory: the position is one call away
+        joiner = Joiner(member, since, epoch, last, reply, None)
+        if room.flushed < 0 or not self._serve(room, joiner):
+            return None
+        self._register(member, room, mine)
+        self._attach(member, room)
         return True
 
-    async def join(self, member, name: str) -> bool:
-        """Join `name`, subscribing the broker if this is its first local member.
+    async def join(self, member, name: str, since: int | None = None, epoch: str | None = None,
+                   last: bool = False, reply=None) -> bool:
+        """Join `name`, subscribing the broker if this is its first local member, and answer
+        with the position (`reply(seq, epoch, recovered)`), the replayed range, then live.
 
         Raises BrokerUnavailable (and leaves no trace) when the subscribe fails.
         """
         while True:
-            joined = self.join_nowait(member, name)
-            if joined is not None:
-                return joined
+            mine = self.member_rooms.get(member)
+            if mine is not None and (mine.name == name if type(mine) is Room else name in mine):
+                if since is None and not last:
+                    return False
+                return await self._rejoin(member, mine if type(mine) is Room else mine[name], since, epoch, last,
+                                          reply)
             room = self.rooms.get(name)
+            if room is not None and room.subscribed:
+                return await self._join_subscribed(member, room, since, epoch, last, reply)
             if room is None:
                 pending = self._unsubscribing.get(name)
                 if pending is not None:
@@ -223,26 +298,76 @@ class Hub:
                 room.waiters = None
                 if self.rooms.get(name) is not room:  # pragma: no cover - defensive
                     continue
-                self._add(member, room, self.member_rooms.get(member))
-                if member not in self.member_rooms:  # pragma: no cover - defensive
-                    continue
-                return True
+                return await self._join_subscribed(member, room, since, epoch, last, reply)
             # Another member's subscribe is in flight: wait for its outcome.
             await asyncio.shield(room.waiters)
 
-    def _add(self, member, room: Room, mine) -> None:
+    async def _join_subscribed(self, member, room: Room, since, epoch, last, reply) -> bool:
+        mine = self.member_rooms.get(member)
+        if room.flushed < 0 and not room.joining and self._sync_history is not None:
+            self._read(room)
+        joiner = Joiner(member, since, epoch, last, reply, None)
+        if room.flushed >= 0 and self._serve(room, joiner):
+            self._register(member, room, mine)
+            self._attach(member, room)
+            return True
+        # Registered now (leave/disconnect find it), attached when answered.
+        self._register(member, room, mine)
+        joiner.future = self.loop.create_future()
+        room.joining.append(joiner)
+        self._need_read(room)
+        return await joiner.future
+
+    async def _rejoin(self, member, room: Room, since, epoch, last, reply) -> bool:
+        """A member asks for a range again (after `dropped` or a gap): detach it until the
+        range is replayed, so no live frame overtakes the replay."""
+        self._detach(member, room)
+        joiner = Joiner(member, since, epoch, last, reply, None)
+        joiner.rejoin = True
+        if room.flushed >= 0 and self._serve(room, joiner):
+            self._attach(member, room)
+            return True
+        joiner.future = self.loop.create_future()
+        room.joining.append(joiner)
+        self._need_read(room)
+        return await joiner.future
+
+    def _register(self, member, room: Room, mine) -> None:
         if mine is None:
             self.member_rooms[member] = room
         elif type(mine) is Room:
             self.member_rooms[member] = {mine.name: mine, room.name: room}
         else:
             mine[room.name] = room
+        self.joins += 1
+
+    def _attach(self, member, room: Room) -> None:
+        """Add the member to the room's delivery group (live frames reach it from now on)."""
         key = getattr(member, "deflate_key", None)
         if key is not None and not member.msgpack and self.deflate is not None and self.deflate.room_compressed(room.name):
             room.z_members.setdefault(key, {})[member] = None
         else:
             (room.mp_members if member.msgpack else room.members)[member] = None
-        self.joins += 1
+
+    def _detach(self, member, room: Room) -> None:
+        room.members.pop(member, None)
+        room.mp_members.pop(member, None)
+        if room.z_members:
+            key = getattr(member, "deflate_key", None)
+            group = room.z_members.get(key)
+            if group is not None:
+                group.pop(member, None)
+                if not group:
+                    del room.z_members[key]
+
+    def _variant(self, member, room: Room):
+        """Which encoding of a publication this member gets: "json", "msgpack" or a deflate key."""
+        if member.msgpack:
+            return "msgpack"
+        key = getattr(member, "deflate_key", None)
+        if key is not None and self.deflate is not None and self.deflate.room_compressed(room.name):
+            return key
+        return "json"
 
     def leave(self, member, name: str) -> bool:
         """Leave `name`; False if `member` was not in it. The last leave unsubscribes."""
@@ -276,20 +401,19 @@ class Hub:
         return len(rooms)
 
     def _remove(self, member, room: Room) -> None:
-        room.members.pop(member, None)
-        room.mp_members.pop(member, None)
-        if room.z_members:
-            group = room.z_members.get(getattr(member, "deflate_key", None))
-            if group is not None:
-                group.pop(member, None)
-                if not group:
-                    del room.z_members[member.deflate_key]
+        self._detach(member, room)
+        if room.joining:
+            for joiner in [j for j in room.joining if j.member is member]:
+                room.joining.remove(joiner)
+                if joiner.future is not None and not joiner.future.done():
+                    joiner.future.set_result(False)
         self.leaves += 1
-        if not room.members and not room.mp_members and not room.z_members and self.rooms.get(room.name) is room:
+        if room.empty() and self.rooms.get(room.name) is room:
             del self.rooms[room.name]
             room.frames = []
             room.pubs = []
             room.payloads = []
+            self._drop_window(room)
             self._unsubscribing[room.name] = self.loop.create_task(self._unsubscribe(room.name))
 
     async def _unsubscribe(self, name: str) -> None:
@@ -312,13 +436,13 @@ class Hub:
     def can_publish_nowait(self) -> bool:
         return self._sync_publish is not None
 
-    def publish_nowait(self, room: str, data: bytes) -> int:
+    def publish_nowait(self, room: str, data: bytes, idempotency_key: str | None = None) -> int:
         """Publish without awaiting (brokers with a synchronous path: memory); returns seq.
 
         Callers check `must_throttle` afterwards: past `max_unflushed_bytes` they stop
         reading their client until `after_flush` says this pass's frames went out.
         """
-        seq = self._sync_publish(room, data)[0]
+        seq = self._sync_publish(room, data, idempotency_key)[0]
         self.publishes += 1
         self.unflushed_bytes += len(data)
         return seq
@@ -340,25 +464,25 @@ class Hub:
             self._flush_scheduled = True
             self.loop.call_soon(self._flush)
 
-    async def publish(self, room: str, data: bytes) -> int:
-        """Publish already-serialised JSON `data` to `room` (clients and backends); returns seq.
+    async def publish(self, room: str, data: bytes, idempotency_key: str | None = None) -> tuple[int, str]:
+        """Publish already-serialised JSON `data` to `room` (clients and backends); returns (seq, epoch).
 
         `data` must be valid JSON (commands.serialize_data makes it): it is spliced into
         every member's frame as is. Raises BrokerUnavailable when the broker refuses.
         """
         try:
-            seq = (await self.broker.publish(room, data))[0]
+            result = await self.broker.publish(room, data, idempotency_key)
         except BrokerUnavailable:
             self.publish_failures += 1
             raise
         self.publishes += 1
-        return seq
+        return result
 
     @property
     def can_publish_queued(self) -> bool:
         return self._queue_publish is not None
 
-    def publish_queued(self, room: str, data: bytes) -> asyncio.Future:
+    def publish_queued(self, room: str, data: bytes, idempotency_key: str | None = None) -> asyncio.Future:
         """Queue a publication without awaiting it (brokers that keep call order: Redis).
 
         The future resolves to its seq or fails with BrokerUnavailable; raises
@@ -367,7 +491,7 @@ class Hub:
         pass, instead of one Redis round trip and one write per member per publication.
         """
         try:
-            fut = self._queue_publish(room, data)
+            fut = self._queue_publish(room, data, idempotency_key)
         except BrokerUnavailable:
             self.publish_failures += 1
             raise
@@ -393,6 +517,17 @@ class Hub:
         if room is None or not room.subscribed:
             self.publications_unrouted += 1
             return
+        if seq:
+            if epoch is not room.epoch and epoch != room.epoch:
+                if room.epoch is None:
+                    room.epoch = epoch        # first news of this room here: its position starts now
+                    room.top = seq - 1
+                else:
+                    self._new_epoch(room, epoch, seq - 1)
+            elif seq <= room.top:
+                self.duplicates_dropped += 1  # already delivered (a history read got there first)
+                return
+            room.top = seq
         self.publications_received += 1
         if not room.frames:
             if not self._dirty and self.fanout is not None:
@@ -404,8 +539,7 @@ class Hub:
                 self.loop.call_soon(self._flush)
         payload = room.prefix + data + b',"seq":%d}' % seq
         room.frames.append(encode_frame(OP_TEXT, payload))
-        if room.mp_members:
-            room.pubs.append((seq, data))
+        room.pubs.append((seq, data))
         if room.z_members:
             room.payloads.append(payload)
 
@@ -420,28 +554,334 @@ class Hub:
             self._after_flush = []
             self.loop.call_soon(self._run_after_flush, waiting)
         for room in dirty:
-            frames = room.frames
-            if not frames:
-                continue  # emptied by its last member leaving
-            room.frames = []
-            pubs = room.pubs
-            room.pubs = []
-            payloads = room.payloads
-            room.payloads = []
-            self.batches += 1
-            if room.members:
-                batch = frames[0] if len(frames) == 1 else b"".join(frames)
-                self._deliver(room, room.members, frames, batch)
-            if room.mp_members and pubs:
-                name = room.name
-                mp_frames = [encode_frame(OP_BINARY, commands.msgpack_message(name, data, seq)) for seq, data in pubs]
-                batch = mp_frames[0] if len(mp_frames) == 1 else b"".join(mp_frames)
-                self._deliver(room, room.mp_members, mp_frames, batch)
-            if room.z_members and payloads:
-                self._deliver_compressed(room, payloads)
+            if room.frames:
+                self._flush_room(room)
         if self.fanout is not None and dirty:
             # Queued after the deliveries scheduled the Corker: runs once the frames are written.
             self.loop.call_soon(self._fanout_done, self._pass_started)
+
+    def _flush_room(self, room: Room) -> None:
+        frames = room.frames
+        room.frames = []
+        pubs = room.pubs
+        room.pubs = []
+        payloads = room.payloads
+        room.payloads = []
+        self.batches += 1
+        if room.members:
+            batch = frames[0] if len(frames) == 1 else b"".join(frames)
+            self._deliver(room, room.members, frames, batch)
+        if room.mp_members:
+            name = room.name
+            mp_frames = [encode_frame(OP_BINARY, commands.msgpack_message(name, data, seq)) for seq, data in pubs]
+            batch = mp_frames[0] if len(mp_frames) == 1 else b"".join(mp_frames)
+            self._deliver(room, room.mp_members, mp_frames, batch)
+        if room.z_members and payloads:
+            self._deliver_compressed(room, payloads)
+        if room.epoch is not None:
+            room.flushed = room.top   # members (attached before this flush) are at the top now
+        if room.window is not None or room.held is not None:
+            self._keep(room, pubs, frames)
+        if room.joining:
+            self._serve_joining(room)
+
+    # -- history: windows, reads, recoveries -------------------------------------------------
+
+    def _keep(self, room: Room, pubs: list, frames: list) -> None:
+        """Extend the room's replay window (or the read's held list) with a flushed pass."""
+        window = room.window
+        held = room.held
+        for (seq, data), frame in zip(pubs, frames):
+            if not seq:
+                continue
+            entry = Entry(seq, data, frame)
+            if held is not None:
+                held.append(entry)
+            if window is not None and window.epoch == room.epoch:
+                before = window.bytes
+                if not window.append(entry):
+                    self._drop_window(room)   # a hole: the next recovery reads again
+                    window = None
+                    continue
+                self.history.window_bytes += window.bytes - before
+        if window is not None:
+            self.history.window_bytes -= window.trim(self._retention(room).size)
+
+    def _retention(self, room: Room):
+        if room.retention is None:
+            room.retention = self.retention(room.name)
+        return room.retention
+
+    def _drop_window(self, room: Room) -> None:
+        if room.window is not None:
+            self.history.window_bytes -= room.window.bytes
+            room.window = None
+
+    def _new_epoch(self, room: Room, epoch: str, seq: int) -> None:
+        """The room's numbering restarted: deliver what the old one had, then `reset` to members."""
+        if room.frames:
+            self._flush_room(room)
+        room.epoch = epoch
+        room.top = seq
+        if room.flushed >= 0:
+            room.flushed = seq
+        self._drop_window(room)
+        self.history.resets += 1
+        doc = {"op": "reset", "room": room.name, "epoch": epoch, "seq": seq}
+        if room.members:
+            frame = encode_frame(OP_TEXT, commands.encode_json(doc))
+            self._deliver(room, room.members, [frame], frame)
+        if room.mp_members:
+            frame = encode_frame(OP_BINARY, commands.encode_msgpack(doc))
+            self._deliver(room, room.mp_members, [frame], frame)
+        for key, members in tuple(room.z_members.items()):
+            frame = self.deflate.frame(OP_TEXT, commands.encode_json(doc), key)
+            self._deliver(room, members, [frame], frame)
+
+    def _serve(self, room: Room, joiner: Joiner) -> bool:
+        """Answer a joiner now if its position or range is at hand; False: it must wait."""
+        top = room.flushed
+        epoch = room.epoch
+        since = joiner.since
+        if joiner.last:
+            if top == 0 or not self._retention(room).size:
+                self._answer(room, joiner, top, None, ())
+                return True
+            since = top - 1
+        elif since is None:
+            self._answer(room, joiner, top, None, ())
+            return True
+        elif joiner.epoch != epoch:
+            if not joiner.read:
+                return False       # confirm the epoch with a read: this process may be the stale one
+            self.history.recoveries_failed += 1
+            self._answer(room, joiner, top, False, ())
+            return True
+        elif since == top:
+            self.history.recoveries_succeeded += 1
+            self._answer(room, joiner, top, True, ())
+            return True
+        elif since > top:
+            if since <= room.top:
+                return False       # in this pass: served after the flush
+            if not joiner.read:
+                return False       # ahead of this process: the broker knows better
+            self.history.recoveries_failed += 1
+            self._answer(room, joiner, top, False, ())
+            return True
+        window = room.window
+        if window is not None and window.epoch == epoch and window.covers(since, top):
+            window.used = self.loop.time()
+            if not joiner.last:
+                self.history.recoveries_succeeded += 1
+            self._answer(room, joiner, top, None if joiner.last else True, window.between(since, top))
+            return True
+        if not joiner.read:
+            return False
+        if joiner.last:
+            self._answer(room, joiner, top, None, ())
+            return True
+        self.history.recoveries_failed += 1
+        self._answer(room, joiner, top, False, ())
+        return True
+
+    def _answer(self, room: Room, joiner: Joiner, seq: int, recovered, entries) -> None:
+        """The ack, then the replay, then (by the caller) attach: in this order, in one go."""
+        if joiner.last:
+            self.history.last_joins += 1
+        if joiner.reply is not None:
+            joiner.reply(seq, room.epoch, recovered)
+        if entries:
+            self._replay(room, joiner.member, entries)
+
+    def _replay(self, room: Room, member, entries: list) -> None:
+        variant = self._variant(member, room)
+        window = room.window
+        key = (variant, entries[0].seq, entries[-1].seq)
+        cached = window.batches.get(key) if window is not None else None
+        if cached is None:
+            frames = [self._frame(room, entry, variant) for entry in entries]
+            cached = (frames, frames[0] if len(frames) == 1 else b"".join(frames))
+            if window is not None:
+                window.batches[key] = cached
+        self.history.replayed += len(entries)
+        self.deliveries += len(entries)
+        try:
+            member.deliver(room, cached[0], cached[1])
+        except Exception:
+            self.member_errors += 1
+            log.exception("member delivery failed; removing the member", extra={"room": room.name})
+            self.leave_all(member)
+
+    def _frame(self, room: Room, entry: Entry, variant) -> bytes:
+        """An entry's frame in one encoding, built once and kept with the entry."""
+        frame = entry.frames.get(variant)
+        if frame is None:
+            if variant == "msgpack":
+                frame = encode_frame(OP_BINARY, commands.msgpack_message(room.name, entry.data, entry.seq))
+            else:
+                payload = room.prefix + entry.data + b',"seq":%d}' % entry.seq
+                frame = encode_frame(OP_TEXT, payload) if variant == "json" else self.deflate.frame(OP_TEXT, payload,
+                                                                                                    variant)
+            entry.frames[variant] = frame
+            size = len(frame)
+            entry.size += size
+            if room.window is not None and room.window.entries and room.window.entries[-1].seq >= entry.seq:
+                room.window.bytes += size
+                self.history.window_bytes += size
+        return frame
+
+    def _serve_joining(self, room: Room) -> None:
+        """Answer every waiting joiner that can be answered now; read for the others."""
+        joining = room.joining
+        room.joining = []
+        waiting = []
+        for joiner in joining:
+            member = joiner.member
+            if not self.is_member(member, room.name):
+                continue   # pragma: no cover - _remove takes its joiners out
+            if room.flushed >= 0 and self._serve(room, joiner):
+                self._attach(member, room)
+                if joiner.future is not None and not joiner.future.done():
+                    joiner.future.set_result(True)
+            else:
+                waiting.append(joiner)
+        room.joining = waiting + room.joining
+        if room.joining:
+            self._need_read(room)
+
+    def _need_read(self, room: Room) -> None:
+        """Start one history read for the waiting joiners that need one (unless one is in flight)."""
+        if room.reading is not None:
+            return
+        need = [j for j in room.joining if not j.read and not (
+            room.flushed >= 0 and j.since is not None and not j.last and j.epoch == room.epoch
+            and room.flushed < j.since <= room.top)]
+        if not need:
+            return
+        self._read(room)
+
+    def _read(self, room: Room) -> None:
+        """ONE history read for the room: from the lowest position any waiting joiner needs."""
+        retention = self._retention(room)
+        sinces = [j.since for j in room.joining if j.since is not None and not j.last]
+        if any(j.last for j in room.joining) and room.flushed > 0:
+            sinces.append(room.flushed - 1)
+        if any(j.last for j in room.joining) and room.flushed < 0:
+            sinces.append(0)
+        if sinces and retention.size:
+            since, limit = min(sinces), retention.size + 200   # Redis trims by stream node (MAXLEN ~)
+        else:
+            since, limit = 0, 0                                # the position only
+        room.reading = since
+        room.held = []
+        self.history.reads += 1
+        covered = [j for j in room.joining if j.since is None or j.last or j.since >= since]
+        if self._sync_history is not None:
+            try:
+                found = self._sync_history(room.name, since, limit)
+            except Exception as exc:   # pragma: no cover - the memory broker does not fail
+                self._read_failed(room, covered, exc)
+                return
+            self._read_done(room, since, covered, found)
+            return
+        task = self.loop.create_task(self.broker.history(room.name, since, limit))
+        task.add_done_callback(lambda t: self._read_finished(room, since, covered, t))
+
+    def _read_finished(self, room: Room, since: int, covered: list, task: asyncio.Task) -> None:
+        if task.cancelled():
+            self._read_failed(room, covered, BrokerUnavailable("history read cancelled"))
+            return
+        exc = task.exception()
+        if exc is not None:
+            self._read_failed(room, covered, exc)
+            return
+        self._read_done(room, since, covered, task.result())
+
+    def _read_failed(self, room: Room, covered: list, exc: BaseException) -> None:
+        room.reading = None
+        room.held = None
+        self.history.read_failures += 1
+        log.warning("history read failed", extra={"event": "history_read_failed", "room": room.name,
+                                                  "error": repr(exc)[:200]})
+        error = exc if isinstance(exc, BrokerUnavailable) else BrokerUnavailable(f"history read failed: {exc!r}")
+        for joiner in covered:
+            if joiner in room.joining:
+                room.joining.remove(joiner)
+                if joiner.rejoin:
+                    self._attach(joiner.member, room)     # still a member: live goes on, the request fails
+                else:
+                    self.leave(joiner.member, room.name)  # leaves no trace, like a failed subscribe
+                if joiner.future is not None and not joiner.future.done():
+                    joiner.future.set_exception(error)
+        if room.joining:
+            self._need_read(room)
+
+    def _read_done(self, room: Room, since: int, covered: list, found) -> None:
+        room.reading = None
+        held, room.held = room.held, None
+        if self.rooms.get(room.name) is not room:
+            return
+        epoch, top, pubs = found
+        if room.epoch is None:
+            room.epoch = epoch
+            room.top = max(room.top, top)
+        elif epoch != room.epoch:
+            self._new_epoch(room, epoch, top)
+        elif top > room.top:
+            # In flight on the live path: deliver them now from the read (only contiguously,
+            # never jumping a hole); the live copies will be dropped as duplicates.
+            for pub in pubs:
+                if pub.seq == room.top + 1:
+                    self.handle_publication(room.name, pub.seq, pub.data, epoch)
+        if room.flushed < 0 and not room.frames:
+            room.flushed = room.top
+        # The replay window: the read's publications, then what was fanned out meanwhile.
+        size = self._retention(room).size
+        if size and pubs:
+            window = Window(epoch, pubs[0].seq - 1, self.loop.time())
+            for pub in pubs:
+                window.append(Entry(pub.seq, pub.data))
+            for entry in held or ():
+                window.append(entry)
+            old = room.window
+            if old is None or old.epoch != epoch or window.floor < old.floor or old.last < window.last:
+                self._drop_window(room)
+                window.trim(size)
+                room.window = window
+                self.history.window_bytes += window.bytes
+                self._schedule_window_sweep()
+        elif size and room.window is None and since >= top:
+            room.window = Window(epoch, top, self.loop.time())   # nothing after `since`: an empty window
+            self._schedule_window_sweep()
+        for joiner in covered:
+            joiner.read = True
+        if self.history.window_bytes > self.max_window_bytes:
+            self._serve_joining(room)
+            self._drop_window(room)
+            return
+        if not room.frames:
+            self._serve_joining(room)
+        # else: answered after this pass's flush, once `flushed` includes what the read added
+
+    def _schedule_window_sweep(self) -> None:
+        if self._window_sweep is None:
+            self._window_sweep = self.loop.call_later(WINDOW_IDLE / 2, self._sweep_windows)
+
+    def _sweep_windows(self) -> None:
+        """Drop the replay windows nobody recovered from lately (idle rooms hold no history)."""
+        self._window_sweep = None
+        expired = self.loop.time() - WINDOW_IDLE
+        left = False
+        for room in self.rooms.values():
+            window = room.window
+            if window is not None:
+                if window.used < expired and not room.joining:
+                    self._drop_window(room)
+                else:
+                    left = True
+        if left:
+            self._schedule_window_sweep()
 
     def _deliver_compressed(self, room: Room, payloads: list) -> None:
         # RFC 7692: one compressed frame per publication per window size, shared by the group.

@@ -304,14 +304,14 @@ class RoomsEndpoint:
             raise CommandError("forbidden", f"not allowed to publish to {cmd.room!r}", cmd.id)
         hub = self.hub
         if hub.can_publish_nowait:
-            self._ack(session, cmd, hub.publish_nowait(cmd.room, cmd.data))
+            self._ack(session, cmd, hub.publish_nowait(cmd.room, cmd.data, cmd.key))
             return None
         if hub.can_publish_queued and session.publishing < MAX_QUEUED_PUBLISHES:
             # The broker numbers publications in call order, so the next request need not
             # wait for this one's round trip; its ack follows when Redis answers. Past the
             # cap the publish is awaited below, which pauses reading (backpressure).
             try:
-                fut = hub.publish_queued(cmd.room, cmd.data)
+                fut = hub.publish_queued(cmd.room, cmd.data, cmd.key)
             except BrokerUnavailable as exc:
                 raise _broker_unavailable("publish", exc, cmd.id) from None
             session.publishing += 1
@@ -331,7 +331,7 @@ class RoomsEndpoint:
 
     async def _publish_async(self, session: Session, cmd) -> None:
         try:
-            seq = await self.hub.publish(cmd.room, cmd.data)
+            seq, _ = await self.hub.publish(cmd.room, cmd.data, cmd.key)
         except BrokerUnavailable as exc:
             raise _broker_unavailable("publish", exc, cmd.id) from None
         self._ack(session, cmd, seq)
@@ -343,25 +343,38 @@ class RoomsEndpoint:
         if principal is not None and not principal.can_join(room):
             raise CommandError("forbidden", f"not allowed to join {room!r}", cmd.id)
         hub = self.hub
-        if hub.is_member(session, room):
-            self._ack(session, cmd)      # joining twice is harmless
-            return None
-        if len(hub.rooms_of(session)) >= self.max_rooms:
+        member = hub.is_member(session, room)
+        if not member and len(hub.rooms_of(session)) >= self.max_rooms:
             raise CommandError("too_many_rooms", f"a connection may join at most {self.max_rooms} rooms", cmd.id)
-        if hub.join_nowait(session, room) is None:
-            return self._join_async(session, cmd)
-        self._ack(session, cmd)
+        # The hub answers (ack with the position, then the replay) right before the member
+        # gets live frames, so nothing falls between them.
+        reply = functools.partial(self._join_ack, session, cmd)
+        joined = hub.join_nowait(session, room, cmd.since, cmd.epoch, cmd.last, reply)
+        if joined is None:
+            return self._join_async(session, cmd, reply)
+        if joined is False:
+            position = hub.position(room)   # joining twice is harmless
+            if cmd.id is not None:
+                session.reply(commands.join_ack(cmd.id, *position) if position else commands.ack(cmd.id))
         return None
 
-    async def _join_async(self, session: Session, cmd) -> None:
+    def _join_ack(self, session: Session, cmd, seq: int, epoch: str, recovered) -> None:
+        if session.closed:
+            return
+        if cmd.id is not None or cmd.since is not None or cmd.last:
+            session.reply(commands.join_ack(cmd.id, seq, epoch, recovered))
+
+    async def _join_async(self, session: Session, cmd, reply) -> None:
         try:
-            await self.hub.join(session, cmd.room)
+            joined = await self.hub.join(session, cmd.room, cmd.since, cmd.epoch, cmd.last, reply)
         except BrokerUnavailable as exc:
             raise _broker_unavailable("join", exc, cmd.id) from None
         if session.closed:
             self.hub.leave(session, cmd.room)   # it went away while the broker subscribed
             return
-        self._ack(session, cmd)
+        if joined is False and cmd.id is not None:
+            position = self.hub.position(cmd.room)
+            session.reply(commands.join_ack(cmd.id, *position) if position else commands.ack(cmd.id))
 
     def _refresh(self, session: Session, cmd):
         self.stats.refreshes += 1

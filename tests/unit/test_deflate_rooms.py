@@ -13,7 +13,7 @@ from gateway.broker.memory import MemoryBroker
 from gateway.ws.deflate import Deflate, DeflateSettings
 from gateway.rooms.hub import Hub
 from gateway_ext import FrameParser, encode_frame
-from tests.helpers import serve, upgrade_request
+from tests.helpers import join_ack, serve, upgrade_request
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -30,7 +30,7 @@ async def raw_member(port, room, extensions="permessage-deflate"):
     writer.write(encode_frame(1, orjson.dumps({"op": "join", "room": room, "id": 1}), mask=MASK))
     parser = FrameParser(1 << 22, require_mask=False, allow_rsv1=True)
     [ack] = await read_frames(reader, parser, 1)
-    assert orjson.loads(ack[3]) == {"op": "ack", "id": 1}
+    assert join_ack(orjson.loads(ack[3])) == {"op": "ack", "id": 1}
     return reader, writer, parser
 
 

@@ -42,6 +42,7 @@ class ScriptedBroker(Broker):
     def __init__(self):
         super().__init__()
         self.calls = []
+        self.reads = []
         self.fail_subscribe = False
         self.gate = None
 
@@ -63,7 +64,7 @@ class ScriptedBroker(Broker):
         raise BrokerUnavailable("redis is down")
 
     async def history(self, room, since, limit):
-        self.calls.append(("history", room))
+        self.reads.append((room, since, limit))
         return History("e1", 0, [])
 
     async def close(self):

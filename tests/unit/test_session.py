@@ -10,7 +10,7 @@ import websockets
 
 from gateway.broker.base import BrokerUnavailable
 from gateway.errors import GatewayCloseCode
-from tests.helpers import serve, upgrade_request
+from tests.helpers import join_ack, serve, upgrade_request
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -59,9 +59,9 @@ def test_join_publish_leave_with_acks_and_seq(run):
     async def main():
         async with serve() as gw:
             a, b = await Client.open(gw), await Client.open(gw)
-            assert await a.request(op="join", room="lobby", id=1) == {"op": "ack", "id": 1}
-            assert await b.request(op="join", room="lobby", id="j") == {"op": "ack", "id": "j"}
-            assert await a.request(op="join", room="lobby", id=2) == {"op": "ack", "id": 2}   # idempotent
+            assert join_ack(await a.request(op="join", room="lobby", id=1)) == {"op": "ack", "id": 1}
+            assert join_ack(await b.request(op="join", room="lobby", id="j")) == {"op": "ack", "id": "j"}
+            assert join_ack(await a.request(op="join", room="lobby", id=2)) == {"op": "ack", "id": 2}   # idempotent
             await a.send(op="publish", room="lobby", data={"text": "hi", "n": [1, 2]}, id="p1")
             assert await a.recv() == {"op": "ack", "id": "p1", "seq": 1}
             expected = {"op": "message", "room": "lobby", "data": {"text": "hi", "n": [1, 2]}, "seq": 1}
@@ -89,6 +89,8 @@ def test_join_then_publish_in_one_burst_keeps_order(run):
             await a.send(op="join", room="fresh", id=1)
             await a.send(op="publish", room="fresh", data="x", id=2)
             got = [await a.recv() for _ in range(3)]
+            assert got[0]["seq"] == 0 and got[0]["epoch"]
+            got[0] = join_ack(got[0])
             assert got == [{"op": "ack", "id": 1}, {"op": "ack", "id": 2, "seq": 1},
                            {"op": "message", "room": "fresh", "data": "x", "seq": 1}]
             await a.close()
@@ -101,7 +103,7 @@ def test_msgpack_subprotocol(run):
             m = await Client.open(gw, msgpack_proto=True)
             j = await Client.open(gw)
             assert m.ws.subprotocol == "ws-gateway.msgpack"
-            assert await m.request(op="join", room="r", id=1) == {"op": "ack", "id": 1}
+            assert join_ack(await m.request(op="join", room="r", id=1)) == {"op": "ack", "id": 1}
             await j.request(op="join", room="r", id=1)
             await j.send(op="publish", room="r", data={"k": [1, "two", None]})
             want = {"op": "message", "room": "r", "data": {"k": [1, "two", None]}, "seq": 1}
@@ -128,7 +130,7 @@ def test_aiohttp_client_sees_the_same_protocol(run):
         async with serve() as gw, aiohttp.ClientSession() as http:
             async with http.ws_connect(f"http://127.0.0.1:{gw.port}/ws") as ws:
                 await ws.send_str('{"op":"join","room":"x","id":1}')
-                assert orjson.loads((await ws.receive(timeout=10)).data) == {"op": "ack", "id": 1}
+                assert join_ack(orjson.loads((await ws.receive(timeout=10)).data)) == {"op": "ack", "id": 1}
                 await ws.send_str('{"op":"publish","room":"x","data":null}')
                 assert orjson.loads((await ws.receive(timeout=10)).data) == {
                     "op": "message", "room": "x", "data": None, "seq": 1}
@@ -161,7 +163,7 @@ def test_every_bad_input_gets_a_coded_error_and_harms_nobody(run, frame, code):
             if frame[:1] == "{" and '"id":1' in frame:
                 assert reply["id"] == 1
             # Still usable, and the bystander never noticed.
-            assert await bad.request(op="join", room="calm", id=5) == {"op": "ack", "id": 5}
+            assert join_ack(await bad.request(op="join", room="calm", id=5)) == {"op": "ack", "id": 5}
             await bystander.send(op="publish", room="calm", data="ok")
             assert (await bystander.recv())["data"] == "ok"
             assert gw.endpoints["/ws"].stats.errors[code] == 1
@@ -179,7 +181,7 @@ def test_too_many_rooms(run):
             reply = await c.request(op="join", room="r3", id=3)
             assert (reply["code"], reply["id"]) == ("too_many_rooms", 3)
             assert await c.request(op="leave", room="r0", id=4) == {"op": "ack", "id": 4}
-            assert await c.request(op="join", room="r3", id=5) == {"op": "ack", "id": 5}
+            assert join_ack(await c.request(op="join", room="r3", id=5)) == {"op": "ack", "id": 5}
             await c.close()
     run(main())
 
@@ -191,7 +193,7 @@ def test_repeated_abuse_closes_with_4003_but_good_requests_reset_the_count(run):
             for _ in range(2):
                 await c.ws.send("garbage")
                 assert (await c.recv())["code"] == "bad_json"
-            assert await c.request(op="join", room="r", id=1) == {"op": "ack", "id": 1}   # resets
+            assert join_ack(await c.request(op="join", room="r", id=1)) == {"op": "ack", "id": 1}   # resets
             for _ in range(3):
                 await c.ws.send("garbage")
             for _ in range(3):
@@ -245,7 +247,7 @@ def test_forbidden_rooms_when_a_principal_is_attached(run):
                 conn.principal = Principal()
             gw.admission_hooks.append(attach)
             c = await Client.open(gw)
-            assert await c.request(op="join", room="public.news", id=1) == {"op": "ack", "id": 1}
+            assert join_ack(await c.request(op="join", room="public.news", id=1)) == {"op": "ack", "id": 1}
             reply = await c.request(op="join", room="private", id=2)
             assert (reply["code"], reply["id"]) == ("forbidden", 2)
             reply = await c.request(op="publish", room="public.news", data=1, id=3)
@@ -303,7 +305,7 @@ def test_broker_unavailable_rolls_the_join_back(run):
             async def down(room):
                 raise BrokerUnavailable("redis unavailable: ConnectionError: Error 111 connecting to 10.9.8.7:6379.")
 
-            async def publish_down(room, data):
+            async def publish_down(room, data, idempotency_key=None):
                 raise BrokerUnavailable("redis unavailable (ConnectionError: Error 111 connecting to 10.9.8.7:6379.)")
 
             original = hub.broker.subscribe
@@ -314,7 +316,7 @@ def test_broker_unavailable_rolls_the_join_back(run):
             assert reply["message"] == "cannot join now: the message broker is unavailable; retry later"
             assert hub.members == 0 and not hub.rooms
             hub.broker.subscribe = original
-            assert await c.request(op="join", room="r", id=2) == {"op": "ack", "id": 2}
+            assert join_ack(await c.request(op="join", room="r", id=2)) == {"op": "ack", "id": 2}
             hub._sync_publish = None            # as with Redis: publish is a coroutine
             hub.broker.publish = publish_down
             reply = await c.request(op="publish", room="r", data=1, id=3)
@@ -331,7 +333,7 @@ def test_backend_publish_through_the_hub(run):
         async with serve() as gw:
             c = await Client.open(gw)
             await c.request(op="join", room="news", id=1)
-            seq = await gw.hub.publish("news", orjson.dumps({"headline": "hub"}))
+            seq, _ = await gw.hub.publish("news", orjson.dumps({"headline": "hub"}))
             assert await c.recv() == {"op": "message", "room": "news", "data": {"headline": "hub"}, "seq": seq}
             await c.close()
     run(main())

@@ -1,12 +1,19 @@
-"""`POST /api/publish`: a backend publishes to a room exactly as a client's `publish` would.
+"""The backend's HTTP API: `POST /api/publish` (as a client's `publish`) and `POST /api/history`.
 
     POST /api/publish HTTP/1.1
     Authorization: Bearer <api key>          (RFC 6750 section 2.1; keys: config `api_keys`)
     Content-Type: application/json
+    Idempotency-Key: <key>                   (optional; or "idempotency_key" in the body)
     {"room": "chat:1", "data": {...any JSON...}}
 
 Answers, always JSON (errors: {"ok":false,"error":CODE,"detail":"<reason for a person>"}):
-    200 {"ok":true,"seq":N}       published; N is the room's sequence number (as a client's ack)
+    200 {"ok":true,"seq":N,"epoch":E}
+                                  published; N is the room's sequence number (as a client's
+                                  ack). With an idempotency key, a retry within the room's
+                                  history TTL answers the ORIGINAL seq and publishes nothing
+                                  (decided by the broker, atomically with the numbering): a
+                                  backend may retry after a 503 or a timeout without
+                                  delivering twice.
     400 bad_json / bad_request / bad_room / room_name_too_long
                                   body not a JSON object; "room" or "data" missing or invalid
                                   (the same codes and messages as the /ws publish op)
@@ -17,7 +24,15 @@ Answers, always JSON (errors: {"ok":false,"error":CODE,"detail":"<reason for a p
     503 broker_unavailable        the broker cannot take it now (with "delivered_locally")
     503 unavailable               rooms are not served by this gateway
 The room name and data go through the same validation and serialisation as the /ws
-`publish` op (commands.py), then `gateway.hub.publish(room, data_bytes)`.
+`publish` op (commands.py), then `gateway.hub.publish(room, data_bytes, key)`.
+
+    POST /api/history  {"room": R, "since": N (default 0), "limit": L (default 100, <= 1000)}
+    200 {"ok":true,"room":R,"epoch":E,"top":T,"complete":C,
+         "publications":[{"seq":S,"data":X}, ...]}
+The publications with seq > N still kept, oldest first, at most L (0: the position only).
+"complete" is false when the history no longer holds what came right after N (the caller
+must reload from its own source of truth), as `recovered` in a /ws join. Same key check
+and error shapes as /api/publish.
 
 Keys are compared in constant time over their SHA-256 digests, so neither a key's prefix
 nor its length leaks through response timing; keys never reach a log line.
@@ -40,6 +55,8 @@ from gateway.ws.handshake import response
 log = logging.getLogger("gateway.api.methods")
 
 PATH = "/api/publish"
+HISTORY_PATH = "/api/history"
+MAX_HISTORY_LIMIT = 1000
 _CHALLENGE = 'Bearer realm="ws-gateway-api"'
 
 
@@ -64,6 +81,63 @@ class PublishApi:
 
     def handle(self, request, body: bytes):
         """The route: validate synchronously, then publish in a task (the broker may await)."""
+        doc = self._body(request, body)
+        stats = self.stats
+        try:
+            commands.require_fields(doc, "publish")
+            room = commands.validate_room(doc["room"], self.max_room_name_bytes)
+            data = commands.serialize_data(doc["data"])
+            key = doc.get("idempotency_key") or request.header("idempotency-key") or None
+            if key is not None:
+                key = commands.idempotency_key(key)
+        except commands.CommandError as exc:
+            stats.rejected["bad_request"] += 1
+            raise HandshakeRejected(400, exc.message, code=exc.code) from None
+        hub = getattr(self.gateway, "hub", None)
+        if hub is None:
+            raise HandshakeRejected(503, "rooms are not served by this gateway", code="unavailable")
+        return self._publish(hub, room, data, key)
+
+    def handle_history(self, request, body: bytes):
+        """POST /api/history: the room's position and its publications after `since`."""
+        doc = self._body(request, body)
+        stats = self.stats
+        since, limit = doc.get("since", 0), doc.get("limit", 100)
+        try:
+            if "room" not in doc:
+                raise commands.CommandError("bad_request", 'history needs "room"')
+            room = commands.validate_room(doc["room"], self.max_room_name_bytes)
+            for name, value, top in (("since", since, 1 << 63), ("limit", limit, MAX_HISTORY_LIMIT + 1)):
+                if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < top:
+                    raise commands.CommandError("bad_request", f'"{name}" must be an integer from 0 to {top - 1}')
+        except commands.CommandError as exc:
+            stats.rejected["bad_request"] += 1
+            raise HandshakeRejected(400, exc.message, code=exc.code) from None
+        hub = getattr(self.gateway, "hub", None)
+        if hub is None:
+            raise HandshakeRejected(503, "rooms are not served by this gateway", code="unavailable")
+        return self._history(hub, room, since, limit)
+
+    async def _history(self, hub, room: str, since: int, limit: int) -> bytes:
+        try:
+            found = await hub.broker.history(room, since, limit)
+        except BrokerUnavailable as exc:
+            self.stats.rejected["broker_unavailable"] += 1
+            log.warning("api history failed: broker unavailable", extra={"event": "api_history", "room": room,
+                                                                          "error": str(exc)[:200]})
+            body = {"ok": False, "error": "broker_unavailable", "detail": "broker unavailable; retry later"}
+            return response(503, orjson.dumps(body), "application/json", {"Retry-After": "1"})
+        hub.history.reads += 1
+        self.stats.history_reads += 1
+        pubs = found.publications
+        complete = since >= found.top or (bool(pubs) and pubs[0].seq == since + 1) or limit == 0
+        # The stored data is already JSON: spliced in as is, never parsed again.
+        items = b",".join(b'{"seq":%d,"data":%b}' % (p.seq, p.data) for p in pubs)
+        head = orjson.dumps({"ok": True, "room": room, "epoch": found.epoch, "top": found.top, "complete": complete})
+        return response(200, head[:-1] + b',"publications":[' + items + b"]}", "application/json")
+
+    def _body(self, request, body: bytes) -> dict:
+        """Method, key, content type and a JSON object body, or the matching HandshakeRejected."""
         stats = self.stats
         if request.method != "POST":
             raise HandshakeRejected(405, "use POST", {"Allow": "POST"}, "method_not_allowed")
@@ -86,22 +160,12 @@ class PublishApi:
             raise HandshakeRejected(400, f"body is not JSON: {str(exc)[:100]}", code="bad_json") from None
         if not isinstance(doc, dict):
             stats.rejected["bad_request"] += 1
-            raise HandshakeRejected(400, 'body must be a JSON object {"room": ..., "data": ...}', code="bad_json")
-        try:
-            commands.require_fields(doc, "publish")
-            room = commands.validate_room(doc["room"], self.max_room_name_bytes)
-            data = commands.serialize_data(doc["data"])
-        except commands.CommandError as exc:
-            stats.rejected["bad_request"] += 1
-            raise HandshakeRejected(400, exc.message, code=exc.code) from None
-        hub = getattr(self.gateway, "hub", None)
-        if hub is None:
-            raise HandshakeRejected(503, "rooms are not served by this gateway", code="unavailable")
-        return self._publish(hub, room, data)
+            raise HandshakeRejected(400, 'body must be a JSON object {"room": ..., ...}', code="bad_json")
+        return doc
 
-    async def _publish(self, hub, room: str, data: bytes) -> bytes:
+    async def _publish(self, hub, room: str, data: bytes, key: str | None = None) -> bytes:
         try:
-            seq, epoch = await hub.publish(room, data)
+            seq, epoch = await hub.publish(room, data, key)
         except BrokerUnavailable as exc:
             self.stats.rejected["broker_unavailable"] += 1
             log.warning("api publish failed: broker unavailable", extra={"event": "api_publish", "room": room,
@@ -122,6 +186,7 @@ class ApiStats:
 
     def __init__(self) -> None:
         self.published = 0
+        self.history_reads = 0
         self.rejected: collections.Counter = collections.Counter()
 
 
@@ -129,6 +194,7 @@ def install(gateway, config) -> PublishApi:
     api = PublishApi(gateway, tuple(getattr(config, "api_keys", ()) or ()),
                      int(getattr(config, "max_room_name_bytes", 200) or 200))
     gateway.http_routes[PATH] = api.handle
+    gateway.http_routes[HISTORY_PATH] = api.handle_history
     gateway.api = api
     gateway.metric_sources["api"] = api.stats   # ws_gateway_api_* (gateway/ops/metrics.py)
     return api

@@ -7,7 +7,7 @@ import pytest
 import websockets
 
 from gateway.broker.base import BrokerUnavailable
-from tests.helpers import raw_request, serve
+from tests.helpers import join_ack, raw_request, serve
 from tests.redis_server import redis_server  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.timeout(60)
@@ -15,14 +15,14 @@ pytestmark = pytest.mark.timeout(60)
 KEY = "backend-key-0123456789abcdef"
 
 
-async def post(gw, body, key=KEY, headers=None, method="POST"):
+async def post(gw, body, key=KEY, headers=None, method="POST", path="/api/publish"):
     hdrs = {"Content-Type": "application/json"}
     if key is not None:
         hdrs["Authorization"] = f"Bearer {key}"
     hdrs.update(headers or {})
     data = body if isinstance(body, (bytes, str)) else orjson.dumps(body)
     async with aiohttp.ClientSession() as session:
-        async with session.request(method, f"http://127.0.0.1:{gw.port}/api/publish", data=data,
+        async with session.request(method, f"http://127.0.0.1:{gw.port}{path}", data=data,
                                    headers=hdrs) as r:
             return r.status, r.headers, await r.read()
 
@@ -30,7 +30,7 @@ async def post(gw, body, key=KEY, headers=None, method="POST"):
 async def member(gw, room):
     ws = await websockets.connect(f"ws://127.0.0.1:{gw.port}/ws", open_timeout=5)
     await ws.send(orjson.dumps({"op": "join", "room": room, "id": 1}).decode())
-    assert orjson.loads(await asyncio.wait_for(ws.recv(), 10)) == {"op": "ack", "id": 1}
+    assert join_ack(orjson.loads(await asyncio.wait_for(ws.recv(), 10))) == {"op": "ack", "id": 1}
     return ws
 
 
@@ -40,7 +40,7 @@ def test_publish_reaches_members_like_a_client_publish(run):
             a, b, other = await member(gw, "news"), await member(gw, "news"), await member(gw, "sports")
             status, headers, body = await post(gw, {"room": "news", "data": {"headline": "é", "n": [1, 2]}})
             assert status == 200 and headers["Content-Type"] == "application/json"
-            assert orjson.loads(body) == {"ok": True, "seq": 1}
+            assert orjson.loads(body) == {"ok": True, "seq": 1, "epoch": gw.hub.position("news")[1]}
             expected = {"op": "message", "room": "news", "data": {"headline": "é", "n": [1, 2]}, "seq": 1}
             for ws in (a, b):
                 assert orjson.loads(await asyncio.wait_for(ws.recv(), 10)) == expected
@@ -126,7 +126,7 @@ def test_short_api_key_is_a_config_error():
 def test_broker_unavailable_503(run):
     async def main():
         async with serve(api_keys=KEY) as gw:
-            async def down(room, data):
+            async def down(room, data, idempotency_key=None):
                 raise BrokerUnavailable("redis is down")
             gw.hub.broker.publish = down
             gw.hub._sync_publish = None
@@ -165,4 +165,70 @@ def test_publish_through_redis_reaches_other_processes_and_503_when_down(run, re
                 "op": "message", "room": "news", "data": 2, "seq": 0}
             await far.close()
             await near.close()
+    run(main())
+
+
+def test_the_same_idempotency_key_twice_is_one_delivery_and_one_seq(run):
+    """A backend retrying (after a timeout or a 503) with the same key publishes once."""
+    async def main():
+        async with serve(api_keys=KEY) as gw:
+            ws = await member(gw, "orders")
+            first = await post(gw, {"room": "orders", "data": {"id": 17}}, headers={"Idempotency-Key": "order-17"})
+            again = await post(gw, {"room": "orders", "data": {"id": 17}}, headers={"Idempotency-Key": "order-17"})
+            in_body = await post(gw, {"room": "orders", "data": {"id": 17}, "idempotency_key": "order-17"})
+            assert first[0] == again[0] == in_body[0] == 200
+            assert orjson.loads(first[2]) == orjson.loads(again[2]) == orjson.loads(in_body[2])
+            assert orjson.loads(first[2])["seq"] == 1
+            await post(gw, {"room": "orders", "data": "fence"})
+            assert orjson.loads(await asyncio.wait_for(ws.recv(), 10))["data"] == {"id": 17}
+            assert orjson.loads(await asyncio.wait_for(ws.recv(), 10)) == {
+                "op": "message", "room": "orders", "data": "fence", "seq": 2}
+            status, _, body = await post(gw, {"room": "orders", "data": 1}, headers={"Idempotency-Key": "k" * 129})
+            assert status == 400 and b"idempotency_key" in body
+            await ws.close()
+    run(main())
+
+
+def test_idempotent_publish_through_redis_across_gateways(run, redis_server):
+    """The key is decided in Redis: a retry sent to ANOTHER gateway is still one publication."""
+    async def main():
+        async with serve(api_keys=KEY, broker=redis_server.url) as a, \
+                serve(api_keys=KEY, broker=redis_server.url) as b:
+            ws = await member(b, "orders")
+            first = await post(a, {"room": "orders", "data": 1, "idempotency_key": "x-1"})
+            again = await post(b, {"room": "orders", "data": 1, "idempotency_key": "x-1"})
+            assert orjson.loads(first[2]) == orjson.loads(again[2]) and orjson.loads(first[2])["seq"] == 1
+            await post(a, {"room": "orders", "data": "fence"})
+            assert orjson.loads(await asyncio.wait_for(ws.recv(), 10))["seq"] == 1
+            assert orjson.loads(await asyncio.wait_for(ws.recv(), 10)) == {
+                "op": "message", "room": "orders", "data": "fence", "seq": 2}
+            await ws.close()
+    run(main())
+
+
+@pytest.mark.parametrize("broker", ["memory", "redis"])
+def test_history_api(run, broker, request):
+    async def main():
+        url = request.getfixturevalue("redis_server").url if broker == "redis" else "memory://"
+        async with serve(api_keys=KEY, broker=url, history_size=5) as gw:
+            for i in range(8):
+                await post(gw, {"room": "h", "data": {"n": i}})
+            status, _, body = await post(gw, {"room": "h", "since": 5, "limit": 10}, path="/api/history")
+            doc = orjson.loads(body)
+            assert status == 200 and doc["ok"] and doc["top"] == 8 and doc["complete"] is True
+            assert doc["publications"] == [{"seq": 6, "data": {"n": 5}}, {"seq": 7, "data": {"n": 6}},
+                                           {"seq": 8, "data": {"n": 7}}]
+            assert isinstance(doc["epoch"], str)
+            doc = orjson.loads((await post(gw, {"room": "h", "since": 6, "limit": 1}, path="/api/history"))[2])
+            assert [p["seq"] for p in doc["publications"]] == [7]
+            if broker == "memory":     # exactly 5 kept: what came after 0 is gone
+                doc = orjson.loads((await post(gw, {"room": "h"}, path="/api/history"))[2])
+                assert doc["complete"] is False and [p["seq"] for p in doc["publications"]] == [4, 5, 6, 7, 8]
+            doc = orjson.loads((await post(gw, {"room": "h", "since": 8, "limit": 0}, path="/api/history"))[2])
+            assert (doc["top"], doc["complete"], doc["publications"]) == (8, True, [])
+            for bad in ({"room": "h", "since": -1}, {"room": "h", "limit": 5000}, {"room": "", "since": 0},
+                        {"room": "h", "since": "1"}):
+                status, _, body = await post(gw, bad, path="/api/history")
+                assert status == 400, (bad, body)
+            assert (await post(gw, {"room": "h"}, key=None, path="/api/history"))[0] == 401
     run(main())

@@ -62,6 +62,8 @@ def install_rooms(gateway: Gateway, config: Config):
               retention=retention.for_room)
     endpoint = RoomsEndpoint(hub, config)
     gateway.endpoints["/ws"] = endpoint
+    from gateway.server import sse
+    sse.install(gateway, hub, config, endpoint.backpressure)   # GET /sse: the same rooms as events
     gateway.hub = hub   # backends publish through it: `await gateway.hub.publish(room, json_bytes)`
     from gateway.ops.metrics import LatencyHistogram
     hub.fanout = LatencyHistogram()   # exported as ws_gateway_hub_fanout_seconds

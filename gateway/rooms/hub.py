@@ -41,6 +41,9 @@ The member interface is tiny (so benchmarks use fake members):
     member.msgpack: bool                          which encoding it wants
     member.deflate_key: int | None                optional: its permessage-deflate window (deflate.py)
     member.deliver(room: Room, frames: list[bytes], batch: bytes) -> None
+    member.sse: bool                              optional: a Server-Sent Events stream, which gets
+    member.deliver_events(room, seqs, blocks)     ... one shared `data:` block per publication
+    member.reset_event(room, epoch, seq)          ... and the `reset` as a call (it writes its own ids)
 `room.name` and `room.policy` (whatever `policy_for(name)` returned) are for the member.
 
 Imports: broker.base, commands (the wire format) and gateway_ext (frame encoding); never
@@ -67,7 +70,7 @@ class Room:
     """One room of this process: its members, cached prefix and policy, the pass's frames."""
 
     __slots__ = ("name", "members", "mp_members", "prefix", "policy", "frames", "pubs", "subscribed", "waiters",
-                 "z_members", "payloads", "epoch", "top", "flushed", "window", "joining", "reading", "held",
+                 "z_members", "payloads", "sse_members", "epoch", "top", "flushed", "window", "joining", "reading", "held",
                  "retention")
 
     def __init__(self, name: str, policy) -> None:
@@ -82,6 +85,7 @@ class Room:
         self.waiters = None              # future while the broker subscribe is in flight
         self.z_members: dict = {}        # deflate key -> {member: None}: compressed JSON members
         self.payloads: list = []         # this pass's JSON payloads, kept only for z_members
+        self.sse_members: dict = {}      # Server-Sent Events streams (deliver_events, see server/sse.py)
         self.epoch: str | None = None    # the room's numbering as this process knows it (None: not yet)
         self.top = 0                     # last seq accepted (live or from a history read)
         self.flushed = -1                # last seq handed to members; -1: position not known yet
@@ -92,10 +96,12 @@ class Room:
         self.retention = None
 
     def __len__(self) -> int:
-        return len(self.members) + len(self.mp_members) + sum(map(len, self.z_members.values()))
+        return (len(self.members) + len(self.mp_members) + sum(map(len, self.z_members.values()))
+                + len(self.sse_members))
 
     def empty(self) -> bool:
-        return not self.members and not self.mp_members and not self.z_members and not self.joining
+        return (not self.members and not self.mp_members and not self.z_members and not self.joining
+                and not self.sse_members)
 
 
 class Joiner:
@@ -343,6 +349,9 @@ class Hub:
 
     def _attach(self, member, room: Room) -> None:
         """Add the member to the room's delivery group (live frames reach it from now on)."""
+        if getattr(member, "sse", False):
+            room.sse_members[member] = None
+            return
         key = getattr(member, "deflate_key", None)
         if key is not None and not member.msgpack and self.deflate is not None and self.deflate.room_compressed(room.name):
             room.z_members.setdefault(key, {})[member] = None
@@ -351,6 +360,7 @@ class Hub:
 
     def _detach(self, member, room: Room) -> None:
         room.members.pop(member, None)
+        room.sse_members.pop(member, None)
         room.mp_members.pop(member, None)
         if room.z_members:
             key = getattr(member, "deflate_key", None)
@@ -364,6 +374,8 @@ class Hub:
         """Which encoding of a publication this member gets: "json", "msgpack" or a deflate key."""
         if member.msgpack:
             return "msgpack"
+        if getattr(member, "sse", False):
+            return "sse"
         key = getattr(member, "deflate_key", None)
         if key is not None and self.deflate is not None and self.deflate.room_compressed(room.name):
             return key
@@ -578,6 +590,12 @@ class Hub:
             self._deliver(room, room.mp_members, mp_frames, batch)
         if room.z_members and payloads:
             self._deliver_compressed(room, payloads)
+        if room.sse_members:
+            # One `data:` block per publication, shared by every stream (each adds its own `id:`).
+            prefix = room.prefix
+            seqs = [seq for seq, _ in pubs]
+            blocks = [b"data: " + prefix + data + b',"seq":%d}\n\n' % seq for seq, data in pubs]
+            self._deliver_events(room, room.sse_members, seqs, blocks)
         if room.epoch is not None:
             room.flushed = room.top   # members (attached before this flush) are at the top now
         if room.window is not None or room.held is not None:
@@ -637,6 +655,8 @@ class Hub:
         for key, members in tuple(room.z_members.items()):
             frame = self.deflate.frame(OP_TEXT, commands.encode_json(doc), key)
             self._deliver(room, members, [frame], frame)
+        for member in tuple(room.sse_members):
+            member.reset_event(room, epoch, seq)
 
     def _serve(self, room: Room, joiner: Joiner) -> bool:
         """Answer a joiner now if its position or range is at hand; False: it must wait."""
@@ -707,6 +727,9 @@ class Hub:
         self.history.replayed += len(entries)
         self.deliveries += len(entries)
         try:
+            if variant == "sse":
+                member.deliver_events(room, [entry.seq for entry in entries], cached[0])
+                return
             member.deliver(room, cached[0], cached[1])
         except Exception:
             self.member_errors += 1
@@ -719,6 +742,8 @@ class Hub:
         if frame is None:
             if variant == "msgpack":
                 frame = encode_frame(OP_BINARY, commands.msgpack_message(room.name, entry.data, entry.seq))
+            elif variant == "sse":
+                frame = b"data: " + room.prefix + entry.data + b',"seq":%d}\n\n' % entry.seq
             else:
                 payload = room.prefix + entry.data + b',"seq":%d}' % entry.seq
                 frame = encode_frame(OP_TEXT, payload) if variant == "json" else self.deflate.frame(OP_TEXT, payload,
@@ -900,6 +925,17 @@ class Hub:
                 callback()
             except Exception:
                 log.exception("after_flush callback failed")
+
+    def _deliver_events(self, room: Room, members: dict, seqs: list, blocks: list) -> None:
+        targets = tuple(members)
+        self.deliveries += len(blocks) * len(targets)
+        for member in targets:
+            try:
+                member.deliver_events(room, seqs, blocks)
+            except Exception:
+                self.member_errors += 1
+                log.exception("member delivery failed; removing the member", extra={"room": room.name})
+                self.leave_all(member)
 
     def _deliver(self, room: Room, members: dict, frames: list, batch: bytes) -> None:
         # A copy: deliver() may make a member leave (slow-consumer disconnect).

@@ -96,7 +96,16 @@ class Connection(WebSocketStream, asyncio.Protocol):
             self._timer.cancel()
             self._timer = None
         gw = self.gateway
-        if previous == OPEN:
+        if previous == OPEN and self.ws is None:   # an event stream (sse.py)
+            gw.connection_closed(self)
+            try:
+                self.endpoint.on_close(self)
+            except Exception:  # a bug in an endpoint must not leak the connection
+                log.exception("endpoint on_close failed", extra={"conn": self.id})
+            lifecycle.info("connection closed", {
+                "event": "close", "conn": self.id, "peer": self.peer, "client": self.client_ip, "user": self.user,
+                "path": "/sse", "reason": str(exc) if exc else ""})
+        elif previous == OPEN:
             ws = self.ws
             ws.receive_eof()
             gw.connection_closed(self)
@@ -152,7 +161,10 @@ class Connection(WebSocketStream, asyncio.Protocol):
     def close(self, code: int = 1000, reason: str = "") -> None:
         """Start the closing handshake (section 7.1.2) and flush it now."""
         if self.ws is None:
-            self.abort()
+            if self.phase == OPEN and self.transport is not None:
+                self.transport.close()   # an event stream: end it after what is buffered (FIN)
+            else:
+                self.abort()
             return
         self.ws.close(code, reason)
         self.flush()
@@ -232,6 +244,10 @@ class Connection(WebSocketStream, asyncio.Protocol):
         endpoint = gw.endpoints.get(request.path)
         if endpoint is not None:
             self._upgrade(request, endpoint, rest)
+            return
+        stream = gw.stream_routes.get(request.path)
+        if stream is not None:
+            self._stream(request, stream)
             return
         if request.path not in gw.http_routes:
             # A browser asks for /favicon.ico by itself (the demo page, a dashboard): nothing an
@@ -334,6 +350,29 @@ class Connection(WebSocketStream, asyncio.Protocol):
             self.data_received(rest)
         else:
             self.flush()
+
+    def _stream(self, request: Request, endpoint) -> None:
+        """A long-lived HTTP response (Server-Sent Events, sse.py), admitted like an upgrade:
+        the connection cap, the admission hooks (Origin, per-IP, token), then the endpoint's
+        own checks; from then on it is an open connection (drain, keepalive, metrics)."""
+        gw = self.gateway
+        if gw.open_connections >= gw.config.max_connections:
+            raise HandshakeRejected(503, "server is at its connection limit; retry later", {"Retry-After": "5"})
+        gw.admit(self, request)
+        head = endpoint.prepare(self, request)
+        self.transport.write(head)
+        gw.handshaking.pop(self, None)
+        self.endpoint = endpoint
+        self.phase = OPEN
+        self.request = None
+        self._head = None
+        self.last_seen = gw.clock
+        try:
+            gw.connection_opened(self)
+            endpoint.on_open(self)
+        except Exception:
+            log.exception("internal error while opening a stream", extra={"conn": self.id, "peer": self.peer})
+            self.abort()
 
     def _negotiate_extensions(self, request: Request):
         """The protocol object and the Sec-WebSocket-Extensions answer (RFC 7692 section 5)."""

@@ -94,6 +94,8 @@ class Gateway:
         if config.echo:
             self.endpoints["/echo"] = EchoEndpoint()
         self.http_routes = {"/healthz": self._healthz, "/readyz": self._readyz}
+        # Long-lived HTTP responses (Server-Sent Events): path -> endpoint with prepare/on_open/...
+        self.stream_routes: dict[str, object] = {}
         self.metrics = Metrics(self, self.loop)
         # Unexpected exceptions before the 101 (connection.py): one WARNING per 10 s at most.
         self.http_error_log = logs.RateLimitedLog(logging.getLogger("gateway.server.connection"), interval=10.0)
@@ -294,6 +296,11 @@ class Gateway:
             due = []
             for conn in list(self.connections):
                 idle = now - conn.last_seen
+                if conn.ws is None:          # an event stream: a comment keeps proxies from timing it out
+                    if idle >= interval:
+                        conn.last_seen = now
+                        conn.endpoint.heartbeat(conn)
+                    continue
                 if idle < interval:
                     conn.pinged = False
                 elif idle >= deadline and conn.pinged:
@@ -542,6 +549,7 @@ class _PrivateSite:
         self.stats = Stats()
         self.endpoints: dict = {}
         self.http_routes = routes
+        self.stream_routes: dict = {}
         self.corker = gateway.corker
         self.handshaking = gateway.handshaking   # expired by the gateway's sweep
         self.http_error_log = gateway.http_error_log

@@ -11,7 +11,7 @@ import urllib.request
 import orjson
 import pytest
 
-from tests.helpers import GatewayProcess, free_port
+from tests.helpers import GatewayProcess, free_port, join_ack
 from tests.requires import binary, require
 
 CHROMIUM = require("chromium", "chromedriver", module_level=True)
@@ -73,7 +73,7 @@ class PythonClient:
     def __enter__(self):
         self.ws = connect(self.url, open_timeout=10, compression=None).__enter__()
         self.ws.send(orjson.dumps({"op": "join", "room": self.room, "id": "j"}).decode())
-        assert orjson.loads(self.ws.recv(timeout=10)) == {"op": "ack", "id": "j"}
+        assert join_ack(orjson.loads(self.ws.recv(timeout=10))) == {"op": "ack", "id": "j"}
         return self
 
     def __exit__(self, *exc):

@@ -15,7 +15,7 @@ import uvloop
 import websockets
 
 from tests.certs import client_context, make_cert
-from tests.helpers import ROOT, GatewayProcess, free_port
+from tests.helpers import ROOT, GatewayProcess, free_port, join_ack
 from tests.requires import binary, requires
 
 NGINX = binary("nginx")
@@ -147,7 +147,7 @@ def test_wss_through_nginx_join_publish_receive(stack):
             counts = await asyncio.to_thread(lambda: [_open_connections(gw) for gw in instances])
             assert counts == [1.0, 1.0]
             await a.send(json.dumps({"op": "join", "room": "lobby", "id": 1}))
-            assert json.loads(await a.recv()) == {"op": "ack", "id": 1}
+            assert join_ack(json.loads(await a.recv())) == {"op": "ack", "id": 1}
             await a.send(json.dumps({"op": "publish", "room": "lobby", "data": {"hello": "nginx"}, "id": 2}))
             replies = [json.loads(await a.recv()) for _ in range(2)]
             message = next(r for r in replies if r["op"] == "message")
@@ -198,10 +198,10 @@ def test_draining_instance_is_routed_around(stack):
         for _ in range(5):
             async with websockets.connect(url, ssl=ctx) as ws:
                 await ws.send(json.dumps({"op": "join", "room": "r", "id": 7}))
-                assert json.loads(await ws.recv()) == {"op": "ack", "id": 7}
+                assert join_ack(json.loads(await ws.recv())) == {"op": "ack", "id": 7}
         survivor = next(ws for ws in clients if ws.close_code is None)
         await survivor.send(json.dumps({"op": "join", "room": "r", "id": 8}))
-        assert json.loads(await survivor.recv()) == {"op": "ack", "id": 8}
+        assert join_ack(json.loads(await survivor.recv())) == {"op": "ack", "id": 8}
         await survivor.close()
     uvloop.run(main())
     assert instances[0].proc.wait(timeout=10) == 0

@@ -284,6 +284,14 @@ METRICS: tuple[Metric, ...] = (
     # -- the backend API (api/methods.py ApiStats) ----------------------------------------------
     M("api_published", COUNTER, "api", "published", "POST /api/publish requests published"),
     M("api_rejected", COUNTER, "api", "rejected", "POST /api/publish requests refused, by reason", ("reason",)),
+    M("api_history_reads", COUNTER, "api", "history_reads", "POST /api/history requests answered"),
+    # -- Server-Sent Events (server/sse.py SseStats) --------------------------------------------
+    M("sse_opened", COUNTER, "sse", "opened", "GET /sse streams started"),
+    M("sse_open", GAUGE, "sse", "open", "event streams open now"),
+    M("sse_resumed", COUNTER, "sse", "resumed", "streams that came back with a Last-Event-ID"),
+    M("sse_resets", COUNTER, "sse", "resets", "rooms of a stream that could not resume (reset event)"),
+    M("sse_events", COUNTER, "sse", "events", "events written to streams"),
+    M("sse_slow_disconnects", COUNTER, "sse", "slow_disconnects", "streams ended by the disconnect policy"),
 )
 del M
 

@@ -153,9 +153,22 @@ class SseStream:
         stats.events += len(events)
         if self.queue is None and not conn.paused:
             data = events[0] if len(events) == 1 else b"".join(events)
-            conn.transport.write(data)
-            conn.stats.bytes_out += len(data)
-            return
+            if len(data) <= self.endpoint.write_buffer_high:
+                conn.transport.write(data)
+                conn.stats.bytes_out += len(data)
+                return
+            # More than the high-water mark at once: event by event while the transport takes
+            # them, the rest through the queue and its policy (as rooms/session.py does).
+            for i, event in enumerate(events):
+                conn.transport.write(event)
+                conn.stats.bytes_out += len(event)
+                if conn.paused:
+                    events = events[i + 1:]
+                    break
+            else:
+                return
+            if not events or self.closed:
+                return
         queue = self.queue
         if queue is None:
             ep = self.endpoint
@@ -186,6 +199,7 @@ class SseEndpoint:
         self.max_rooms = config.max_rooms_per_connection
         self.max_room_name_bytes = config.max_room_name_bytes
         self.max_queue_bytes = config.max_queue_bytes
+        self.write_buffer_high = config.write_buffer_high_bytes
         self.backpressure = backpressure       # the /ws endpoint's: one set of slow-consumer counters
         self.stats = SseStats()
 

@@ -17,6 +17,7 @@ from tests.auth_tokens import SECRET, hs256
 from tests.helpers import ROOT, raw_request, serve
 
 GOLDEN = [
+    'ws_gateway_api_history_reads_total counter',
     'ws_gateway_api_published_total counter',
     'ws_gateway_api_rejected_total counter reason',
     'ws_gateway_backpressure_dropped_latest_total counter',
@@ -120,6 +121,12 @@ GOLDEN = [
     'ws_gateway_session_refreshes_total counter',
     'ws_gateway_session_requests_total counter',
     'ws_gateway_session_too_many_errors_closes_total counter',
+    'ws_gateway_sse_events_total counter',
+    'ws_gateway_sse_open gauge',
+    'ws_gateway_sse_opened_total counter',
+    'ws_gateway_sse_resets_total counter',
+    'ws_gateway_sse_resumed_total counter',
+    'ws_gateway_sse_slow_disconnects_total counter',
     'ws_gateway_transport_buffer_bytes gauge',
 ]
 

@@ -44,18 +44,22 @@ def new_epoch() -> str:
 
 
 class _RoomLog:
-    __slots__ = ("room", "epoch", "top", "ring", "keys", "bytes", "retention", "last_publish", "subscribed")
+    __slots__ = ("room", "epoch", "top", "ring", "keys", "bytes", "retention", "size", "ttl", "last_publish",
+                 "subscribed", "queue")
 
     def __init__(self, room: str, retention: Retention, now: float) -> None:
         self.room = room
         self.epoch = new_epoch()
         self.top = 0
-        self.ring: collections.deque = collections.deque()   # Publication, oldest first
+        self.ring: collections.deque = collections.deque()   # (seq, data), oldest first
         self.keys: dict = {}          # idempotency key -> (seq, expires), oldest first
         self.bytes = ROOM_OVERHEAD
         self.retention = retention
+        self.size = retention.size
+        self.ttl = retention.ttl
         self.last_publish = now
         self.subscribed = False
+        self.queue: dict | None = None    # its TTL's expiry queue while it is in it (see MemoryBroker._touch)
 
 
 class MemoryBroker(Broker):
@@ -102,9 +106,10 @@ class MemoryBroker(Broker):
         if log is None:
             log = self._logs[room] = _RoomLog(room, self.retention(room), now)
             self.history_bytes += ROOM_OVERHEAD
-            self._by_ttl.setdefault(log.retention.ttl, {})[room] = None
+            log.queue = self._by_ttl.setdefault(log.retention.ttl, {})
+            log.queue[room] = None
             self._lru[room] = None
-        elif now - log.last_publish > log.retention.ttl and (log.ring or log.keys):
+        elif now - log.last_publish > log.ttl and (log.ring or log.keys):
             self._clear(log)
         return log
 
@@ -126,6 +131,7 @@ class MemoryBroker(Broker):
         self._by_ttl.get(ttl, {}).pop(log.room, None)
         self._meta.get(ttl, {}).pop(log.room, None)
         self._lru.pop(log.room, None)
+        log.queue = None
 
     def _expire(self, now: float) -> None:
         """Drop what outlived its TTL: the fronts of the queues (oldest publication first)."""
@@ -138,6 +144,7 @@ class MemoryBroker(Broker):
                     break
                 self._clear(log)
                 del rooms[log.room]
+                log.queue = None
                 if log.subscribed:
                     # The position stays while this process holds the room: nothing to evict.
                     self._lru.pop(log.room, None)
@@ -161,19 +168,25 @@ class MemoryBroker(Broker):
             if log.subscribed:
                 del lru[log.room]                 # nothing left to evict there; its position stays
                 self._by_ttl[log.retention.ttl].pop(log.room, None)
+                log.queue = None
             else:
                 self._drop(log)
 
     def _touch(self, log: _RoomLog, now: float) -> None:
         log.last_publish = now
         room = log.room
-        ttl = log.retention.ttl
-        rooms = self._by_ttl.setdefault(ttl, {})
+        lru = self._lru
+        rooms = log.queue
+        if rooms is not None and next(reversed(rooms)) == room and next(reversed(lru)) == room:
+            return   # the hot case: the last room published to again; already last in both orders
+        ttl = log.ttl
+        rooms = log.queue = self._by_ttl.setdefault(ttl, {})
         rooms.pop(room, None)
         rooms[room] = None
-        self._meta.get(ttl, {}).pop(room, None)
-        self._lru.pop(room, None)
-        self._lru[room] = None
+        if self._meta:
+            self._meta.get(ttl, {}).pop(room, None)
+        lru.pop(room, None)
+        lru[room] = None
 
     # -- the Broker interface -----------------------------------------------------------
 
@@ -199,7 +212,7 @@ class MemoryBroker(Broker):
         if now >= self._next_expiry:
             self._expire(now)
         log = self._logs.get(room)
-        if log is None or now - log.last_publish > log.retention.ttl:
+        if log is None or now - log.last_publish > log.ttl:
             log = self._log(room, now)
         keys = log.keys
         if idempotency_key is not None:
@@ -216,17 +229,17 @@ class MemoryBroker(Broker):
                 return found[0], log.epoch
         self.publishes += 1
         seq = log.top = log.top + 1
-        retention = log.retention
-        if retention.size:
+        size = log.size
+        if size:
             ring = log.ring
-            ring.append(Publication(seq, data))
+            ring.append((seq, data))
             added = PUBLICATION_OVERHEAD + len(data)
-            while len(ring) > retention.size:
-                added -= PUBLICATION_OVERHEAD + len(ring.popleft().data)
+            if len(ring) > size:
+                added -= PUBLICATION_OVERHEAD + len(ring.popleft()[1])
             log.bytes += added
             self.history_bytes += added
         if idempotency_key is not None:
-            keys[idempotency_key] = (seq, now + retention.ttl)
+            keys[idempotency_key] = (seq, now + log.ttl)
             log.bytes += KEY_OVERHEAD + len(idempotency_key)
             self.history_bytes += KEY_OVERHEAD + len(idempotency_key)
         self._touch(log, now)
@@ -244,11 +257,10 @@ class MemoryBroker(Broker):
         if limit <= 0 or since >= log.top or not log.ring:
             return History(log.epoch, log.top, [])
         ring = log.ring
-        start = max(0, since + 1 - ring[0].seq)     # ring seqs are consecutive
-        if start == 0 and not limit < len(ring):
-            return History(log.epoch, log.top, list(ring))
+        start = max(0, since + 1 - ring[0][0])     # ring seqs are consecutive
         end = min(len(ring), start + limit)
-        return History(log.epoch, log.top, [ring[i] for i in range(start, end)])
+        new = tuple.__new__
+        return History(log.epoch, log.top, [new(Publication, ring[i]) for i in range(start, end)])
 
     async def close(self) -> None:
         for log in self._logs.values():

@@ -86,7 +86,9 @@ def build(n: int, member_cls) -> Hub:
     room = hub.rooms["bench"] = Room("bench", None)
     room.subscribed = True
     for _ in range(n):
-        hub._add(member_cls(), room, None)
+        member = member_cls()
+        hub._register(member, room, None)
+        hub._attach(member, room)
     return hub
 
 

@@ -8,7 +8,7 @@ slow-consumer policy) with its own `history_size` / `history_ttl`, the global
 
 Replay window (`Window`). The publications a room's recoveries need, contiguous in seq:
 `entries` hold seq floor+1 .. last. It is filled by one broker history read and then
-extended by every publication the hub fans out, trimmed to the room's history size, so
+extended by every publication the hub fans out, trimmed to the room's history size (+ WINDOW_SLACK), so
 while it lives every joiner whose position is in [floor, top] is served from memory: N
 joiners of a room cost one read per process, however they arrive. Each entry keeps the
 frames made from it, one per encoding (JSON, msgpack, compressed per window size), built
@@ -27,6 +27,10 @@ from gateway.broker.base import Retention
 
 WINDOW_IDLE = 30.0          # seconds a window lives without a recovery served from it
 ENTRY_OVERHEAD = 150        # bytes per window entry besides its payload and frames
+# A window keeps up to history_size + this many entries: Redis trims streams by whole nodes
+# (MAXLEN ~, up to 100 more than asked), and what a read brought must not be cut before the
+# joiners it was made for are answered.
+WINDOW_SLACK = 200
 
 
 class RetentionTable:

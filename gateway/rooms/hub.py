@@ -58,7 +58,7 @@ import time
 from gateway_ext import encode_frame
 
 from gateway.rooms import commands
-from gateway.rooms.history import WINDOW_IDLE, Entry, HistoryStats, Window
+from gateway.rooms.history import WINDOW_IDLE, WINDOW_SLACK, Entry, HistoryStats, Window
 from gateway.broker.base import Broker, BrokerUnavailable, SyncPublisher, QueuedPublisher
 
 log = logging.getLogger("gateway.rooms.hub")
@@ -602,6 +602,14 @@ class Hub:
             self._keep(room, pubs, frames)
         if room.joining:
             self._serve_joining(room)
+        self._trim_window(room)
+
+    def _trim_window(self, room: Room) -> None:
+        """Keep what the history keeps: a window answers exactly like the broker would (the
+        slack only lives while the joiners a read was made for are answered)."""
+        window = room.window
+        if window is not None and len(window.entries) > self._retention(room).size:
+            self.history.window_bytes -= window.trim(self._retention(room).size)
 
     # -- history: windows, reads, recoveries -------------------------------------------------
 
@@ -623,7 +631,8 @@ class Hub:
                     continue
                 self.history.window_bytes += window.bytes - before
         if window is not None:
-            self.history.window_bytes -= window.trim(self._retention(room).size)
+            # A bound while joiners wait; the exact history_size trim follows their answers.
+            self.history.window_bytes -= window.trim(self._retention(room).size + WINDOW_SLACK)
 
     def _retention(self, room: Room):
         if room.retention is None:
@@ -795,7 +804,7 @@ class Hub:
         if any(j.last for j in room.joining) and room.flushed < 0:
             sinces.append(0)
         if sinces and retention.size:
-            since, limit = min(sinces), retention.size + 200   # Redis trims by stream node (MAXLEN ~)
+            since, limit = min(sinces), retention.size + WINDOW_SLACK   # Redis trims by stream node (MAXLEN ~)
         else:
             since, limit = 0, 0                                # the position only
         room.reading = since
@@ -872,7 +881,7 @@ class Hub:
             old = room.window
             if old is None or old.epoch != epoch or window.floor < old.floor or old.last < window.last:
                 self._drop_window(room)
-                window.trim(size)
+                window.trim(size + WINDOW_SLACK)
                 room.window = window
                 self.history.window_bytes += window.bytes
                 self._schedule_window_sweep()
@@ -887,6 +896,7 @@ class Hub:
             return
         if not room.frames:
             self._serve_joining(room)
+            self._trim_window(room)
         # else: answered after this pass's flush, once `flushed` includes what the read added
 
     def _schedule_window_sweep(self) -> None:

@@ -804,7 +804,14 @@ class Hub:
         if any(j.last for j in room.joining) and room.flushed < 0:
             sinces.append(0)
         if sinces and retention.size:
-            since, limit = min(sinces), retention.size + WINDOW_SLACK   # Redis trims by stream node (MAXLEN ~)
+            # Everything the history keeps (not just from the lowest waiting position): joiners
+            # of the same wave arrive with slightly different, older positions, and each one
+            # below the window's floor would cost another read. history_size + slack entries:
+            # Redis trims by stream node (MAXLEN ~).
+            since = min(sinces)
+            if room.epoch is not None:
+                since = max(0, min(since, room.top - retention.size))
+            limit = retention.size + WINDOW_SLACK
         else:
             since, limit = 0, 0                                # the position only
         room.reading = since

@@ -218,7 +218,7 @@ def _kill_restart(run, server: RedisServer, a: GatewayProcess, b: GatewayProcess
         replies = {}
         while len(replies) < n:
             m = await pub.recv()
-            if m["op"] != "message":
+            if m["op"] not in ("message", "reset"):   # pub is a member too
                 replies[m["id"]] = m
         return replies
 
@@ -256,7 +256,12 @@ def _kill_restart(run, server: RedisServer, a: GatewayProcess, b: GatewayProcess
             replies = await publish_all(pub, 200, 20)
             # Redis came back empty (no persistence): the room's numbering starts again.
             assert [replies[i]["seq"] for i in range(200, 220)] == list(range(1, 21))
-            # Nothing published while Redis was down ever reaches B: the first thing it gets is 200.
+            # Members are told the numbering restarted (issue 14: `reset` with the new epoch,
+            # before its first message); nothing published while Redis was down ever reaches
+            # B: the first message it gets is 200.
+            for client in (remote, local):   # (pub got its reset among its replies)
+                reset = await client.recv()
+                assert (reset["op"], reset["room"], reset["seq"]) == ("reset", room, 0), reset
             assert [m["data"]["i"] for m in await remote.messages(20)] == list(range(200, 220))
             assert [m["data"]["i"] for m in await local.messages(20)] == list(range(200, 220))
 

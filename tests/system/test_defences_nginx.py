@@ -6,6 +6,7 @@ from X-Forwarded-For believed only because nginx is a trusted proxy, a forged en
 tokens kept out of the access log, /api/publish and /metrics private.
 """
 import asyncio
+import json
 import datetime
 import os
 import re
@@ -22,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from tests import auth_tokens as t
-from tests.helpers import ROOT, free_port, serve
+from tests.helpers import ROOT, free_port, join_ack, serve
 from tests.requires import binary, requires
 
 NGINX = binary("nginx")
@@ -120,7 +121,7 @@ async def exercise(gw, nginx):
 
     async with connect("127.0.0.2") as a:
         await a.send('{"op":"join","room":"lobby","id":1}')
-        assert await asyncio.wait_for(a.recv(), 10) == '{"op":"ack","id":1}'
+        assert join_ack(json.loads(await asyncio.wait_for(a.recv(), 10))) == {"op": "ack", "id": 1}
         assert [c.client_ip for c in gw.connections] == ["127.0.0.2"]      # not nginx's 127.0.0.1
         assert [c.user for c in gw.connections] == ["erin"]
         # same client again, pretending to be someone else: the proxy-appended address counts
@@ -130,7 +131,7 @@ async def exercise(gw, nginx):
         assert info.value.response.status_code == 429
         async with connect("127.0.0.3") as b:                                # a different client: fine
             await b.send('{"op":"join","room":"lobby","id":2}')
-            assert await asyncio.wait_for(b.recv(), 10) == '{"op":"ack","id":2}'
+            assert join_ack(json.loads(await asyncio.wait_for(b.recv(), 10))) == {"op": "ack", "id": 2}
         # 401 and 403 pass through nginx unchanged
         with pytest.raises(websockets.InvalidStatus) as info:
             async with connect("127.0.0.4", tok=t.hs256(secret=t.OTHER_SECRET)):

@@ -251,7 +251,7 @@ class Hub:
         if room is None or not room.subscribed:
             return None
         if room.flushed < 0 and not room.joining and self._sync_history is not None:
-            self._read(room)                     # memory: the position is one call away
+            self._read(room, 0 if last else since)   # memory: the position (and range) is one call away
         joiner = Joiner(member, since, epoch, last, reply, None)
         if room.flushed < 0 or not self._serve(room, joiner):
             return None
@@ -311,7 +311,7 @@ class Hub:
     async def _join_subscribed(self, member, room: Room, since, epoch, last, reply) -> bool:
         mine = self.member_rooms.get(member)
         if room.flushed < 0 and not room.joining and self._sync_history is not None:
-            self._read(room)
+            self._read(room, 0 if last else since)
         joiner = Joiner(member, since, epoch, last, reply, None)
         if room.flushed >= 0 and self._serve(room, joiner):
             self._register(member, room, mine)
@@ -795,10 +795,13 @@ class Hub:
             return
         self._read(room)
 
-    def _read(self, room: Room) -> None:
-        """ONE history read for the room: from the lowest position any waiting joiner needs."""
+    def _read(self, room: Room, since_hint: int | None = None) -> None:
+        """ONE history read for the room: from the lowest position any waiting joiner needs
+        (`since_hint`: a joiner about to be asked for, not waiting yet)."""
         retention = self._retention(room)
         sinces = [j.since for j in room.joining if j.since is not None and not j.last]
+        if since_hint is not None:
+            sinces.append(since_hint)
         if any(j.last for j in room.joining) and room.flushed > 0:
             sinces.append(room.flushed - 1)
         if any(j.last for j in room.joining) and room.flushed < 0:

@@ -178,6 +178,11 @@ _FIELD_TYPES = {f.name: f.type for f in fields(Config) if f.name != "room_polici
 _TABLES = {"rooms": {"policy": ("room_policies", RoomPolicy)}}
 _RULE_FIELDS = {f.name: f.metadata for f in fields(RoomPolicy)}
 
+# Options of earlier releases that no longer exist: a file that still sets one loads, with a warning.
+RETIRED = {
+    "redis_seq_ttl": "a room's Redis keys now live as long as its history (history_ttl; docs/history.md)",
+}
+
 # Never printed by check-config (to_toml) nor logged.
 SECRET_FIELDS = frozenset({"jwt_secret", "api_keys"})
 
@@ -529,6 +534,8 @@ def load_with_sources(path: str | None = None, env: dict[str, str] | None = None
             elif key in _FIELD_TYPES:
                 errors.append(f"{at((key,))}: [{key}] is not a table: {key} is a single setting "
                               f"(write {key} = ... at the top of the file)")
+            elif key in RETIRED:
+                warnings.append(f"{at((key,))}: {key} is no longer used and is ignored: {RETIRED[key]}")
             else:
                 kind = "table" if isinstance(value, dict) else "option"
                 shown = f"[{key}]" if isinstance(value, dict) else repr(key)

@@ -117,7 +117,7 @@ def test_room_policy_errors_name_the_rule_and_the_line(tmp_path):
         f"{path}:6: rooms.policy[1].policy: 'latst' is not one of disconnect, drop_oldest, drop_newest, latest "
         "(did you mean 'latest'?)",
         f"{path}:7: rooms.policy[1].max_queue_bytes: expected an integer, got the string 'big'",
-        f"{path}:8: rooms.policy[1].colour: unknown key; a rule has pattern, policy, max_queue_bytes",
+        f"{path}:8: rooms.policy[1].colour: unknown key; a rule has pattern, policy, max_queue_bytes, history_size, history_ttl",
     ]
 
 
@@ -222,3 +222,26 @@ def test_a_new_per_room_setting_is_one_line(monkeypatch, tmp_path):
         cfg.load(bad, env={})
     assert info.value.errors == [f"{bad}:3: rooms.policy[0].history_size: must be at least 0, got -1",
                                  f"{bad}:4: rooms.policy[0].history_ttl: expected a number, got the string '1h'"]
+
+
+def test_history_settings_and_the_retired_redis_seq_ttl(tmp_path):
+    """history_size/history_ttl/history_max_bytes are checked; a file that still sets the
+    retired redis_seq_ttl loads with a warning saying what replaced it."""
+    from gateway.config import load_with_sources
+    from gateway.errors import ConfigError
+    path = tmp_path / "gw.toml"
+    path.write_text('redis_seq_ttl = 86400\nhistory_size = 5\nhistory_ttl = 60\n'
+                    '[[rooms.policy]]\npattern = "t.*"\nhistory_size = 1\n')
+    loaded = load_with_sources(str(path), env={})
+    assert (loaded.config.history_size, loaded.config.history_ttl) == (5, 60)
+    assert any("redis_seq_ttl is no longer used" in w and "history_ttl" in w for w in loaded.warnings)
+    from gateway.rooms.history import RetentionTable
+    table = RetentionTable.from_config(loaded.config)
+    assert table.for_room("t.x") == (1, 60) and table.for_room("other") == (5, 60)
+    for bad, field in (("history_size = -1", "history_size"), ("history_ttl = 0", "history_ttl"),
+                       ("history_max_bytes = -5", "history_max_bytes"),
+                       ('[[rooms.policy]]\npattern = "a"\nhistory_size = "x"', "history_size"),
+                       ('[[rooms.policy]]\npattern = "a"\nhistory_ttl = 0', "history_ttl")):
+        path.write_text(bad + "\n")
+        with pytest.raises(ConfigError, match=field):
+            load_with_sources(str(path), env={})

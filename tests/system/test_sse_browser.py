@@ -7,8 +7,6 @@ again on the same port while B keeps publishing; EventSource reconnects by itsel
 (`retry: 1000`), sends the last `id:` as Last-Event-ID, and A replays what the page missed
 from Redis before going live. The page's seqs must be contiguous, without duplicates.
 """
-import os
-import shutil
 import threading
 import time
 import urllib.request
@@ -18,13 +16,12 @@ import pytest
 
 from tests.helpers import GatewayProcess, free_port
 from tests.redis_server import RedisServer
+from tests.requires import binary, require
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+CHROMIUM = require("chromium", "chromedriver", "redis-server", module_level=True)
+CHROMEDRIVER = binary("chromedriver")
 
-selenium = pytest.importorskip("selenium", reason="pip install selenium (the test extra)")
-if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
-    pytest.skip("needs Debian's chromium and chromium-driver (.ci/run installs them)", allow_module_level=True)
+selenium = pytest.importorskip("selenium", reason="selenium is not installed: pip install -e '.[test]'")
 
 from selenium import webdriver  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402

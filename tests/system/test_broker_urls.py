@@ -21,7 +21,7 @@ import pytest
 import websockets
 
 from tests.certs import make_cert
-from tests.helpers import ROOT, GatewayProcess, free_port
+from tests.helpers import ROOT, GatewayProcess, free_port, join_ack
 from tests.redis_server import RedisCluster, RedisServer
 
 pytestmark = pytest.mark.timeout(300)
@@ -105,7 +105,7 @@ def _ready(gw: GatewayProcess, timeout: float = 30.0) -> None:
 async def _round_trip(gw: GatewayProcess) -> dict:
     async with websockets.connect(gw.url("/ws")) as ws:
         await ws.send(json.dumps({"op": "join", "room": "url-test", "id": 1}))
-        assert json.loads(await ws.recv()) == {"op": "ack", "id": 1}
+        assert join_ack(json.loads(await ws.recv())) == {"op": "ack", "id": 1}
         await ws.send(json.dumps({"op": "publish", "room": "url-test", "data": {"ok": True}, "id": 2}))
         replies = [json.loads(await asyncio.wait_for(ws.recv(), 10)) for _ in range(2)]
     ack = next(r for r in replies if r["op"] == "ack")

@@ -4,11 +4,18 @@ Switches (environment variables, read at build time):
   WS_GATEWAY_NO_EXT=1   build nothing compiled; the pure-Python twins are used.
   WS_GATEWAY_DEBUG=1    build with bounds/wraparound checks and line tracing, -O0 -g.
   WS_GATEWAY_ANNOTATE=1 write Cython's HTML annotation next to each .pyx.
+
+The load tool's compiled client (benchmarks/loadtool/_fastclient.pyx) is built only by
+`build_ext --inplace` from a source checkout, where the load tool runs from: it is not
+part of the installed packages (pyproject includes gateway* and gateway_ext only), and the
+tool falls back to its pure-Python client without it.
 """
 import os
+import sys
 
 from setuptools import Extension, setup
 
+LOADTOOL_EXT_MODULES = ["_fastclient"]
 EXT_MODULES = ["_mask_c", "_utf8_c", "_frames_c", "_encode_c", "_protocol_c", "_stream_c"]
 
 
@@ -38,6 +45,12 @@ def extensions():
         for name in EXT_MODULES
         if os.path.exists(f"gateway_ext/{name}.pyx")
     ]
+    if "--inplace" in sys.argv or "-i" in sys.argv:
+        exts += [
+            Extension(f"benchmarks.loadtool.{name}", [f"benchmarks/loadtool/{name}.pyx"], extra_compile_args=cflags)
+            for name in LOADTOOL_EXT_MODULES
+            if os.path.exists(f"benchmarks/loadtool/{name}.pyx")
+        ]
     return cythonize(exts, compiler_directives=directives, annotate=_flag("WS_GATEWAY_ANNOTATE"))
 
 

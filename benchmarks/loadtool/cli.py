@@ -9,7 +9,8 @@ import sys
 
 import gateway_ext
 
-from . import runner
+from . import fastclient, runner
+from .cpu import client_bound
 from .registry import MODES
 
 
@@ -32,6 +33,7 @@ def add_common_arguments(parser) -> None:
     parser.add_argument("--connect-timeout", type=float, default=10.0, help="per connect + upgrade (default 10)")
     parser.add_argument("--open-timeout", type=float, default=60.0, help="for opening all connections (default 60)")
     parser.add_argument("--close-timeout", type=float, default=2.0, help="for the closing handshakes (default 2)")
+    fastclient.add_argument(parser)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,6 +65,8 @@ def run_mode(args) -> int:
     validate(args)
     if gateway_ext.IMPLEMENTATION != "cython":
         runner.warn("gateway_ext is the pure-Python build: frames the fast path cannot count cost more client CPU")
+    impl = fastclient.impl_for(mode.name, args, runner.parse_url(args.url).family)
+    args.client_impl = impl      # the workers read the decision, not "auto"
     summary = runner.run(mode, args)
     record = {
         "mode": mode.name,
@@ -85,6 +89,8 @@ def run_mode(args) -> int:
         "error_kinds": summary.error_kinds,
         "extra": summary.extra,
         "client_ext": gateway_ext.IMPLEMENTATION,
+        "client_impl": impl,
+        "client_bound": client_bound(summary.extra, args.procs),
     }
     print(human_summary(record), flush=True)
     print("RESULT " + json.dumps(record, sort_keys=True), flush=True)
@@ -98,7 +104,7 @@ def _fmt_ms(value) -> str:
 def human_summary(record: dict) -> str:
     params = " ".join(f"{k}={v}" for k, v in record["params"].items())
     lines = [
-        f"{record['mode']} against {record['server']}  ({params})",
+        f"{record['mode']} against {record['server']}  ({params})  client {record.get('client_impl', 'python')}",
         f"  {record['rate']:>14,.0f} {record['unit']}   count {record['count']:,}",
         f"  latency p50 {_fmt_ms(record['p50_ms'])}  p99 {_fmt_ms(record['p99_ms'])}  "
         f"p99.9 {_fmt_ms(record['p999_ms'])}  max {_fmt_ms(record['max_ms'])}  ({record['samples']:,} samples)",
@@ -107,7 +113,10 @@ def human_summary(record: dict) -> str:
     cpu = record["extra"]
     if "client_cpu" in cpu:
         server = f"  server {cpu['server_cpu']:.0%}" if "server_cpu" in cpu else ""
-        lines.append(f"  cpu (share of one core) client {cpu['client_cpu']:.0%}{server}")
+        procs = record["params"].get("procs", 1)
+        flag = "   CLIENT-BOUND: the client's core limited this run" if record.get("client_bound") else ""
+        lines.append(f"  cpu (share of one core) client {cpu['client_cpu'] / procs:.0%}"
+                     f"{' per worker' if procs > 1 else ''}{server}{flag}")
     return "\n".join(lines)
 
 

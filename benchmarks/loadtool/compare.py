@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+from .cpu import CLIENT_BOUND
 from .registry import MODES
 from .servers import Server, ServerFailed, pin_to
 from .stats import median
@@ -139,12 +140,13 @@ def _side_text(rec: dict) -> str:
     p99 = rec.get("p99_ms")
     lat = f"p50 {p50:.3f} p99 {p99:.3f} ms" if p50 is not None and p99 is not None else "latency n/a"
     cpu = rec.get("extra") or {}
-    cpu_text = ""
-    if "client_cpu" in cpu:
-        cpu_text = f" cpu client {cpu['client_cpu']:.0%}"
-        if "server_cpu" in cpu:
-            cpu_text += f" server {cpu['server_cpu']:.0%}"
-    return f"{rec['rate']:>12,.0f} {rec.get('unit', '')} {lat} err {rec['errors']}{cpu_text}"
+    client = f"{cpu['client_cpu']:.0%}" if "client_cpu" in cpu else "n/a"
+    server = f"{cpu['server_cpu']:.0%}" if "server_cpu" in cpu else "n/a"
+    cpu_text = f" cpu client {client} server {server}"
+    if rec.get("client_bound"):
+        cpu_text += " CLIENT-BOUND"
+    impl = rec.get("client_impl")
+    return f"{rec['rate']:>12,.0f} {rec.get('unit', '')} {lat} err {rec['errors']}{cpu_text}" + (f" [{impl} client]" if impl else "")
 
 
 def run(args, extra: list) -> int:
@@ -182,6 +184,7 @@ def run(args, extra: list) -> int:
         "a_median_p99_ms": _round(median(r["a"].get("p99_ms") for r in rounds)),
         "b_median_p99_ms": _round(median(r["b"].get("p99_ms") for r in rounds)),
         "errors": sum(r["a"]["errors"] + r["b"]["errors"] for r in rounds),
+        "client_bound_rounds": sum(bool(r["a"].get("client_bound")) + bool(r["b"].get("client_bound")) for r in rounds),
         "rounds": [{"a": _brief(r["a"]), "b": _brief(r["b"]), "ratio": _round(r["ratio"]),
                     "core_ratio": _round(r["core_ratio"])} for r in rounds],
     }
@@ -191,12 +194,15 @@ def run(args, extra: list) -> int:
     core = summary["median_ratio_per_server_core"]
     if core:
         print(f"median A/B per server core = {core:.2f}  (rate / server CPU share; steadier on a busy machine)", flush=True)
+    if summary["client_bound_rounds"]:
+        print(f"CLIENT-BOUND: in {summary['client_bound_rounds']} of {2 * len(rounds)} runs the client used more than "
+              f"{CLIENT_BOUND:.0%} of its core; those rates are the client's limit, not the server's", flush=True)
     print("RESULT " + json.dumps(summary, sort_keys=True), flush=True)
     return 0 if ratio and summary["errors"] == 0 else 1
 
 
 def _brief(rec: dict) -> dict:
-    keys = ("rate", "unit", "p50_ms", "p99_ms", "errors", "error_kinds", "count", "extra")
+    keys = ("rate", "unit", "p50_ms", "p99_ms", "errors", "error_kinds", "count", "extra", "client_impl", "client_bound")
     return {k: rec.get(k) for k in keys}
 
 

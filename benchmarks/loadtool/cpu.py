@@ -10,6 +10,9 @@ import os
 import resource
 from time import perf_counter
 
+# A client worker above this share of its core measured (partly) itself, not the server.
+CLIENT_BOUND = 0.9
+
 _TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
@@ -66,3 +69,10 @@ class CpuMeter:
             s1 = group_cpu_seconds(self._pgid)
             if s1 is not None:
                 extra["server_cpu"] = round((s1 - s0) / wall, 3)
+
+
+def client_bound(extra: dict, procs: int = 1) -> bool:
+    """True when the client workers used more than CLIENT_BOUND of their cores on average
+    (then the rate is a lower bound of the server's, not its capacity)."""
+    cpu = extra.get("client_cpu")
+    return cpu is not None and cpu / max(1, procs) > CLIENT_BOUND

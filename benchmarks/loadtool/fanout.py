@@ -31,7 +31,7 @@ from time import perf_counter
 import orjson
 from gateway_ext import FrameError, FrameParser, Opcode
 
-from . import wsclient
+from . import fastclient, wsclient
 from .clientprotocol import ClientProtocol, acked, lost_reason
 from .echo import close_all, open_connections
 from .lowwater import LowWater
@@ -45,6 +45,22 @@ def data_of(k: int, size: int) -> bytes:
     """JSON data `{"k":k,"p":"..."}` padded to exactly `size` bytes (at least the bare form)."""
     bare = b'{"k":%d,"p":""}' % k
     return b'{"k":%d,"p":"%s"}' % (k, b"x" * max(0, size - len(bare)))
+
+
+def last_k(buf: bytes) -> int:
+    """The N of the last complete `"k":N,` in `buf`, or -1 (the reference twin of
+    _fastclient.last_k). A mark whose `,` is not within 30 bytes is cut off by the end of
+    the read: then the mark before it counts."""
+    end = len(buf)
+    while True:
+        i = buf.rfind(_MARK, 0, end)
+        if i < 0:
+            return -1
+        j = buf.find(b",", i + 4, i + 30)
+        if j > i + 4:
+            digits = buf[i + 4:j]
+            return int(digits) if digits.isdigit() else -1
+        end = i
 
 
 class _Shared(LowWater):
@@ -106,16 +122,7 @@ class SubscriberProtocol(ClientProtocol):
             return
         buf = self.tail + data if self.tail else data
         self.tail = buf[-_TAIL:]
-        end = len(buf)
-        while True:
-            i = buf.rfind(_MARK, 0, end)
-            if i < 0:
-                return
-            j = buf.find(b",", i + 4, i + 30)
-            if j > 0:
-                break
-            end = i          # that `"k":` is cut off by the end of the read; try the one before
-        k = int(buf[i + 4:j])
+        k = last_k(buf)
         old = self.k
         if k > old:
             self.k = k
@@ -263,6 +270,10 @@ class FanoutMode(Mode):
             return
         params = ctx.params
         shared, subs, publisher = prepared
+        if params.client_impl == "compiled":
+            self._run_compiled(ctx, shared, subs, publisher, result)
+            await close_all([*subs, publisher], params.close_timeout, result)
+            return
         shared.running = True
         publisher.top_up()
         await asyncio.sleep(params.warmup)
@@ -284,3 +295,37 @@ class FanoutMode(Mode):
                 break
             await asyncio.sleep(0.01)
         await close_all([*subs, publisher], params.close_timeout, result)
+
+    def _run_compiled(self, ctx, shared, subs, publisher, result) -> None:
+        """Warmup + window in _fastclient's epoll loop on the joined sockets.
+
+        The transports stop reading meanwhile (the event loop does not run until the loop
+        returns anyway); afterwards the Python state (each subscriber's k, the low-water
+        histogram) is set from the compiled loop's, so close_all sees a consistent picture.
+        """
+        params = ctx.params
+        live = [p for p in subs if not p.closing]
+        for p in (*live, publisher):
+            p.transport.pause_reading()
+        prefix = b'{"op":"publish","room":' + orjson.dumps(params.room) + b',"data":'
+        meter = ctx.cpu_meter()
+        out = fastclient.module().run_fanout(
+            [p.transport.get_extra_info("socket").fileno() for p in live],
+            publisher.transport.get_extra_info("socket").fileno(),
+            prefix, params.size, publisher.mask, params.window, params.warmup, params.duration,
+            meter.start, lambda: meter.stop(result.extra), result.error,
+        )
+        for i in out["lost"]:
+            live[i].closing = True          # already counted as an error by the compiled loop
+        at = {}
+        for p, k in zip(live, out["k"]):
+            p.k = k
+            at[k] = at.get(k, 0) + 1
+        shared.at, shared.low, shared.top, shared.deliveries = at, out["low"], out["top"], out["deliveries"]
+        for p in (*live, publisher):
+            if not p.closing:
+                p.transport.resume_reading()
+        result.count = out["count"]
+        result.elapsed = out["elapsed"]
+        result.latencies = out["latencies"]
+        result.extra["publications_per_s"] = round(out["published"] / out["elapsed"], 1) if out["elapsed"] else 0.0

@@ -9,15 +9,20 @@ for the server's FIN (RFC 6455 section 7.1.1: the server closes TCP first). That
 TIME_WAIT on the server side, so the client does not burn its ephemeral ports.
 """
 import asyncio
+import os
+import resource
 from time import perf_counter
 
-from . import wsclient
+from . import fastclient, wsclient
 from .modes import Mode
 
 # After the server's close frame, how long the socket may wait for the server's FIN.
 _EOF_GRACE = 1.0
 # After an error, pause this long so a refused port does not become a busy loop.
 _ERROR_BACKOFF = 0.01
+# The compiled client cycles through this many pre-built requests (random keys, their
+# accept values computed once): SHA-1 and base64 per handshake are not the server's cost.
+_KEY_POOL = 64
 
 
 class _CloseWaiter(asyncio.Protocol):
@@ -91,6 +96,9 @@ class HandshakeMode(Mode):
         return {"concurrency": args.concurrency}
 
     async def run(self, ctx, prepared, result) -> None:
+        if ctx.params.client_impl == "compiled":
+            self._run_compiled(ctx, result)
+            return
         params = ctx.params
         loop = asyncio.get_running_loop()
         first, count = ctx.share(params.concurrency)
@@ -137,6 +145,32 @@ class HandshakeMode(Mode):
             await asyncio.sleep(0.02)
         for protocol in list(live):
             protocol.transport.abort()
+
+
+    def _run_compiled(self, ctx, result) -> None:
+        """The same cycles in _fastclient's epoll loop (blocks this worker's event loop,
+        which has nothing else to do meanwhile)."""
+        params = ctx.params
+        first, count = ctx.share(params.concurrency)
+        headers = tuple(params.header or ())
+        keys = [wsclient.new_key() for _ in range(_KEY_POOL)]
+        requests = [wsclient.upgrade_request(ctx.target, key, headers) for key in keys]
+        accepts = [wsclient.accept_for(key) for key in keys]
+        sources = list(params.source_address or ())
+        if sources:   # each worker starts its round-robin at its global index, as SourceAddresses does
+            start = first % len(sources)
+            sources = sources[start:] + sources[:start]
+        meter = ctx.cpu_meter()
+        soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        maxfd = min(soft if soft != resource.RLIM_INFINITY else 1 << 20, 1 << 22)
+        counted, latencies = fastclient.module().run_handshake(
+            ctx.target.host, ctx.target.port, requests, accepts, wsclient.close_frame(os.urandom(4)),
+            count, params.warmup, params.duration, params.connect_timeout, params.close_timeout,
+            sources, meter.start, lambda: meter.stop(result.extra), result.error, maxfd,
+        )
+        result.count = counted
+        result.elapsed = params.duration
+        result.latencies = latencies
 
 
 def _reason(exc: BaseException) -> str:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.loadtool import echo, stats, wsclient
+from benchmarks.loadtool import echo, fastclient, stats, wsclient
 from benchmarks.loadtool.servers import Server
 from gateway_ext import Opcode, encode_frame
 
@@ -53,10 +53,17 @@ def test_echo_smoke(picows_url):
     assert result["params"]["inflight"] == 4
 
 
-def test_handshake_smoke(picows_url):
+_IMPLS = ["python", pytest.param("compiled", marks=pytest.mark.skipif(
+    not fastclient.available(), reason="benchmarks/loadtool/_fastclient not built (setup.py build_ext --inplace)"))]
+
+
+@pytest.mark.parametrize("impl", _IMPLS)
+def test_handshake_smoke(picows_url, impl):
     result = _loadtool("handshake", "--url", picows_url, "--concurrency", "4",
-                       "--duration", "1", "--warmup", "0.2")
+                       "--duration", "1", "--warmup", "0.2", "--client-impl", impl)
     assert result["mode"] == "handshake"
+    assert result["client_impl"] == impl
+    assert result["client_bound"] in (True, False)
     assert result["errors"] == 0, result["error_kinds"]
     assert result["count"] > 0 and result["handshakes_per_s"] > 0
     assert result["p99_ms"] >= result["p50_ms"] > 0
@@ -68,6 +75,41 @@ def test_echo_two_procs_binary(picows_url):
     assert result["errors"] == 0, result["error_kinds"]
     assert result["count"] > 0
     assert result["extra"]["connections"] == 4
+
+
+@pytest.fixture(scope="module")
+def picows_rooms_url():
+    pytest.importorskip("picows")
+    server = Server(f"{sys.executable} benchmarks/peers/picows_rooms.py --port {{port}}", cwd=REPO)
+    try:
+        server.wait_listening(20)
+        yield f"ws://127.0.0.1:{server.port}/ws"
+    finally:
+        server.stop()
+        server.discard_log()
+
+
+@pytest.mark.parametrize("impl", _IMPLS)
+@pytest.mark.parametrize("window", [1, 4])
+def test_fanout_smoke(picows_rooms_url, impl, window):
+    result = _loadtool("fanout", "--url", picows_rooms_url, "--subscribers", "20", "--window", str(window),
+                       "--duration", "1", "--warmup", "0.2", "--client-impl", impl)
+    assert result["client_impl"] == impl
+    assert result["errors"] == 0, result["error_kinds"]
+    assert result["extra"]["subscribers"] == 20
+    # every delivery counted belongs to a publication: 20 per publication that reached everyone,
+    # plus those of publications still on their way at the window's edges
+    assert result["count"] > 0 and result["extra"]["publications_per_s"] > 0
+    assert result["samples"] > 0 and result["p99_ms"] >= result["p50_ms"]
+
+
+@pytest.mark.parametrize("impl", _IMPLS)
+def test_handshake_refused_port_reports_errors_and_ends(impl):
+    result = _loadtool("handshake", "--url", "ws://127.0.0.1:1/", "--concurrency", "2",
+                       "--duration", "0.3", "--warmup", "0", "--client-impl", impl)
+    assert result["count"] == 0
+    assert result["errors"] > 0
+    assert set(result["error_kinds"]) == {"ConnectionRefusedError"}
 
 
 def test_echo_refused_port_reports_errors_and_ends():

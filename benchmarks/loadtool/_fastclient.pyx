@@ -516,7 +516,8 @@ cdef class _HandshakeRun:
                     break
             self.expire_lingers(t, False)
             timeout_ms = 10
-            n = epoll_wait(self.epfd, events, MAX_EVENTS, timeout_ms)
+            with nogil:   # lets other threads run (tests play the server in one)
+                n = epoll_wait(self.epfd, events, MAX_EVENTS, timeout_ms)
             for i in range(n):
                 data = events[i].data.u64
                 ev = events[i].events
@@ -541,7 +542,8 @@ cdef class _HandshakeRun:
         t = now()
         busy_until = t + min(1.0, close_timeout)
         while self.lingering and t < busy_until:
-            n = epoll_wait(self.epfd, events, MAX_EVENTS, 10)
+            with nogil:   # lets other threads run (tests play the server in one)
+                n = epoll_wait(self.epfd, events, MAX_EVENTS, 10)
             for i in range(n):
                 data = events[i].data.u64
                 if data & LINGER_BIT:
@@ -901,7 +903,8 @@ cdef class _FanoutRun:
                 self.measuring = True
             if window_open and t >= window_end:
                 break
-            n = epoll_wait(self.epfd, events, MAX_EVENTS, 10)
+            with nogil:   # lets other threads run (tests play the server in one)
+                n = epoll_wait(self.epfd, events, MAX_EVENTS, 10)
             for i in range(n):
                 if events[i].data.u64 == <uint64_t>self.nsubs:
                     self.on_pub(events[i].events)
@@ -917,7 +920,8 @@ cdef class _FanoutRun:
         # Let the last window arrive so the close handshakes are not stuck behind it.
         stop_at = t + 1.0
         while self.low < self.top and t < stop_at:
-            n = epoll_wait(self.epfd, events, MAX_EVENTS, 10)
+            with nogil:   # lets other threads run (tests play the server in one)
+                n = epoll_wait(self.epfd, events, MAX_EVENTS, 10)
             for i in range(n):
                 if events[i].data.u64 == <uint64_t>self.nsubs:
                     self.on_pub(events[i].events)
@@ -987,3 +991,369 @@ def run_fanout(sub_fds, int pub_fd, bytes prefix, int size, bytes mask, int wind
     if epoll_ctl(r.epfd, EPOLL_CTL_ADD, pub_fd, &ev) < 0:
         raise OSError(errno, "epoll_ctl")
     return r.run(on_start, on_end, warmup, duration)
+
+
+# ---------------------------------------------------------------------------------------
+# Echo mode (see echo.py): K frames in flight per connection, n replacements per n echoes
+# ---------------------------------------------------------------------------------------
+
+cdef enum:
+    E_ECHO = 0       # matching the bytes of the expected echo, `off` bytes into it
+    E_HEADER = 1     # collecting the header of a frame that is not our echo
+    E_PAYLOAD = 2    # collecting (ping/close, <= 125 bytes) or skipping its payload
+
+cdef struct EConn:
+    int fd
+    int alive
+    int closing          # the server closed: answered, nothing more is sent
+    int state
+    int off
+    int hlen
+    uint8_t hbuf[14]
+    int opcode
+    int fin
+    int64_t plen         # payload bytes of the current non-echo frame
+    int64_t pgot         # of which arrived
+    uint8_t pbuf[125]
+    int64_t sent
+    int64_t recv
+    int64_t probe
+    double probe_t
+    int64_t wpend        # bytes of the frame stream not written yet
+    int64_t woff         # position of the next unwritten byte within one frame
+    int ctl_len          # a pong/close frame to write once the data stream is flushed
+    uint8_t ctl[131]
+    int waiting_out
+    uint8_t mask[4]
+    char *wbuf           # the connection's frame, K + 1 times
+
+
+cdef class _EchoRun:
+    cdef int epfd
+    cdef EConn *c
+    cdef int nconn
+    cdef const char *expect
+    cdef int flen            # the echo (unmasked server frame)
+    cdef int slen            # what we send (the same frame masked: 4 bytes longer)
+    cdef int inflight
+    cdef bint sending, measuring
+    cdef public int64_t received
+    cdef _Doubles lat
+    cdef object error_cb
+    cdef char *rbuf
+    cdef list frames
+
+    def __cinit__(self):
+        self.epfd = -1
+
+    def __dealloc__(self):
+        cdef int i
+        if self.c != NULL:
+            for i in range(self.nconn):
+                free(self.c[i].wbuf)
+        free(self.c)
+        free(self.rbuf)
+        if self.epfd >= 0:
+            close(self.epfd)
+
+    cdef int watch(self, int i, bint out) nogil:
+        cdef epoll_event ev
+        ev.events = EPOLLIN | (EPOLLOUT if out else 0)
+        ev.data.u64 = <uint64_t>i
+        self.c[i].waiting_out = out
+        return epoll_ctl(self.epfd, EPOLL_CTL_MOD, self.c[i].fd, &ev)
+
+    cdef int fail(self, int i, str kind) except -1:
+        cdef EConn *c = &self.c[i]
+        if c.alive:
+            c.alive = 0
+            epoll_ctl(self.epfd, EPOLL_CTL_DEL, c.fd, NULL)
+            self.error_cb(kind)
+        return 0
+
+    cdef int flush(self, int i) except -1:
+        cdef EConn *c = &self.c[i]
+        cdef ssize_t n
+        while c.wpend > 0 or c.ctl_len > 0:
+            if c.wpend > 0:
+                n = send(c.fd, c.wbuf + c.woff, c.wpend, MSG_NOSIGNAL)
+            else:
+                n = send(c.fd, c.ctl, c.ctl_len, MSG_NOSIGNAL)
+            if n < 0:
+                if errno == EINTR:
+                    continue
+                if errno == EAGAIN or errno == EWOULDBLOCK:
+                    if not c.waiting_out:
+                        self.watch(i, True)
+                    return 0
+                return self.fail(i, "connection lost: " + errno_kind(errno))
+            if c.wpend > 0:
+                c.wpend -= n
+                c.woff = (c.woff + n) % self.slen
+            else:
+                if n != c.ctl_len:      # a control frame is tiny: a short write is not expected
+                    memcpy(c.ctl, c.ctl + n, c.ctl_len - n)
+                c.ctl_len -= n
+        if c.waiting_out:
+            self.watch(i, False)
+        return 0
+
+    cdef void control(self, EConn *c, int opcode, const uint8_t *payload, int n) nogil:
+        """Queue a masked control frame (RFC 6455 section 5.5: payload <= 125 bytes)."""
+        cdef int j
+        c.ctl[0] = <uint8_t>(0x80 | opcode)
+        c.ctl[1] = <uint8_t>(0x80 | n)
+        memcpy(c.ctl + 2, c.mask, 4)
+        for j in range(n):
+            c.ctl[6 + j] = payload[j] ^ c.mask[j & 3]
+        c.ctl_len = 6 + n
+
+    cdef int frame_done(self, int i) except -1:
+        """A whole non-echo frame arrived (header in hbuf, short payloads in pbuf); 1 if it
+        completes a data message (counted like an echo, as echo.EchoProtocol._parse does)."""
+        cdef EConn *c = &self.c[i]
+        cdef int code
+        c.state = E_ECHO
+        c.off = 0
+        c.hlen = 0
+        if c.opcode <= 2:
+            return c.fin
+        if c.opcode == 9:
+            if not c.closing:
+                self.control(c, 0xA, c.pbuf, <int>c.plen)
+            return 0
+        if c.opcode == 8:
+            code = (c.pbuf[0] << 8 | c.pbuf[1]) if c.plen >= 2 else 1005
+            if not c.closing:
+                c.closing = 1
+                self.error_cb(f"server closed the connection ({code})")
+                self.control(c, 0x8, b"\x03\xe8", 2)
+            return 0
+        return 0    # pong: ignored
+
+    cdef int64_t feed(self, int i, const char *data, Py_ssize_t n) except -1:
+        """Consume one read; returns the data messages it completed."""
+        cdef EConn *c = &self.c[i]
+        cdef Py_ssize_t p = 0, chunk, m, need
+        cdef int64_t count = 0, take
+        cdef int plen7
+        while p < n and c.alive:
+            if c.state == E_ECHO:
+                chunk = min(<Py_ssize_t>(self.flen - c.off), n - p)
+                if memcmp(data + p, self.expect + c.off, chunk) == 0:
+                    c.off += chunk
+                    p += chunk
+                    if c.off == self.flen:
+                        c.off = 0
+                        count += 1
+                    continue
+                m = 0
+                while data[p + m] == self.expect[c.off + m]:
+                    m += 1
+                if c.off + m >= 2:
+                    self.fail(i, "bad echo: not the frame that was sent")
+                    return count
+                # Another frame starts here (a ping, a close, a fragment): parse it for real.
+                memcpy(c.hbuf, self.expect, c.off)
+                c.hlen = c.off
+                c.off = 0
+                c.state = E_HEADER
+            elif c.state == E_HEADER:
+                c.hbuf[c.hlen] = <uint8_t>data[p]
+                c.hlen += 1
+                p += 1
+                if c.hlen >= 2 and (c.hbuf[1] & 0x80):
+                    self.fail(i, "bad frame from server: masked")
+                    return count
+                if c.hlen < 2:
+                    continue
+                plen7 = c.hbuf[1] & 0x7F
+                need = 2 + (2 if plen7 == 126 else (8 if plen7 == 127 else 0))
+                if c.hlen < need:
+                    continue
+                c.opcode = c.hbuf[0] & 0x0F
+                c.fin = (c.hbuf[0] & 0x80) != 0
+                if plen7 == 126:
+                    c.plen = (c.hbuf[2] << 8) | c.hbuf[3]
+                elif plen7 == 127:
+                    c.plen = 0
+                    for m in range(8):
+                        c.plen = (c.plen << 8) | c.hbuf[2 + m]
+                else:
+                    c.plen = plen7
+                if c.opcode >= 8 and (c.plen > 125 or not c.fin):
+                    self.fail(i, "bad frame from server: bad control frame")
+                    return count
+                if c.opcode not in (0, 1, 2, 8, 9, 10):
+                    self.fail(i, f"bad frame from server: opcode {c.opcode}")
+                    return count
+                c.pgot = 0
+                c.state = E_PAYLOAD
+                if c.plen == 0:
+                    count += self.frame_done(i)
+            else:
+                take = min(<int64_t>(n - p), c.plen - c.pgot)
+                if c.opcode >= 8:
+                    memcpy(c.pbuf + c.pgot, data + p, take)
+                c.pgot += take
+                p += take
+                if c.pgot == c.plen:
+                    count += self.frame_done(i)
+        return count
+
+    cdef int on_event(self, int i, uint32_t ev) except -1:
+        cdef EConn *c = &self.c[i]
+        cdef ssize_t n
+        cdef int64_t k
+        cdef double t
+        if not c.alive:
+            return 0
+        if ev & EPOLLOUT:
+            self.flush(i)
+        if not (ev & (EPOLLIN | EPOLLERR | EPOLLHUP)):
+            return 0
+        n = recv(c.fd, self.rbuf, RECV_CAP, 0)
+        if n <= 0:
+            if n < 0 and (errno == EAGAIN or errno == EWOULDBLOCK or errno == EINTR):
+                return 0
+            if c.closing:
+                c.alive = 0
+                epoll_ctl(self.epfd, EPOLL_CTL_DEL, c.fd, NULL)
+                return 0
+            return self.fail(i, "connection lost" if n == 0 else "connection lost: " + errno_kind(errno))
+        k = self.feed(i, self.rbuf, n)
+        if k:
+            self.received += k
+            c.recv += k
+            if self.sending and not c.closing:
+                if self.measuring:
+                    t = now()
+                    if c.probe and c.recv >= c.probe:
+                        self.lat.append(t - c.probe_t)
+                        c.probe = 0
+                    if not c.probe:
+                        c.probe = c.sent + k
+                        c.probe_t = t
+                c.wpend += k * self.slen
+                c.sent += k
+        if c.alive and (c.wpend or c.ctl_len):
+            self.flush(i)
+        return 0
+
+    def run(self, on_start, on_end, double warmup, double duration, double close_timeout):
+        cdef epoll_event events[MAX_EVENTS]
+        cdef int i, n, left
+        cdef double t, t0 = now(), window_start, window_end, d_start = 0, stop_at
+        cdef int64_t r0 = 0
+        cdef bint window_open = False
+        window_start = t0 + warmup
+        window_end = window_start + duration
+        self.sending = True
+        for i in range(self.nconn):
+            if self.c[i].alive:
+                self.c[i].wpend = self.inflight * self.slen
+                self.c[i].sent = self.inflight
+                self.flush(i)
+        while True:
+            t = now()
+            if not window_open and t >= window_start:
+                window_open = True
+                on_start()
+                r0, d_start = self.received, t
+                self.measuring = True
+            if window_open and t >= window_end:
+                break
+            with nogil:   # lets other threads run (tests play the server in one)
+                n = epoll_wait(self.epfd, events, MAX_EVENTS, 10)
+            for i in range(n):
+                self.on_event(<int>events[i].data.u64, events[i].events)
+        t = now()
+        count = self.received - r0
+        elapsed = t - d_start
+        self.measuring = False
+        self.sending = False
+        on_end()
+        # Finish writing what was already promised, so the frame streams end on a boundary
+        # before the Python side sends its close frames.
+        stop_at = t + close_timeout
+        while t < stop_at:
+            left = 0
+            for i in range(self.nconn):
+                if self.c[i].alive and (self.c[i].wpend or self.c[i].ctl_len):
+                    left += 1
+            if not left:
+                break
+            with nogil:   # lets other threads run (tests play the server in one)
+                n = epoll_wait(self.epfd, events, MAX_EVENTS, 10)
+            for i in range(n):
+                self.on_event(<int>events[i].data.u64, events[i].events)
+            t = now()
+        states = []
+        for i in range(self.nconn):
+            c = &self.c[i]
+            if c.alive:
+                epoll_ctl(self.epfd, EPOLL_CTL_DEL, c.fd, NULL)
+                if c.wpend or c.ctl_len:
+                    self.fail(i, "writes not flushed at the end of the window")
+            # what the Python protocol must take over: its state and the bytes of a partial frame
+            if c.state == E_ECHO:
+                partial = self.expect[:c.off]
+                slow = b""
+            elif c.state == E_HEADER:
+                partial = b""
+                slow = bytes(c.hbuf[:c.hlen])
+            else:
+                partial = b""
+                slow = bytes(c.hbuf[:c.hlen]) + (bytes(c.pbuf[:c.pgot]) if c.opcode >= 8 else b"\0" * c.pgot)
+            states.append((bool(c.alive), bool(c.closing), partial, slow, c.sent, c.recv))
+        return {"count": count, "elapsed": elapsed, "latencies": self.lat.to_array(), "states": states}
+
+
+def run_echo(fds, frames, masks, bytes expect, int inflight, double warmup, double duration,
+             double close_timeout, on_start, on_end, error_cb):
+    """Warmup + window of echo on already upgraded sockets.
+
+    frames[i]: connection i's masked frame (masks[i] its 4-byte key, for pongs and close);
+    expect: the unmasked frame an echo server returns. Each connection starts with
+    `inflight` frames in one write and writes n replacements for every n echoes.
+    """
+    cdef _EchoRun r = _EchoRun()
+    cdef int i, j
+    cdef EConn *c
+    cdef epoll_event ev
+    cdef bytes frame
+    if inflight < 1 or not expect:
+        raise ValueError("inflight >= 1 and a non-empty expected frame")
+    r.nconn = len(fds)
+    r.c = <EConn *>calloc(max(1, r.nconn), sizeof(EConn))
+    r.rbuf = <char *>malloc(RECV_CAP)
+    if r.c == NULL or r.rbuf == NULL:
+        raise MemoryError()
+    r.frames = [expect]
+    r.expect = PyBytes_AS_STRING(expect)
+    r.flen = PyBytes_GET_SIZE(expect)
+    r.slen = r.flen + 4
+    r.inflight = inflight
+    r.lat = _Doubles()
+    r.error_cb = error_cb
+    r.epfd = epoll_create1(EPOLL_CLOEXEC)
+    if r.epfd < 0:
+        raise OSError(errno, "epoll_create1")
+    for i in range(r.nconn):
+        frame = frames[i]
+        if PyBytes_GET_SIZE(frame) != r.flen + 4 or len(masks[i]) != 4:
+            raise ValueError("each frame: the expected echo's size + 4 (mask key), mask 4 bytes")
+        c = &r.c[i]
+        c.fd = fds[i]
+        c.alive = 1
+        memcpy(c.mask, PyBytes_AS_STRING(masks[i]), 4)
+        c.wbuf = <char *>malloc((inflight + 1) * r.slen)
+        if c.wbuf == NULL:
+            raise MemoryError()
+        for j in range(inflight + 1):
+            memcpy(c.wbuf + j * r.slen, PyBytes_AS_STRING(frame), r.slen)
+        ev.events = EPOLLIN
+        ev.data.u64 = <uint64_t>i
+        if epoll_ctl(r.epfd, EPOLL_CTL_ADD, c.fd, &ev) < 0:
+            raise OSError(errno, "epoll_ctl")
+    return r.run(on_start, on_end, warmup, duration, close_timeout)

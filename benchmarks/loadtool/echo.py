@@ -23,7 +23,7 @@ from time import perf_counter
 
 from gateway_ext import FrameError, FrameParser, Opcode
 
-from . import wsclient
+from . import fastclient, wsclient
 from .clientprotocol import ClientProtocol, lost_reason
 from .modes import Mode
 
@@ -246,6 +246,10 @@ class EchoMode(Mode):
             return
         params = ctx.params
         shared, protocols = prepared
+        if params.client_impl == "compiled":
+            self._run_compiled(ctx, shared, protocols, result)
+            await close_all(protocols, params.close_timeout, result)
+            return
         for p in protocols:
             if not p.closing:
                 p.start()
@@ -262,3 +266,40 @@ class EchoMode(Mode):
         shared.sending = False
         result.latencies = shared.latencies
         await close_all(protocols, params.close_timeout, result)
+
+    def _run_compiled(self, ctx, shared, protocols, result) -> None:
+        """Warmup + window in _fastclient's epoll loop on the upgraded sockets; then the
+        protocols take their connections back in the state the loop left them."""
+        params = ctx.params
+        live = [p for p in protocols if not p.closing]
+        for p in live:
+            p.transport.pause_reading()
+        meter = ctx.cpu_meter()
+        expect = live[0]._expect if live else b""
+        if not live:
+            result.count, result.elapsed = 0, params.duration
+            return
+        out = fastclient.module().run_echo(
+            [p.transport.get_extra_info("socket").fileno() for p in live],
+            [p._frame for p in live], [p.mask for p in live], expect, params.inflight,
+            params.warmup, params.duration, params.close_timeout,
+            meter.start, lambda: meter.stop(result.extra), result.error,
+        )
+        shared.sending = False
+        for p, (alive, closing, partial, slow, sent, recv) in zip(live, out["states"]):
+            p.sent, p.recv = sent, recv
+            if not alive or closing:
+                p.closing = True                  # counted by the compiled loop already
+                if not p.closed.done():
+                    p.closed.set_result(None)
+                if not alive:
+                    p.transport.abort()
+                continue
+            p._tail = partial
+            if slow:
+                p._parse(slow)                    # a frame header/payload cut by the window's end
+            p.transport.resume_reading()
+        shared.received += out["count"]
+        result.count = out["count"]
+        result.elapsed = out["elapsed"]
+        result.latencies = out["latencies"]

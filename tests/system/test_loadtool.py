@@ -31,6 +31,10 @@ def picows_url():
         server.discard_log()
 
 
+_IMPLS = ["python", pytest.param("compiled", marks=pytest.mark.skipif(
+    not fastclient.available(), reason="benchmarks/loadtool/_fastclient not built (setup.py build_ext --inplace)"))]
+
+
 def _loadtool(*args) -> dict:
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.loadtool", *args],
@@ -42,19 +46,17 @@ def _loadtool(*args) -> dict:
     return json.loads(lines[-1][len("RESULT "):])
 
 
-def test_echo_smoke(picows_url):
+@pytest.mark.parametrize("impl", _IMPLS)
+def test_echo_smoke(picows_url, impl):
     result = _loadtool("echo", "--url", picows_url, "--connections", "4", "--inflight", "4",
-                       "--duration", "1", "--warmup", "0.2", "--label", "picows")
+                       "--duration", "1", "--warmup", "0.2", "--label", "picows", "--client-impl", impl)
+    assert result["client_impl"] == impl
     assert result["mode"] == "echo"
     assert result["server"] == "picows"
     assert result["errors"] == 0, result["error_kinds"]
     assert result["count"] > 0 and result["msgs_per_s"] > 0
     assert result["p50_ms"] is not None and result["p99_ms"] >= result["p50_ms"]
     assert result["params"]["inflight"] == 4
-
-
-_IMPLS = ["python", pytest.param("compiled", marks=pytest.mark.skipif(
-    not fastclient.available(), reason="benchmarks/loadtool/_fastclient not built (setup.py build_ext --inplace)"))]
 
 
 @pytest.mark.parametrize("impl", _IMPLS)
@@ -69,8 +71,9 @@ def test_handshake_smoke(picows_url, impl):
     assert result["p99_ms"] >= result["p50_ms"] > 0
 
 
-def test_echo_two_procs_binary(picows_url):
-    result = _loadtool("echo", "--url", picows_url, "--connections", "4", "--inflight", "2", "--binary",
+@pytest.mark.parametrize("impl", _IMPLS)
+def test_echo_two_procs_binary(picows_url, impl):
+    result = _loadtool("echo", "--url", picows_url, "--connections", "4", "--inflight", "2", "--binary", "--client-impl", impl,
                        "--procs", "2", "--duration", "1", "--warmup", "0.2", "--source-address", "127.0.0.2")
     assert result["errors"] == 0, result["error_kinds"]
     assert result["count"] > 0

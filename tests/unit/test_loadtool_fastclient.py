@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from benchmarks.loadtool import fanout, fastclient, wsclient
-from gateway_ext import FrameParser, Opcode
+from gateway_ext import FrameParser, Opcode, encode_frame
 
 fc = fastclient.module()
 pytestmark = pytest.mark.skipif(fc is None, reason="benchmarks/loadtool/_fastclient not built "
@@ -79,3 +79,61 @@ def test_head_ok_matches_check_response(status, headers):
         lines.append(name.encode() + b":" + space.encode() + value + space.encode())
     head = b"\r\n".join(lines)
     assert (fc.head_ok(head, accept) == 1) == _python_ok(head, accept)
+
+
+def _play_echo_server(sock, script, seen):
+    """A blocking echo server on one end of a socketpair: echoes data frames unmasked; after
+    `script[0]` echoes sends a ping (split across two writes), after `script[1]` a close."""
+    import threading
+
+    def serve():
+        parser = FrameParser(1 << 20, require_mask=True)
+        echoed = 0
+        try:
+            while True:
+                data = sock.recv(65536)
+                if not data:
+                    return
+                for opcode, fin, _rsv, payload in parser.feed(data):
+                    if opcode == Opcode.TEXT and echoed < script[1]:   # nothing after our close
+                        out = encode_frame(Opcode.TEXT, payload)
+                        echoed += 1
+                        if echoed == script[0]:
+                            ping = encode_frame(Opcode.PING, b"are you there")
+                            out += ping[:1]
+                            sock.sendall(out)
+                            out = ping[1:]
+                        if echoed == script[1]:
+                            out += encode_frame(Opcode.CLOSE, (1001).to_bytes(2, "big"))
+                        sock.sendall(out)
+                    elif opcode != Opcode.TEXT:
+                        seen.append((opcode, payload))
+        except OSError:
+            return
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_run_echo_answers_ping_and_close_over_a_real_socket():
+    import socket
+
+    client, server = socket.socketpair()
+    client.setblocking(False)
+    mask = b"\x11\x22\x33\x44"
+    payload = b"0123456789abcdefghijklmnopqrstuv"
+    seen, errors = [], []
+    thread = _play_echo_server(server, (50, 400), seen)
+    out = fc.run_echo([client.fileno()], [wsclient.client_frame(Opcode.TEXT, payload, mask)], [mask],
+                      wsclient.server_frame(Opcode.TEXT, payload), 4, 0.0, 1.0, 1.0,
+                      lambda: None, lambda: None, errors.append)
+    client.close()
+    thread.join(5)
+    server.close()
+    assert errors == ["server closed the connection (1001)"]
+    assert (Opcode.PONG, b"are you there") in seen          # unmasked by the server's parser
+    assert (Opcode.CLOSE, (1000).to_bytes(2, "big")) in seen
+    alive, closing, partial, slow, sent, recv = out["states"][0]
+    assert closing and recv == 400 and out["count"] == 400
+    assert recv <= sent <= recv + 4       # at most K in flight; none replaced after the close

@@ -40,7 +40,12 @@ cdef class WebSocketStream:
     # closing handshake started.
     cdef public bint pinged
     cdef public bint _closing
+    # send_shared's direct send(2): the socket's fd for a plain uvloop TCP transport, -1 for
+    # any other transport (TLS, tests' fakes, asyncio's), -2 not looked up yet. An int here
+    # fits the struct's padding: no bytes per connection.
+    cdef int _fd
 
     cdef int _write(self, ServerProtocol ws) except -1
     cdef int _flush(self) except -1
     cdef int _send_frame(self, bytes frame) except -1
+    cdef int _direct_fd(self) except -2

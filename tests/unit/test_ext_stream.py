@@ -561,3 +561,86 @@ def test_the_compiled_stream_only_drives_the_compiled_protocol():
     with pytest.raises(TypeError):
         conn.ws = py_protocol.ServerProtocol()
     conn.ws = load_cython("protocol").ServerProtocol()
+
+
+# -- 6. send_shared's direct send(2) on a real uvloop TCP transport ----------------------------
+
+def test_send_shared_direct_send_keeps_order_with_the_transport_over_a_real_socket(twin):
+    """Both twins on a real uvloop connection whose peer does not read at first (small
+    receive buffer): send_shared interleaved with corked frames and plain transport writes
+    must reach the peer byte for byte in order, however much the kernel takes per send
+    (the compiled twin sends directly while the transport is empty and falls back to it
+    for the rest). Also: nothing is sent directly once the transport is closing."""
+    import random
+    import socket
+
+    import uvloop
+
+    stream_mod, protocol_mod = twin
+    rng = random.Random(7)
+    chunks = [bytes([i % 251]) * rng.choice([10, 100, 3000, 70000]) for i in range(300)]
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        stats = stream_mod.StreamStats()
+        corker = stream_mod.Corker(loop)
+        made = loop.create_future()
+
+        def factory():
+            conn = stream_class(stream_mod)(stats, corker)
+            conn.endpoint = Endpoint()
+
+            def connection_made(transport, conn=conn):
+                conn.transport = transport
+                conn.ws = protocol_mod.ServerProtocol()
+                conn.phase = OPEN
+                made.set_result(conn)
+
+            conn.connection_made = connection_made
+            conn.connection_lost = lambda exc: None
+            return conn
+
+        server = await loop.create_server(factory, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        peer = socket.socket()
+        peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        peer.connect(("127.0.0.1", port))
+        peer.setblocking(False)
+        conn = await made
+        conn.send_shared(b"first")
+        if stream_mod.__name__.endswith("_c"):
+            # sent by send(2) itself: uvloop holds nothing (its own write waits for the loop)
+            assert conn.transport.get_write_buffer_size() == 0
+        expected = [b"first"]
+        for i, chunk in enumerate(chunks):
+            if i % 7 == 3:
+                conn.transport.write(chunk)          # another writer on the same transport
+            else:
+                conn.send_shared(chunk)
+            expected.append(chunk)
+            if i % 50 == 49:
+                await asyncio.sleep(0)               # let uvloop write what it holds
+        want = b"".join(expected)
+        got = bytearray()
+        while len(got) < len(want):
+            try:
+                data = peer.recv(1 << 20)
+            except BlockingIOError:
+                await asyncio.sleep(0.001)
+                continue
+            assert data, "the peer was closed early"
+            got += data
+        assert bytes(got) == want
+        assert stats.bytes_out == 5 + sum(len(c) for i, c in enumerate(chunks) if i % 7 != 3)
+        conn.transport.close()
+        conn.send_shared(b"after close")             # must not reach any socket directly
+        await asyncio.sleep(0.05)
+        peer.setblocking(True)
+        peer.settimeout(2)
+        rest = peer.recv(1 << 16)
+        assert b"after close" not in rest
+        peer.close()
+        server.close()
+        await server.wait_closed()
+
+    uvloop.run(main())

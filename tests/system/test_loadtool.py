@@ -212,3 +212,24 @@ def test_percentile_nearest_rank():
     assert stats.percentile(ordered, 99) == 99
     assert stats.percentile([7], 99.9) == 7
     assert stats.percentile([], 50) is None
+
+
+def test_client_bound_flag_in_results_and_compare_lines():
+    from benchmarks.loadtool import cli, compare, cpu
+
+    assert cpu.client_bound({"client_cpu": 0.95}) is True
+    assert cpu.client_bound({"client_cpu": 0.60}) is False
+    assert cpu.client_bound({"client_cpu": 1.5}, procs=2) is False      # 75% per worker
+    assert cpu.client_bound({}) is False                               # not measured: no claim
+    rec = {"rate": 1000.0, "unit": "msgs/s", "errors": 0, "p50_ms": 1.0, "p99_ms": 2.0,
+           "extra": {"client_cpu": 0.97, "server_cpu": 0.55}, "client_bound": True, "client_impl": "compiled"}
+    line = compare._side_text(rec)
+    assert "cpu client 97% server 55%" in line and "CLIENT-BOUND" in line and "[compiled client]" in line
+    rec.update(client_bound=False, extra={"client_cpu": 0.5, "server_cpu": 0.99})
+    assert "CLIENT-BOUND" not in compare._side_text(rec)
+    summary = cli.human_summary({
+        "mode": "echo", "server": "s", "params": {"procs": 1}, "rate": 1.0, "unit": "msgs/s", "count": 1,
+        "p50_ms": 1.0, "p99_ms": 1.0, "p999_ms": 1.0, "max_ms": 1.0, "samples": 1, "errors": 0,
+        "error_kinds": {}, "extra": {"client_cpu": 0.93, "server_cpu": 0.4}, "client_bound": True,
+        "client_impl": "compiled"})
+    assert "client 93%  server 40%   CLIENT-BOUND" in summary

@@ -25,7 +25,7 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
 from libc.errno cimport errno, EAGAIN, EINPROGRESS, EINTR
 from libc.stdint cimport int64_t, uint32_t, uint64_t, uint8_t
 from libc.stdlib cimport calloc, free, malloc, realloc
-from libc.string cimport memcmp, memcpy, memset
+from libc.string cimport memcmp, memcpy, memmove, memset
 
 from array import array
 
@@ -451,13 +451,13 @@ cdef class _HandshakeRun:
             self.stopping = True
         return self.start(index)
 
-    cdef void end_linger(self, int fd) nogil:
+    cdef void end_linger(self, int fd) noexcept nogil:
         self.linger_gen[fd] = 0
         self.lingering -= 1
         epoll_ctl(self.epfd, EPOLL_CTL_DEL, fd, NULL)
         close(fd)
 
-    cdef void on_linger_readable(self, int fd) nogil:
+    cdef void on_linger_readable(self, int fd) noexcept nogil:
         cdef char scratch[512]
         cdef ssize_t n
         if self.linger_gen[fd] == 0:
@@ -467,7 +467,7 @@ cdef class _HandshakeRun:
             return
         self.end_linger(fd)     # the server's FIN (or an error): the socket is done
 
-    cdef void expire_lingers(self, double t, bint all_) nogil:
+    cdef void expire_lingers(self, double t, bint all_) noexcept nogil:
         cdef int i, fd
         while self.lq_head < self.lq_tail:
             i = self.lq_head % self.lq_cap
@@ -1021,8 +1021,9 @@ cdef struct EConn:
     double probe_t
     int64_t wpend        # bytes of the frame stream not written yet
     int64_t woff         # position of the next unwritten byte within one frame
-    int ctl_len          # a pong/close frame to write once the data stream is flushed
-    uint8_t ctl[131]
+    int ctl_len          # pong/close frames to write once the data stream is flushed
+    int ctl_cap
+    uint8_t *ctl
     int waiting_out
     uint8_t mask[4]
     char *wbuf           # the connection's frame, K + 1 times
@@ -1051,6 +1052,7 @@ cdef class _EchoRun:
         if self.c != NULL:
             for i in range(self.nconn):
                 free(self.c[i].wbuf)
+                free(self.c[i].ctl)
         free(self.c)
         free(self.rbuf)
         if self.epfd >= 0:
@@ -1091,22 +1093,33 @@ cdef class _EchoRun:
                 c.wpend -= n
                 c.woff = (c.woff + n) % self.slen
             else:
-                if n != c.ctl_len:      # a control frame is tiny: a short write is not expected
-                    memcpy(c.ctl, c.ctl + n, c.ctl_len - n)
+                if n != c.ctl_len:
+                    memmove(c.ctl, c.ctl + n, c.ctl_len - n)
                 c.ctl_len -= n
         if c.waiting_out:
             self.watch(i, False)
         return 0
 
-    cdef void control(self, EConn *c, int opcode, const uint8_t *payload, int n) nogil:
-        """Queue a masked control frame (RFC 6455 section 5.5: payload <= 125 bytes)."""
+    cdef int control(self, EConn *c, int opcode, const uint8_t *payload, int n) except -1:
+        """Queue a masked control frame (RFC 6455 section 5.5: payload <= 125 bytes) after
+        those already queued (a read may bring several pings, or a ping and the close)."""
         cdef int j
-        c.ctl[0] = <uint8_t>(0x80 | opcode)
-        c.ctl[1] = <uint8_t>(0x80 | n)
-        memcpy(c.ctl + 2, c.mask, 4)
+        cdef uint8_t *grown
+        cdef uint8_t *out
+        if c.ctl_len + 6 + n > c.ctl_cap:
+            grown = <uint8_t *>realloc(c.ctl, 2 * c.ctl_cap + 6 + n)
+            if grown == NULL:
+                raise MemoryError()
+            c.ctl = grown
+            c.ctl_cap = 2 * c.ctl_cap + 6 + n
+        out = c.ctl + c.ctl_len
+        out[0] = <uint8_t>(0x80 | opcode)
+        out[1] = <uint8_t>(0x80 | n)
+        memcpy(out + 2, c.mask, 4)
         for j in range(n):
-            c.ctl[6 + j] = payload[j] ^ c.mask[j & 3]
-        c.ctl_len = 6 + n
+            out[6 + j] = payload[j] ^ c.mask[j & 3]
+        c.ctl_len += 6 + n
+        return 0
 
     cdef int frame_done(self, int i) except -1:
         """A whole non-echo frame arrived (header in hbuf, short payloads in pbuf); 1 if it
@@ -1357,3 +1370,34 @@ def run_echo(fds, frames, masks, bytes expect, int inflight, double warmup, doub
         if epoll_ctl(r.epfd, EPOLL_CTL_ADD, c.fd, &ev) < 0:
             raise OSError(errno, "epoll_ctl")
     return r.run(on_start, on_end, warmup, duration, close_timeout)
+
+
+def count_echoes(bytes expect, bytes mask, chunks):
+    """Test entry: feed `chunks` (reads) to one echo connection's counter without a socket.
+
+    Returns (echoes completed per chunk, control frames it queued per chunk, errors): what
+    the differential test compares with echo.EchoProtocol, the Python reference.
+    """
+    cdef _EchoRun r = _EchoRun()
+    cdef EConn *c
+    errors = []
+    counts = []
+    controls = []
+    r.nconn = 1
+    r.c = <EConn *>calloc(1, sizeof(EConn))
+    if r.c == NULL:
+        raise MemoryError()
+    r.frames = [expect]
+    r.expect = PyBytes_AS_STRING(expect)
+    r.flen = PyBytes_GET_SIZE(expect)
+    r.slen = r.flen + 4
+    r.error_cb = errors.append
+    c = &r.c[0]
+    c.fd = -1
+    c.alive = 1
+    memcpy(c.mask, PyBytes_AS_STRING(mask), 4)
+    for chunk in chunks:
+        counts.append(r.feed(0, PyBytes_AS_STRING(chunk), PyBytes_GET_SIZE(chunk)) if c.alive else 0)
+        controls.append(bytes(c.ctl[:c.ctl_len]))
+        c.ctl_len = 0
+    return counts, controls, errors

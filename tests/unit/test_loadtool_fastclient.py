@@ -137,3 +137,73 @@ def test_run_echo_answers_ping_and_close_over_a_real_socket():
     alive, closing, partial, slow, sent, recv = out["states"][0]
     assert closing and recv == 400 and out["count"] == 400
     assert recv <= sent <= recv + 4       # at most K in flight; none replaced after the close
+
+
+_ECHO_PAYLOAD = b"0123456789abcdefghijklmnopqrstuv"
+
+# What a server may send an echo client: exact echoes, pings and pongs, a differently sized
+# data frame (a fragment or another message; counted when fin, as the Python client does),
+# and at most one close at the end. Not generated: a data frame of the echo's exact size with
+# other content, which the compiled client rejects as a wrong echo (the Python client counts it).
+_server_frame = st.one_of(
+    st.just(("echo", b"")),
+    st.tuples(st.just("ping"), st.binary(max_size=125)),
+    st.tuples(st.just("pong"), st.binary(max_size=20)),
+    st.tuples(st.sampled_from(["text", "binary", "cont", "frag"]),
+              st.binary(max_size=300).filter(lambda b: len(b) != len(_ECHO_PAYLOAD))),
+)
+
+
+def _server_bytes(kind, payload):
+    if kind == "echo":
+        return encode_frame(Opcode.TEXT, _ECHO_PAYLOAD)
+    opcode = {"ping": Opcode.PING, "pong": Opcode.PONG, "text": Opcode.TEXT, "binary": Opcode.BINARY,
+              "cont": Opcode.CONTINUATION, "frag": Opcode.TEXT}[kind]
+    return encode_frame(opcode, payload, fin=kind != "frag")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_server_frame, max_size=30), st.booleans(), st.lists(st.integers(0, 200), max_size=12))
+def test_echo_counter_matches_the_python_client(frames, close_at_end, cuts):
+    import asyncio
+
+    from benchmarks.loadtool import echo, stats
+
+    stream = b"".join(_server_bytes(k, p) for k, p in frames)
+    if close_at_end:
+        stream += encode_frame(Opcode.CLOSE, (1001).to_bytes(2, "big"))
+    points = sorted({min(c * 7, len(stream)) for c in cuts} | {0, len(stream)})
+    chunks = [stream[a:b] for a, b in zip(points, points[1:]) if b > a]
+
+    class Transport:
+        def __init__(self):
+            self.written = []
+
+        def write(self, data):
+            self.written.append(bytes(data))
+
+        def abort(self):
+            pass
+
+        def is_closing(self):
+            return False
+
+    async def python_side():
+        result = stats.WorkerResult()
+        shared = echo._Shared(result)
+        shared.sending = False               # count only: no replacement writes to compare
+        proto = echo.EchoProtocol(shared, Opcode.TEXT, _ECHO_PAYLOAD, inflight=1)
+        proto.connection_made(Transport())
+        counts, controls = [], []
+        for chunk in chunks:
+            before, seen = shared.received, len(proto.transport.written)
+            proto.data_received(chunk)
+            counts.append(shared.received - before)
+            controls.append(b"".join(proto.transport.written[seen:]))
+        return proto.mask, counts, controls, result.errors
+
+    mask, counts, controls, errors = asyncio.run(python_side())
+    c_counts, c_controls, c_errors = fc.count_echoes(wsclient.server_frame(Opcode.TEXT, _ECHO_PAYLOAD), mask, chunks)
+    assert c_counts == counts
+    assert c_controls == controls                # the same masked pongs and close answer, in the same read
+    assert len(c_errors) == errors

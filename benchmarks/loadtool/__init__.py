@@ -14,11 +14,16 @@ Module map (one job each):
   echo.py       echo mode: K messages in flight per connection
   handshake.py  handshake mode: open + close WebSockets as fast as possible
   stats.py      per-worker results, merging and percentiles
-  cpu.py        client and server CPU use during the measurement window
+  cpu.py        client and server CPU use during the measurement window; the CLIENT-BOUND rule
+  fastclient.py which client runs a mode (--client-impl): the compiled loops or asyncio
+  _fastclient.pyx  the compiled measurement loops (epoll + non-blocking sockets) of the
+                handshake, fanout and echo modes; built by `setup.py build_ext --inplace`
   servers.py    start a server command on a free port, wait for it, stop it (for compare)
   compare.py    A/B comparison of two server commands over alternating rounds
 
-The client is pure asyncio.Protocol on uvloop (no WebSocket library on the hot path) and
-uses gateway_ext's FrameParser / encode_frame, so it gets the Cython speed when built.
+When `_fastclient` is built, handshake, fanout and echo measure in its C loops (the
+asyncio side opens, joins and closes the connections); otherwise, and with
+`--client-impl python`, the client is pure asyncio.Protocol on uvloop (no WebSocket
+library on the hot path) using gateway_ext's FrameParser / encode_frame.
 Imports gateway_ext only, never `gateway` (the tool must be able to test any server).
 """

@@ -107,6 +107,7 @@ export class Subscription extends Emitter {
     this._retries = 0;          // transient join errors in a row
     this._retryTimer = null;
     this._last = false;
+    this._lastSeq = null;       // after a `last` join ack: the seq of the replayed latest publication
   }
 
   /** {epoch, seq} of the last delivered message (null: unknown); store it to resume later. */
@@ -138,6 +139,15 @@ export class Subscription extends Emitter {
     if (typeof seq !== "number" || seq === 0) {
       // Unnumbered (seq 0: Redis was down, this gateway only): deliver, keep the position.
       this._emit("message", { room: this.room, data: msg.data, seq: seq ?? 0 });
+      return;
+    }
+    // After a `last` join the position is already (epoch, TOP) and the room's latest
+    // publication, seq TOP, is replayed right after the ack: it is the first numbered message
+    // (or, without history, the first is TOP+1 and nothing is owed). Deliver it once.
+    const lastSeq = this._lastSeq;
+    this._lastSeq = null;
+    if (lastSeq !== null && seq === lastSeq) {
+      this._emit("message", { room: this.room, data: msg.data, seq });
       return;
     }
     if (this._seq !== null) {
@@ -668,6 +678,7 @@ export class Client extends Emitter {
         if (!sub || sub.state === "left") return;
         sub._epoch = typeof msg.epoch === "string" ? msg.epoch : null;
         sub._seq = Number.isInteger(msg.seq) ? msg.seq : null;
+        sub._lastSeq = null;
         sub._emit("reset", { room: sub.room, epoch: sub._epoch, seq: sub._seq, reason: "server_reset" });
         return;
       }
@@ -699,11 +710,16 @@ export class Client extends Emitter {
     const recovered = msg.recovered === true;
     const epoch = typeof msg.epoch === "string" ? msg.epoch : null;
     const seq = Number.isInteger(msg.seq) ? msg.seq : null;
+    sub._lastSeq = null;
     if (!recovered) {
       // Continue from the server's top: (epoch, TOP); unknown without history. After a
-      // `last` join the latest publication (seq TOP) follows the ack: deliver it too.
+      // `last` join the latest publication (seq TOP) may follow the ack and is delivered once
+      // (Subscription._deliver). The position is NOT TOP-1: when the history keeps nothing
+      // the next live message is TOP+1, which must pass the seq == pos+1 rule without a gap
+      // (protocol-v2, the coordinator's decision on last:true).
       sub._epoch = seq === null ? null : epoch;
-      sub._seq = seq !== null && entry.last && seq > 0 ? seq - 1 : seq;
+      sub._seq = seq;
+      if (entry.last && seq !== null && seq > 0) sub._lastSeq = seq;
     }
     sub._emit("joined", { room: sub.room, recovered, epoch, seq });
     if (!recovered && (entry.since || rejoin)) {

@@ -2,7 +2,10 @@
 // messages, and leaves reconnecting, re-joining and recovering to the SDK. The rooms and each
 // room's position are kept in sessionStorage, so a reload resumes where the page was: the
 // re-join carries `since` and the gateway replays what the page missed (or the page says
-// "reset" when history could not cover the gap).
+// "reset" when history could not cover the gap). On a first visit (nothing stored for this
+// tab) the page joins the room in the #room field (`lobby`) by itself, so a new user sees a
+// live room at once; once the tab has state, only its stored rooms are re-joined (a room the
+// user left stays left across reloads).
 // A `?token=...` in the page URL is passed on as the `token` query parameter of the
 // WebSocket URL (the auth layer reads it there).
 import { Client } from "/ws-gateway.js";
@@ -34,8 +37,14 @@ function setStatus(open, detail) {
 }
 
 // sessionStorage: {rooms: {name: position|null}}; survives a reload of this tab only.
+// null: nothing stored yet (this tab's first visit).
 function load() {
-  try { return JSON.parse(sessionStorage.getItem(STORE)) || { rooms: {} }; } catch { return { rooms: {} }; }
+  try {
+    const doc = JSON.parse(sessionStorage.getItem(STORE));
+    return doc && typeof doc.rooms === "object" && doc.rooms !== null ? doc : null;
+  } catch {
+    return null;
+  }
 }
 const saved = load();
 function save() {
@@ -84,7 +93,13 @@ function join(room, since) {
   return sub;
 }
 
-for (const [room, position] of Object.entries(saved.rooms)) join(room, position || undefined);
+if (saved === null) {
+  const room = $("room").value.trim() || "lobby";
+  log(`first visit: joining ${room}`, "system");
+  join(room);
+} else {
+  for (const [room, position] of Object.entries(saved.rooms)) join(room, position || undefined);
+}
 
 $("join-form").addEventListener("submit", (e) => {
   e.preventDefault();

@@ -4,6 +4,8 @@ A message published from a Python client appears on the page, one published from
 page reaches the Python client, `?token=` is passed on to the WebSocket URL, after a
 gateway restart the page (the JS SDK under it) reconnects with backoff and re-joins its room
 by itself, and a reload resumes the room from the position kept in sessionStorage.
+A first visit (nothing in sessionStorage) joins `lobby`, the #room field's default, by
+itself (issue 20 item 10); a room the user left is not joined again by a reload.
 """
 import time
 import urllib.request
@@ -104,6 +106,17 @@ def test_demo_page_round_trip_and_reconnect(browser):
         extensions = browser.execute_script("return window.wsGatewayDemo.extensions")
         assert extensions.startswith("permessage-deflate; server_no_context_takeover"), extensions
 
+        # First visit: nothing stored for the tab, so the page joins the #room field's room
+        # (lobby) by itself, and receives what is published there.
+        subs = "return [...window.wsGatewayDemo.client.subscriptions.keys()]"
+        assert browser.execute_script(subs) == ["lobby"]
+        wait_for(browser, lambda d: "ok: join lobby" in log_lines(d), "the first visit's own join of lobby")
+        stored = browser.execute_script('return JSON.parse(sessionStorage.getItem("ws-gateway-demo"))')
+        assert list(stored["rooms"]) == ["lobby"]
+        with PythonClient(port, "lobby") as py:
+            py.publish("hello lobby")
+            wait_for(browser, page_shows("hello lobby"), "a message in lobby without any click")
+
         room = browser.find_element(By.ID, "room")
         room.clear()
         room.send_keys("demo")
@@ -140,12 +153,18 @@ def test_demo_page_round_trip_and_reconnect(browser):
             # A reload resumes from sessionStorage: the page re-joins "demo" by itself, from its
             # position. With history on the server (issue 14) what was published meanwhile is
             # replayed; without it the join ack has no epoch and the page just continues live.
+            # Leave lobby first: the tab has state now, so the reload must not join it again.
+            room.clear()
+            room.send_keys("lobby")
+            browser.find_element(By.ID, "leave").click()
+            wait_for(browser, lambda d: "left lobby" in log_lines(d), "leaving lobby")
             stored = browser.execute_script('return JSON.parse(sessionStorage.getItem("ws-gateway-demo"))')
-            assert stored["rooms"]["demo"]["seq"] == 1
+            assert list(stored["rooms"]) == ["demo"] and stored["rooms"]["demo"]["seq"] == 1
             browser.refresh()
             py.publish("while the page reloads")
             wait_for(browser, lambda d: page_state(d) == "open", "the reloaded page to connect")
             wait_for(browser, lambda d: "ok: join demo" in log_lines(d), "the re-join from sessionStorage")
+            assert browser.execute_script(subs) == ["demo"]     # the stored rooms only: no lobby
             sub = 'window.wsGatewayDemo.client.subscriptions.get("demo")'
             if browser.execute_script(f"return {sub}.position && {sub}.position.epoch") is not None:
                 wait_for(browser, page_shows("while the page reloads"), "the replay of the missed message")

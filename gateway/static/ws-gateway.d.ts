@@ -23,7 +23,7 @@ export interface ClientOptions {
   longBackoff?: number;
   /** ms of silence before an application ping; 0 disables pings and the liveness check. Default 20000. */
   pingInterval?: number;
-  /** ms; silence of pingInterval + livenessMargin closes (3008) and reconnects. Default 10000. */
+  /** ms; nothing received this long after a ping closes (3008) and reconnects (on time: pingInterval + livenessMargin of silence). Default 10000. */
   livenessMargin?: number;
   /** ms; join/publish/refresh ack deadline. Default 10000. */
   commandTimeout?: number;

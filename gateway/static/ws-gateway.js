@@ -17,7 +17,7 @@ const DEFAULTS = {
   restartSpread: 1000,      // ms: after 1001/1012 (drain, restart) reconnect within this
   longBackoff: 30000,       // ms: after 4002/4003 (rate limited, too many errors)
   pingInterval: 20000,      // ms of silence before an application ping; 0 disables liveness
-  livenessMargin: 10000,    // ms: silence of pingInterval + this -> reconnect
+  livenessMargin: 10000,    // ms: nothing received this long after a ping -> reconnect
   commandTimeout: 10000,    // ms: join/publish/refresh ack deadline
   refreshMargin: 30000,     // ms: refresh the token this long before its exp
   preflight: true,          // after a failed handshake, GET the URL to learn 401/403
@@ -202,8 +202,8 @@ export class Client extends Emitter {
     this._reconnectTimer = null;
     this._liveTimer = null;
     this._lastRx = 0;
-    this._pinged = false;
-    this._pingSupported = true;
+    this._pingAt = null;            // when the unanswered {"op":"ping"} went out, or null
+    this._pingSupported = true;     // per connection: false once this gateway said unknown_op
 
     this._subs = new Map();         // room -> Subscription, in join order
     this._pending = new Map();      // request id -> entry awaiting its ack
@@ -394,7 +394,8 @@ export class Client extends Emitter {
     this._attempts = 0;
     this._setState("connected");
     this._lastRx = this._now();
-    this._pinged = false;
+    this._pingAt = null;
+    this._pingSupported = true;     // a rolling upgrade may put us on a newer gateway now
     // Everything owed to the new connection goes out synchronously, before any await: one
     // write's worth of frames (a WebSocket has no multi-frame send; same tick is the closest).
     const frames = [];
@@ -556,24 +557,34 @@ export class Client extends Emitter {
 
   /** One timer, re-armed lazily: frames only update _lastRx, so a busy connection costs no
    * timer churn. Browsers answer the server's WebSocket pings without telling scripts, so
-   * silence is broken with the application-level {"op":"ping"} -> {"op":"pong"}. */
+   * silence is broken with the application-level {"op":"ping"} -> {"op":"pong"}.
+   * The connection is declared dead only livenessMargin after a ping that got no frame back,
+   * never from the silence alone: browsers run timers of background tabs late (Chrome's
+   * intensive throttling: once a minute), and a check that fires 60 s late on an idle room
+   * must ping and wait, not reconnect a healthy connection. On time, the two are the same
+   * (ping at pingInterval of silence, close at pingInterval + livenessMargin). */
   _checkLive() {
     this._liveTimer = null;
     if (this.state !== "connected" || !this._pingSupported) return;
     const interval = this._opts.pingInterval;
-    const idle = this._now() - this._lastRx;
-    if (idle >= interval + this._opts.livenessMargin) {
-      this._abort(CLOSE_TIMEOUT, "no frame from the server");
+    const margin = this._opts.livenessMargin;
+    const now = this._now();
+    if (this._pingAt !== null && this._lastRx < this._pingAt) {
+      // A ping is out and nothing came since.
+      if (now - this._pingAt >= margin) {
+        this._abort(CLOSE_TIMEOUT, "no frame from the server");
+        return;
+      }
+      this._liveTimer = this._setTimeout(() => this._checkLive(), this._pingAt + margin - now);
       return;
     }
+    this._pingAt = null;
+    const idle = now - this._lastRx;
     if (idle >= interval) {
-      if (!this._pinged) {
-        this._pinged = true;
-        this._sendFrames([{ op: "ping" }]);
-      }
-      this._liveTimer = this._setTimeout(() => this._checkLive(), interval + this._opts.livenessMargin - idle);
+      this._pingAt = now;
+      this._sendFrames([{ op: "ping" }]);
+      this._liveTimer = this._setTimeout(() => this._checkLive(), margin);
     } else {
-      this._pinged = false;
       this._liveTimer = this._setTimeout(() => this._checkLive(), interval - idle);
     }
   }
@@ -732,7 +743,7 @@ export class Client extends Emitter {
     const entry = msg.id !== undefined ? this._pending.get(msg.id) : undefined;
     const err = { code: msg.code, message: msg.message };
     if (!entry) {
-      if (msg.code === "unknown_op" && this._pinged) {
+      if (msg.code === "unknown_op" && this._pingAt !== null) {
         // A gateway without the ping op: stop pinging, and with it the liveness deadline.
         this._pingSupported = false;
         if (this._liveTimer !== null) this._clearTimeout(this._liveTimer);

@@ -98,3 +98,88 @@ test("after close() joins throw and publishes reject with code closed", async ()
   assert.throws(() => c.join("r"), (err) => err.code === "closed");
   c.close();   // twice is harmless
 });
+
+// A clock whose timers fire only when the test says so, and as late as it says: browsers run
+// the timers of background tabs late (Chrome: once a minute after 5 minutes hidden).
+function lateClock() {
+  const clock = { now: 0, timers: [], seq: 0 };
+  clock.setTimeout = (fn, ms) => { const t = { fn, due: clock.now + ms, id: ++clock.seq }; clock.timers.push(t); return t; };
+  clock.clearTimeout = (t) => { clock.timers = clock.timers.filter((x) => x !== t); };
+  /** Move to `at` and fire the earliest timer due by then, at `at` (late if it was due earlier). */
+  clock.fireAt = (at) => {
+    clock.now = at;
+    const due = clock.timers.filter((t) => t.due <= at).sort((a, b) => a.due - b.due || a.id - b.id)[0];
+    assert.ok(due, `no timer due by ${at}`);
+    clock.timers = clock.timers.filter((t) => t !== due);
+    due.fn();
+  };
+  return clock;
+}
+
+function liveClient(clock) {
+  class Socket extends QuietSocket {
+    close(code) { this.closedWith = code; this.readyState = 3; }
+  }
+  const c = new Client("ws://gw.test/ws", {
+    WebSocket: Socket, fetch: null, pingInterval: 20000, livenessMargin: 10000, backoffInitial: 100,
+    now: () => clock.now, setTimeout: clock.setTimeout, clearTimeout: clock.clearTimeout, random: () => 0.5,
+  });
+  const open = () => { const ws = QuietSocket.last; ws.readyState = 1; ws.onopen(); return ws; };
+  return { c, open };
+}
+
+test("a liveness check that runs late pings and waits; it does not drop an idle, healthy connection", () => {
+  const clock = lateClock();
+  const { c, open } = liveClient(clock);
+  const ws = open();
+  const gone = [];
+  c.on("disconnected", (d) => gone.push(d.code));
+  // Due at 20 s, run at 60 s (throttled tab; the room was silent and the server's WebSocket
+  // pings are invisible to scripts): 60 s of silence is not proof of a dead connection.
+  clock.fireAt(60000);
+  assert.deepEqual(ws.sent, [{ op: "ping" }]);
+  assert.equal(ws.closedWith, undefined);
+  assert.deepEqual(gone, []);
+  ws.onmessage({ data: JSON.stringify({ op: "pong" }) });
+  clock.fireAt(130000);               // late again: the pong answered the ping, so ping anew
+  assert.deepEqual(ws.sent, [{ op: "ping" }, { op: "ping" }]);
+  assert.equal(c.state, "connected");
+  // Unanswered: closed (3008) livenessMargin after that ping, even when the check runs late.
+  clock.fireAt(200000);
+  assert.equal(ws.closedWith, 3008);
+  assert.deepEqual(gone, [3008]);
+  c.close();
+});
+
+test("on time, an unanswered ping closes at pingInterval + livenessMargin of silence", () => {
+  const clock = lateClock();
+  const { c, open } = liveClient(clock);
+  const ws = open();
+  clock.fireAt(20000);
+  assert.deepEqual(ws.sent, [{ op: "ping" }]);
+  ws.onmessage({ data: JSON.stringify({ op: "message", room: "r", data: 1, seq: 1 }) });  // any frame counts
+  clock.fireAt(30000);
+  assert.equal(ws.closedWith, undefined);
+  clock.fireAt(40000);                // 20 s after that frame: the next ping
+  assert.equal(ws.sent.length, 2);
+  assert.deepEqual(clock.timers.map((t) => t.due), [50000]);
+  assert.equal(ws.closedWith, undefined);
+  clock.fireAt(50000);
+  assert.equal(ws.closedWith, 3008);
+  c.close();
+});
+
+test("a gateway without the ping op stops pings on that connection only; the next one pings again", () => {
+  const clock = lateClock();
+  const { c, open } = liveClient(clock);
+  let ws = open();
+  clock.fireAt(20000);
+  ws.onmessage({ data: JSON.stringify({ op: "error", code: "unknown_op", message: "unknown op 'ping'" }) });
+  assert.deepEqual(clock.timers, []);  // no liveness deadline against a gateway that cannot pong
+  ws.onclose({ code: 1006, reason: "" });
+  clock.fireAt(clock.timers[0].due);   // the reconnect
+  ws = open();
+  clock.fireAt(clock.now + 20000);
+  assert.deepEqual(ws.sent, [{ op: "ping" }]);
+  c.close();
+});

@@ -494,6 +494,45 @@ def test_recovery_across_a_gateway_restart_delivers_every_seq_once():
     run(main())
 
 
+def test_join_last_delivers_the_latest_once_then_live_without_a_gap():
+    """A `last: true` join takes (epoch, TOP) from its ack (protocol-v2, the coordinator's
+    decision). With history the room's latest publication (seq TOP) follows the ack and is
+    delivered once; with history off (`--history-size 0`: numbering only) nothing follows, and
+    the next live publication, TOP+1, is delivered at once: no recovery join, no reset. (The
+    SDK's old start at TOP-1 saw TOP+1 as a gap there, lost it and reported a reset.)"""
+    async def case(args, expect_latest: bool) -> None:
+        gw = GatewayProcess("--log-level", "warning", *args).start()
+        sdk = None
+        try:
+            top = (await publish(gw.port, "ticker", [{"px": 1}, {"px": 2}, {"px": 3}]))[-1]
+            sdk = await connected_client(gw, room=None)
+            sdk.send(cmd="join", room="ticker", last=True)
+            joined = await sdk.wait("joined", room="ticker")
+            skip_without_history(joined)
+            assert (joined["seq"], joined["recovered"]) == (top, False)
+            if expect_latest:
+                latest = await sdk.wait("message", room="ticker")
+                assert (latest["seq"], latest["data"]) == (top, {"px": 3})
+            [live] = await publish(gw.port, "ticker", [{"px": 4}])
+            assert live == top + 1
+            got = await sdk.wait("message", room="ticker", seq=live)
+            assert got["data"] == {"px": 4}
+            sdk.send(cmd="position", room="ticker")
+            assert (await sdk.wait("position", room="ticker"))["position"] == {"epoch": joined["epoch"], "seq": live}
+            seqs = [e["seq"] for e in sdk.named("message", room="ticker")]
+            assert seqs == ([top, live] if expect_latest else [live])
+            assert not sdk.named("reset") and len(sdk.named("joined", room="ticker")) == 1
+        finally:
+            if sdk is not None:
+                await sdk.close()
+            gw.stop()
+
+    async def main():
+        await case((), expect_latest=True)                            # skips without history
+        await case(("--history-size", "0"), expect_latest=False)
+    run(main())
+
+
 @needs_redis
 def test_redis_restart_without_persistence_announces_a_reset():
     """Redis restarts empty: the room's numbering starts again. The subscription says `reset`

@@ -3,7 +3,7 @@
 // output line. Not a test file itself (node --test does not pick it up).
 //
 // commands: {"cmd":"new","url":U,"options":{...},"getToken":bool}  {"cmd":"token","call":N,"token":T|"error":E}
-//           {"cmd":"join","room":R,"since":P?}  {"cmd":"leave","room":R}  {"cmd":"position","room":R}
+//           {"cmd":"join","room":R,"since":P?,"last":bool?}  {"cmd":"leave","room":R}  {"cmd":"position","room":R}
 //           {"cmd":"publish","room":R,"data":X,"key":K?,"tag":T}  {"cmd":"block","ms":MS}  {"cmd":"close"}
 // events:   {"ev":"connect","url":U} for every socket the SDK opens, {"ev":"get_token","call":N},
 //           client and subscription events ({"ev":name,"room":R?,...data}), {"ev":"settle",...},
@@ -52,7 +52,7 @@ const handlers = {
     else waiter.resolve(c.token);
   },
   join(c) {
-    const sub = client.join(c.room, c.since ? { since: c.since } : {});
+    const sub = client.join(c.room, c.since ? { since: c.since } : { last: Boolean(c.last) });
     if (subs.get(c.room) === sub) return;
     subs.set(c.room, sub);
     for (const name of ["joined", "message", "reset", "left", "error"]) {

@@ -42,9 +42,32 @@ async def start_gateway(config: Config, sock=None, worker: int = 0) -> Gateway:
     defences.install(gateway, config)
     api.install(gateway, config)          # POST /api/publish (off unless api_keys are configured)
     hub = install_rooms(gateway, config)
+    install_backend_hooks(gateway, config)
     await hub.start()
+    if gateway.webhooks is not None:
+        await gateway.webhooks.start()
     await gateway.start(sock)
     return gateway
+
+
+def install_backend_hooks(gateway: Gateway, config: Config) -> None:
+    """Proxy hooks (connect/join/publish) and webhooks, when configured (docs/backend.md)."""
+    import socket as socket_mod
+    from gateway.api import proxy
+    # This process's id in the backend's eyes ("client": "<node>.<connection id>", webhook consumers).
+    gateway.node_id = f"{socket_mod.gethostname()[:16]}-{os.getpid()}-{os.urandom(2).hex()}"
+    proxy.install(gateway, config, gateway.node_id)
+    gateway.webhooks = None
+    if config.webhook_url:
+        from gateway.api import webhooks
+        if not config.broker or config.broker.startswith("memory"):
+            from gateway.broker.events import MemoryEvents
+            backend = MemoryEvents(gateway.node_id)
+        else:
+            from gateway.broker.redis_events import RedisEvents
+            backend = RedisEvents(config.broker, node=gateway.node_id, prefix=config.redis_prefix,
+                                  timeout=config.redis_timeout)
+        gateway.webhooks = webhooks.install(gateway, config, backend)
 
 
 def install_rooms(gateway: Gateway, config: Config):
@@ -146,6 +169,12 @@ def preflight(config: Config) -> None:
         defences.preflight(config)   # unreadable key file, bad origin/proxy entry
     except ConfigError as exc:
         errors.extend(exc.errors)
+    if config.connect_proxy_url or config.join_proxy_url or config.publish_proxy_url or config.webhook_url:
+        try:
+            from gateway.api.hookclient import require_aiohttp
+            require_aiohttp("connect_proxy_url/join_proxy_url/publish_proxy_url/webhook_url")
+        except ConfigError as exc:
+            errors.extend(exc.errors)
     try:
         make_ssl_context(config)
     except ssl.SSLError as exc:

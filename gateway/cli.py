@@ -104,6 +104,35 @@ _FLAGS: list[tuple[str, list[tuple]]] = [
         ("--rate-limit", "rate_limit", "MSGS", "inbound messages/s per connection, then close 4002 (0: off)"),
         ("--rate-limit-burst", "rate_limit_burst", "N", "messages a connection may send at once"),
     ]),
+    ("backend hooks (docs/backend.md; need the hooks extra: aiohttp)", [
+        ("--connect-proxy-url", "connect_proxy_url", "URL", "ask this backend URL to admit each WebSocket handshake "
+                                                            "without a JWT (cookie sessions)"),
+        ("--join-proxy-url", "join_proxy_url", "URL", "ask this backend URL before joins of --join-proxy-rooms"),
+        ("--join-proxy-rooms", "join_proxy_rooms", "GLOBS", "room patterns whose joins ask the join proxy"),
+        ("--publish-proxy-url", "publish_proxy_url", "URL", "ask this backend URL before publishes to "
+                                                            "--publish-proxy-rooms (allow, deny, replace the data)"),
+        ("--publish-proxy-rooms", "publish_proxy_rooms", "GLOBS", "room patterns whose publishes ask the publish proxy"),
+        ("--proxy-headers", "proxy_headers", "LIST", "handshake headers forwarded to the connect proxy"),
+        ("--proxy-timeout", "proxy_timeout", "S", "a proxy call (with its wait for a slot) ends within S seconds"),
+        ("--proxy-max-concurrency", "proxy_max_concurrency", "N", "proxy calls in flight per hook per process"),
+        ("--proxy-breaker-failures", "proxy_breaker_failures", "N", "failures in a row that open a hook's circuit "
+                                                                    "breaker"),
+        ("--proxy-breaker-reset", "proxy_breaker_reset", "S", "seconds the open breaker refuses before one probe call"),
+        ("--webhook-url", "webhook_url", "URL", "POST signed event batches to this URL"),
+        ("--webhook-secret", "webhook_secret", "SECRET", "HMAC key of X-WS-Gateway-Signature, >= 16 characters; "
+                                                         "visible in `ps`: prefer the variable"),
+        ("--webhook-events", "webhook_events", "LIST", "events sent: room_occupied, room_vacated, user_online, "
+                                                       "user_offline, client_published"),
+        ("--webhook-publish-rooms", "webhook_publish_rooms", "GLOBS", "rooms whose publications send client_published"),
+        ("--webhook-timeout", "webhook_timeout", "S", "one delivery attempt's timeout"),
+        ("--webhook-batch-size", "webhook_batch_size", "N", "events per POST at most"),
+        ("--webhook-retry-min", "webhook_retry_min", "S", "first retry backoff (doubling, full jitter)"),
+        ("--webhook-retry-max", "webhook_retry_max", "S", "longest retry backoff"),
+        ("--webhook-max-age", "webhook_max_age", "S", "drop events undelivered this long (counted)"),
+        ("--webhook-debounce", "webhook_debounce", "S", "a user or room back within S seconds emits no "
+                                                        "offline/vacated"),
+        ("--webhook-ttl", "webhook_ttl", "S", "a crashed process's users go offline within S seconds"),
+    ]),
     ("compression (permessage-deflate, RFC 7692)", [
         ("--compression", "compression", "bool", "negotiate permessage-deflate when clients offer it"),
         ("--compression-level", "compression_level", "0-9", "zlib level, paid once per broadcast"),

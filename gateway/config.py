@@ -151,6 +151,28 @@ class Config:
     default_rooms: tuple = ("*",)      # join patterns for tokens without a `rooms` claim
     default_publish: tuple = ("*",)    # publish patterns for tokens with neither `publish` nor `rooms`
     api_keys: tuple = ()               # bearer keys for POST /api/publish; none: the API is off
+    # backend hooks (gateway/api/proxy.py, gateway/api/webhooks.py, docs/backend.md); need aiohttp
+    connect_proxy_url: str = ""        # POST each /ws handshake's chosen headers here; the answer admits or refuses
+    join_proxy_url: str = ""           # POST joins of rooms matching join_proxy_rooms here: allow or deny
+    join_proxy_rooms: tuple = ("*",)   # fnmatch patterns of rooms whose joins ask join_proxy_url
+    publish_proxy_url: str = ""        # POST publishes to rooms matching publish_proxy_rooms: allow, deny, replace
+    publish_proxy_rooms: tuple = ("*",)
+    proxy_headers: tuple = ("cookie", "authorization", "origin", "user-agent", "accept-language")  # forwarded
+    proxy_timeout: float = 2.0         # a hook call (including its wait for a slot) ends within this
+    proxy_max_concurrency: int = 64    # hook calls in flight per process; more wait (within the timeout)
+    proxy_breaker_failures: int = 5    # this many failures in a row open the circuit breaker ...
+    proxy_breaker_reset: float = 5.0   # ... which refuses at once for this long, then lets one call probe
+    webhook_url: str = ""              # POST signed event batches here (none: webhooks off)
+    webhook_secret: str = ""           # HMAC-SHA256 key of X-WS-Gateway-Signature (>= 16 chars); prefer the env
+    webhook_events: tuple = ("room_occupied", "room_vacated", "user_online", "user_offline")
+    webhook_publish_rooms: tuple = ()  # client_published events for publications in rooms matching these
+    webhook_timeout: float = 5.0       # one delivery attempt (a batch) ends within this
+    webhook_batch_size: int = 100      # events per POST at most
+    webhook_retry_min: float = 1.0     # backoff after a failed attempt: doubling from this ...
+    webhook_retry_max: float = 60.0    # ... up to this (full jitter)
+    webhook_max_age: float = 86400.0   # an event undelivered this long is dropped (counted)
+    webhook_debounce: float = 3.0      # a user/room back within this emits neither offline/vacated nor online/occupied
+    webhook_ttl: float = 30.0          # a crashed process's users go offline (rooms vacated) within this
     # defences (gateway/security/limits.py, gateway/security/defences.py)
     allowed_origins: tuple = ()        # Origin allow-list: https://app.example.com, https://*.example.com, null, *
     trusted_proxies: tuple = ()        # addresses/CIDRs whose X-Forwarded-For / X-Real-IP are believed
@@ -184,7 +206,7 @@ RETIRED = {
 }
 
 # Never printed by check-config (to_toml) nor logged.
-SECRET_FIELDS = frozenset({"jwt_secret", "api_keys"})
+SECRET_FIELDS = frozenset({"jwt_secret", "api_keys", "webhook_secret"})
 
 # Fields a running process can take from a new configuration on SIGHUP (see server.py);
 # the rest (sockets, processes, broker connection) need a restart.
@@ -436,8 +458,44 @@ def _problems(config: Config) -> list[tuple[str, str]]:
                                 "(e.g. `openssl rand -hex 32`)"))
     if any("none" == a.lower() for a in config.jwt_algorithms):
         out.append(("jwt_algorithms", "'none' disables signatures and is never accepted (RFC 8725 section 3.1)"))
+    out.extend(_hook_problems(config))
     out.extend(_tls_problems(config))
     out.extend(_compression_problems(config))
+    return out
+
+
+WEBHOOK_EVENTS = ("room_occupied", "room_vacated", "user_online", "user_offline", "client_published")
+
+
+def _hook_problems(config: Config) -> list[tuple[str, str]]:
+    """Proxy hooks and webhooks (docs/backend.md)."""
+    out = []
+    for name in ("connect_proxy_url", "join_proxy_url", "publish_proxy_url", "webhook_url"):
+        url = getattr(config, name)
+        if url and not re.match(r"^https?://[^/\s]+", url):
+            out.append((name, "must be an http:// or https:// URL"))
+    for name in ("proxy_timeout", "proxy_breaker_reset", "webhook_timeout", "webhook_retry_min", "webhook_max_age",
+                 "webhook_ttl"):
+        if not getattr(config, name) > 0:
+            out.append((name, "must be positive"))
+    for name in ("proxy_max_concurrency", "proxy_breaker_failures", "webhook_batch_size"):
+        if getattr(config, name) < 1:
+            out.append((name, "must be at least 1"))
+    if config.webhook_retry_max < config.webhook_retry_min:
+        out.append(("webhook_retry_max", "must be >= webhook_retry_min"))
+    if config.webhook_debounce < 0:
+        out.append(("webhook_debounce", "must be >= 0 seconds"))
+    elif config.webhook_ttl < 1:
+        out.append(("webhook_ttl", "must be at least 1 second"))
+    if config.webhook_url and len(config.webhook_secret) < 16:
+        out.append(("webhook_secret", "webhook_url needs a webhook_secret of at least 16 characters "
+                                      "(e.g. `openssl rand -hex 32`) to sign the batches"))
+    unknown = [e for e in config.webhook_events if e not in WEBHOOK_EVENTS]
+    if unknown:
+        out.append(("webhook_events", f"unknown event {unknown[0]!r} (known: {', '.join(WEBHOOK_EVENTS)})"))
+    bad = [h for h in config.proxy_headers if not re.fullmatch(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+", h)]
+    if bad:
+        out.append(("proxy_headers", f"{bad[0]!r} is not a header name (RFC 9110 section 5.1)"))
     return out
 
 

@@ -292,6 +292,14 @@ METRICS: tuple[Metric, ...] = (
     M("sse_resets", COUNTER, "sse", "resets", "rooms of a stream that could not resume (reset event)"),
     M("sse_events", COUNTER, "sse", "events", "events written to streams"),
     M("sse_slow_disconnects", COUNTER, "sse", "slow_disconnects", "streams ended by the disconnect policy"),
+    # -- proxy hooks (api/proxy.py Proxies.metrics) --------------------------------------------
+    M("proxy_calls", COUNTER, "proxy", "calls", "calls to a proxy hook (connect, join, publish)", ("hook",)),
+    M("proxy_decisions", COUNTER, "proxy", "decisions",
+      "proxy hook outcomes: admitted/allowed, refused, replaced, unavailable, bad_answer", ("hook", "outcome")),
+    M("proxy_failures", COUNTER, "proxy", "failures",
+      "proxy calls that failed: timeout, connect, status, bad_answer, breaker_open", ("hook", "kind")),
+    M("proxy_breaker_open", GAUGE, "proxy", "breaker_open", "1 while a hook's circuit breaker refuses calls", ("hook",)),
+    M("proxy_breaker_opened", COUNTER, "proxy", "breaker_opened", "times a hook's circuit breaker opened", ("hook",)),
 )
 del M
 

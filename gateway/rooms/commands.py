@@ -53,6 +53,8 @@ Error codes (stable: clients may switch on them; "message" is for humans):
     unauthorized        refresh: the new token was rejected
     unsupported         refresh on a server without an auth layer
     broker_unavailable  the broker cannot take the request now (retry later)
+    backend_unavailable the join/publish proxy (the application's backend) did not answer:
+                        timeout, error, or its circuit breaker is open (retry later)
     rate_limited        reserved for the per-connection rate limiter
     internal_error      a server bug while handling the request (logged with a traceback)
 

@@ -153,6 +153,13 @@ class RoomsEndpoint:
         self.backpressure = BackpressureStats()
         self.stats = SessionStats()
         self.sessions = 0
+        # Backend hooks (api/proxy.py RoomHook), None unless configured: objects with
+        # applies(room), `async check_join(conn, room, id)` and `async filter_publish(conn,
+        # room, data, id) -> data`, raising CommandError (forbidden / backend_unavailable).
+        self.join_proxy = None
+        self.publish_proxy = None
+        # client_published webhooks (api/webhooks.py): (conn, room, data) -> None, or None.
+        self.on_published = None
 
     # -- endpoint interface -----------------------------------------------------------------
 
@@ -303,6 +310,11 @@ class RoomsEndpoint:
         if principal is not None and not principal.can_publish(cmd.room):
             raise CommandError("forbidden", f"not allowed to publish to {cmd.room!r}", cmd.id)
         hub = self.hub
+        proxy = self.publish_proxy
+        if proxy is not None and proxy.applies(cmd.room):
+            return self._publish_proxied(session, cmd, proxy)
+        if self.on_published is not None:
+            self.on_published(session.conn, cmd.room, cmd.data)
         if hub.can_publish_nowait:
             self._ack(session, cmd, hub.publish_nowait(cmd.room, cmd.data, cmd.key))
             return None
@@ -329,6 +341,16 @@ class RoomsEndpoint:
         else:
             self._refuse(session, _broker_unavailable("publish", exc, cmd.id))
 
+    async def _publish_proxied(self, session: Session, cmd, proxy) -> None:
+        # The backend allows, refuses (CommandError) or replaces the data; the rest of the
+        # client's requests wait behind it (order), other clients do not.
+        cmd.data = await proxy.filter_publish(session.conn, cmd.room, cmd.data, cmd.id)
+        if session.closed:
+            return
+        if self.on_published is not None:
+            self.on_published(session.conn, cmd.room, cmd.data)
+        await self._publish_async(session, cmd)
+
     async def _publish_async(self, session: Session, cmd) -> None:
         try:
             seq, _ = await self.hub.publish(cmd.room, cmd.data, cmd.key)
@@ -346,6 +368,9 @@ class RoomsEndpoint:
         member = hub.is_member(session, room)
         if not member and len(hub.rooms_of(session)) >= self.max_rooms:
             raise CommandError("too_many_rooms", f"a connection may join at most {self.max_rooms} rooms", cmd.id)
+        proxy = self.join_proxy
+        if proxy is not None and not member and proxy.applies(room):
+            return self._join_proxied(session, cmd, proxy)
         # The hub answers (ack with the position, then the replay) right before the member
         # gets live frames, so nothing falls between them.
         reply = functools.partial(self._join_ack, session, cmd)
@@ -363,6 +388,12 @@ class RoomsEndpoint:
             return
         if cmd.id is not None or cmd.since is not None or cmd.last:
             session.reply(commands.join_ack(cmd.id, seq, epoch, recovered))
+
+    async def _join_proxied(self, session: Session, cmd, proxy) -> None:
+        await proxy.check_join(session.conn, cmd.room, cmd.id)   # raises CommandError to refuse
+        if session.closed:
+            return
+        await self._join_async(session, cmd, functools.partial(self._join_ack, session, cmd))
 
     async def _join_async(self, session: Session, cmd, reply) -> None:
         try:

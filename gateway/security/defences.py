@@ -75,6 +75,8 @@ class Defences:
         self._wheel: dict[int, set] = {}          # expiry second -> connections
         self._wheel_next = int(time.time())
         self._warned_forwarded = False
+        # A connect proxy (connect_proxy_url) admits requests that carry no token.
+        self.proxied = bool(getattr(config, "connect_proxy_url", ""))
         # One bound method for every connection's TokenBucket, not one object per connection.
         self._on_rate_limited = self.rate_limited
 
@@ -150,8 +152,16 @@ class Defences:
             try:
                 principal = self.auth.authenticate(request)
             except HandshakeRejected as exc:
-                stats.auth_rejected[_reason_key(exc)] += 1
-                raise
+                reason = _reason_key(exc)
+                if reason == "missing" and self.proxied:
+                    # No token at all: the connect proxy decides (api/proxy.py), e.g. by cookie.
+                    principal = None
+                else:
+                    stats.auth_rejected[reason] += 1
+                    raise
+        else:
+            principal = None
+        if principal is not None:
             if not principal.grants_anything:
                 stats.forbidden += 1
                 raise HandshakeRejected(403, "token grants no rooms (empty rooms and publish claims)")
@@ -270,7 +280,9 @@ def _reason_key(exc: HandshakeRejected) -> str:
 def install(gateway, config, authenticator=None) -> Defences:
     """Attach the defences to `gateway`; log loudly when it runs without authentication."""
     defences = Defences(gateway, config, authenticator).install()
-    if defences.auth is None:
+    if defences.auth is None and defences.proxied:
+        log.info("authentication by the connect proxy", extra={"event": "auth", "proxy": True})
+    elif defences.auth is None:
         log.warning("AUTHENTICATION IS OFF: anyone who can reach this port may connect, join any room and "
                     "publish. Configure jwt_secret_file or jwt_public_key_file (see docs/security.md).",
                     extra={"event": "open_mode"})

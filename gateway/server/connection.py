@@ -37,6 +37,11 @@ log = logging.getLogger("gateway.server.connection")
 lifecycle = LifecycleLog("gateway.server.connection")   # open/close/reject lines, once per connection
 
 
+def _retrieve(task: asyncio.Task) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
 class Connection(WebSocketStream, asyncio.Protocol):
     """One client socket. `gateway` is the process-wide Gateway (see server.py).
 
@@ -319,6 +324,55 @@ class Connection(WebSocketStream, asyncio.Protocol):
         if gw.open_connections >= gw.config.max_connections:
             raise HandshakeRejected(503, "server is at its connection limit; retry later", {"Retry-After": "5"})
         extra_headers = gw.admit(self, request)   # auth, origin, per-IP limits (may raise)
+        if gw.async_admission:
+            # A check that asks another process (the connect proxy, a cluster-wide cap): stop
+            # reading until it answers; the 101 (or the refusal) follows from its task.
+            self.transport.pause_reading()
+            task = gw.loop.create_task(self._admit_async(request, endpoint, rest, key, extra_headers))
+            task.add_done_callback(_retrieve)
+            return
+        self._open(request, endpoint, rest, key, extra_headers)
+
+    async def _admit_async(self, request: Request, endpoint, rest: bytes, key: str, extra_headers: dict) -> None:
+        gw = self.gateway
+        admitted = []
+        try:
+            for check in gw.async_admission:
+                await check.admit(self)
+                admitted.append(check)
+        except HandshakeRejected as exc:
+            for check in admitted:
+                check.abandon(self)
+            if self.phase == HEAD:
+                self._reject(exc)
+            return
+        except Exception:
+            for check in admitted:
+                check.abandon(self)
+            log.exception("internal error in async admission", extra={"conn": self.id, "peer": self.peer})
+            if self.phase == HEAD:
+                self._reject(HandshakeRejected(500, "internal error"))
+            return
+        if self.phase != HEAD or self.transport is None or self.transport.is_closing():
+            for check in admitted:      # it went away (or timed out) while we asked
+                check.abandon(self)
+            return
+        if gw.draining:                 # the drain began while we asked
+            for check in admitted:
+                check.abandon(self)
+            self._reject(HandshakeRejected(503, "server is shutting down; reconnect to another instance",
+                                           {"Retry-After": "1"}))
+            return
+        self.transport.resume_reading()
+        try:
+            self._open(request, endpoint, rest, key, extra_headers)
+        except HandshakeRejected as exc:
+            for check in admitted:
+                check.abandon(self)
+            self._reject(exc)
+
+    def _open(self, request: Request, endpoint, rest: bytes, key: str, extra_headers: dict) -> None:
+        gw = self.gateway
         subprotocol = endpoint.select_subprotocol(request)
         ws, extensions = self._negotiate_extensions(request)
         self.transport.write(accept(key, subprotocol, extensions, extra_headers))

@@ -110,6 +110,11 @@ class Gateway:
         self._metrics_access = OperatorOnly(config.trusted_proxies, config.metrics_public)
         # Admission hooks run before the 101: (conn, request) -> extra headers or raise HandshakeRejected.
         self.admission_hooks: list = []
+        # Checks that must ask another process (the connect proxy, a cluster-wide cap) before
+        # the 101: objects with `async admit(conn)` (raise HandshakeRejected) and
+        # `abandon(conn)` (the client went away while waiting). Empty by default: the upgrade
+        # then stays synchronous.
+        self.async_admission: list = []
         # Per-connection life-cycle hooks (conn) -> None, e.g. per-IP counts and token expiry
         # (defences.py): open_hooks right after the 101, close_hooks when an open one is gone.
         self.open_hooks: list = []

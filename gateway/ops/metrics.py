@@ -300,6 +300,16 @@ METRICS: tuple[Metric, ...] = (
       "proxy calls that failed: timeout, connect, status, bad_answer, breaker_open", ("hook", "kind")),
     M("proxy_breaker_open", GAUGE, "proxy", "breaker_open", "1 while a hook's circuit breaker refuses calls", ("hook",)),
     M("proxy_breaker_opened", COUNTER, "proxy", "breaker_opened", "times a hook's circuit breaker opened", ("hook",)),
+    # -- webhooks (api/webhooks.py Webhooks.metrics) ------------------------------------------
+    M("webhook_sent", COUNTER, "webhook", "sent", "webhook events delivered (the backend answered 2xx)"),
+    M("webhook_batches", COUNTER, "webhook", "batches", "webhook batches delivered"),
+    M("webhook_retried", COUNTER, "webhook", "retried", "webhook events sent again after a failed attempt"),
+    M("webhook_failed", COUNTER, "webhook", "failed", "failed webhook attempts: timeout, connect, status", ("reason",)),
+    M("webhook_dropped", COUNTER, "webhook", "dropped", "webhook events dropped undelivered after webhook_max_age"),
+    M("webhook_claimed", COUNTER, "webhook", "claimed", "webhook events taken over from a dead process's consumer"),
+    M("webhook_backend_errors", COUNTER, "webhook", "backend_errors",
+      "calls to the outbox/tracking store (Redis) that failed"),
+    M("webhook_delivery_lag_seconds", HISTOGRAM, "webhook", "lag", "event time -> the backend acknowledged it"),
 )
 del M
 

@@ -180,6 +180,9 @@ class Hub:
         # Corker's flush). Set by app to a metrics.LatencyHistogram; one timer read per pass.
         self.fanout = None
         self._pass_started = 0.0
+        # (room name, occupied: bool) -> None on a room's first local member and after its
+        # last one left (api/webhooks.py: room_occupied / room_vacated); None: not asked.
+        self.room_observer = None
 
     # -- life cycle -------------------------------------------------------------------------
 
@@ -304,6 +307,8 @@ class Hub:
                 room.waiters = None
                 if self.rooms.get(name) is not room:  # pragma: no cover - defensive
                     continue
+                if self.room_observer is not None:
+                    self.room_observer(name, True)
                 return await self._join_subscribed(member, room, since, epoch, last, reply)
             # Another member's subscribe is in flight: wait for its outcome.
             await asyncio.shield(room.waiters)
@@ -427,6 +432,8 @@ class Hub:
             room.payloads = []
             self._drop_window(room)
             self._unsubscribing[room.name] = self.loop.create_task(self._unsubscribe(room.name))
+            if self.room_observer is not None:
+                self.room_observer(room.name, False)
 
     async def _unsubscribe(self, name: str) -> None:
         try:

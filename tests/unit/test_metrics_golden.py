@@ -133,6 +133,14 @@ GOLDEN = [
     'ws_gateway_sse_resumed_total counter',
     'ws_gateway_sse_slow_disconnects_total counter',
     'ws_gateway_transport_buffer_bytes gauge',
+    'ws_gateway_webhook_backend_errors_total counter',
+    'ws_gateway_webhook_batches_total counter',
+    'ws_gateway_webhook_claimed_total counter',
+    'ws_gateway_webhook_delivery_lag_seconds histogram',
+    'ws_gateway_webhook_dropped_total counter',
+    'ws_gateway_webhook_failed_total counter reason',
+    'ws_gateway_webhook_retried_total counter',
+    'ws_gateway_webhook_sent_total counter',
 ]
 
 # Numbers only the Redis broker has (the memory broker's stats() has publishes and rooms);

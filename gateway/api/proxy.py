@@ -280,8 +280,7 @@ def install(gateway, config, node: str) -> Proxies | None:
                                    node, proxies.stats)
     endpoint = gateway.endpoints.get("/ws")
     if endpoint is not None:
-        endpoint.join_proxy = proxies.join
-        endpoint.publish_proxy = proxies.publish
+        endpoint.set_hooks(join_proxy=proxies.join, publish_proxy=proxies.publish)
     gateway.proxies = proxies
     gateway.metric_sources["proxy"] = proxies.metrics
     gateway.on_shutdown.append(proxies.close)

@@ -428,7 +428,7 @@ def install(gateway, config, backend) -> Webhooks:
         hub.room_observer = tracker.on_room
     endpoint = gateway.endpoints.get("/ws")
     if hooks._publish_match is not None and endpoint is not None:
-        endpoint.on_published = hooks.on_published
+        endpoint.set_hooks(on_published=hooks.on_published)
     gateway.metric_sources["webhook"] = hooks.metrics
     # First of the shutdown hooks: the tracker reports this process's users gone while Redis is still there.
     gateway.on_shutdown.insert(0, hooks.close)

@@ -32,6 +32,7 @@ GROUP = "webhooks"
 OUTBOX_MAXLEN = 1_000_000    # a cap against an unbounded stream; far above any sane backlog
 MAX_OPS_PER_CALL = 1000      # bounds one script's run time (Redis is single-threaded)
 STALE_FACTOR = 3             # a pending event older than debounce * this lost its process
+READ_BLOCK = 1.0             # longest XREADGROUP BLOCK (s); the reader's socket timeout exceeds it
 
 
 def _load_scripts() -> dict[str, str]:
@@ -87,7 +88,7 @@ class RedisEvents:
         self.stale_ms = max(1000, int(debounce * 1000 * STALE_FACTOR))
         self._cmd = _client(self.url, self.timeout, self.timeout)
         # The reader blocks in XREADGROUP: its socket timeout must outlast the block.
-        self._reader = _client(self.url, None, self.timeout)
+        self._reader = _client(self.url, self.timeout + READ_BLOCK + 1.0, self.timeout)
         self._scripts = {name: self._cmd.register_script(body) for name, body in _load_scripts().items()}
         try:
             await self._ensure_group()
@@ -152,7 +153,7 @@ class RedisEvents:
         try:
             await self._ensure_group()
             reply = await self._reader.xreadgroup(GROUP, self.node, {self.outbox: ">"}, count=count,
-                                                  block=max(1, int(block * 1000)))
+                                                  block=max(1, int(min(block, READ_BLOCK) * 1000)))
         except ResponseError as exc:
             if "NOGROUP" in str(exc):        # the stream was deleted (FLUSHALL, restart): recreate
                 self._group_ready = False

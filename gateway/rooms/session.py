@@ -160,6 +160,17 @@ class RoomsEndpoint:
         self.publish_proxy = None
         # client_published webhooks (api/webhooks.py): (conn, room, data) -> None, or None.
         self.on_published = None
+        self.publish_hooked = False      # either of the two above: one test per publish
+
+    def set_hooks(self, *, join_proxy=None, publish_proxy=None, on_published=None) -> None:
+        """Attach backend hooks (api/proxy.py, api/webhooks.py); None leaves one as it is."""
+        if join_proxy is not None:
+            self.join_proxy = join_proxy
+        if publish_proxy is not None:
+            self.publish_proxy = publish_proxy
+        if on_published is not None:
+            self.on_published = on_published
+        self.publish_hooked = self.publish_proxy is not None or self.on_published is not None
 
     # -- endpoint interface -----------------------------------------------------------------
 
@@ -310,11 +321,12 @@ class RoomsEndpoint:
         if principal is not None and not principal.can_publish(cmd.room):
             raise CommandError("forbidden", f"not allowed to publish to {cmd.room!r}", cmd.id)
         hub = self.hub
-        proxy = self.publish_proxy
-        if proxy is not None and proxy.applies(cmd.room):
-            return self._publish_proxied(session, cmd, proxy)
-        if self.on_published is not None:
-            self.on_published(session.conn, cmd.room, cmd.data)
+        if self.publish_hooked:
+            proxy = self.publish_proxy
+            if proxy is not None and proxy.applies(cmd.room):
+                return self._publish_proxied(session, cmd, proxy)
+            if self.on_published is not None:
+                self.on_published(session.conn, cmd.room, cmd.data)
         if hub.can_publish_nowait:
             self._ack(session, cmd, hub.publish_nowait(cmd.room, cmd.data, cmd.key))
             return None

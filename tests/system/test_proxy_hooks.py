@@ -23,6 +23,7 @@ class Backend:
         self.port = free_port()
         self.hits = {"connect": 0, "join": 0, "publish": 0, "stall": 0}
         self.seen_headers = []
+        self.peers = []              # the gateway's (address, port) per connect call: keep-alive reuses one
         self.runner = None
 
     def url(self, path: str) -> str:
@@ -31,6 +32,7 @@ class Backend:
     async def connect(self, request: web.Request) -> web.Response:
         self.hits["connect"] += 1
         self.seen_headers.append(dict(request.headers))
+        self.peers.append(request.transport.get_extra_info("peername"))
         doc = await request.json()
         assert doc["path"] == "/ws" and doc["client"]
         user = SESSIONS.get(request.cookies.get("session", ""))
@@ -132,6 +134,12 @@ def test_cookie_session_backend_admits_refuses_and_moderates():
                     assert message["op"] == "message" and message["seq"] == ack["seq"]
                     assert message["data"] == {"text": "hi", "by": "alice", "name": "Alice"}
                 assert backend.hits["join"] == 4 and backend.hits["publish"] == 2   # `news` never asked
+                # One after another, handshakes reuse one keep-alive connection to the backend.
+                before = len(backend.peers)
+                for _ in range(5):
+                    async with websockets.connect(url, **cookie("sess-alice")):
+                        pass
+                assert len(backend.peers) == before + 5 and len(set(backend.peers[before:])) == 1
             finally:
                 gw.stop()
 

@@ -62,8 +62,10 @@ class Defences:
     def __init__(self, gateway, config, authenticator: auth_mod.Authenticator | None = None) -> None:
         self.gateway = gateway
         self.auth = authenticator if authenticator is not None else build_authenticator(config)
-        cookie_auth = bool(self.auth and self.auth.cookie)
-        self.origins = OriginPolicy(_list(getattr(config, "allowed_origins", ())), same_origin_default=cookie_auth)
+        # A connect proxy (connect_proxy_url) admits requests that carry no token.
+        self.proxied = bool(getattr(config, "connect_proxy_url", ""))
+        self.origins = OriginPolicy(_list(getattr(config, "allowed_origins", ())),
+                                    same_origin_default=_cookie_auth(self.auth, config))
         self.addresses = ClientAddress(_list(getattr(config, "trusted_proxies", ())))
         self.per_ip = ConnectionCounter(int(getattr(config, "max_connections_per_ip", 0) or 0))
         self.rate = float(getattr(config, "rate_limit", 0) or 0)
@@ -75,8 +77,6 @@ class Defences:
         self._wheel: dict[int, set] = {}          # expiry second -> connections
         self._wheel_next = int(time.time())
         self._warned_forwarded = False
-        # A connect proxy (connect_proxy_url) admits requests that carry no token.
-        self.proxied = bool(getattr(config, "connect_proxy_url", ""))
         # One bound method for every connection's TokenBucket, not one object per connection.
         self._on_rate_limited = self.rate_limited
 
@@ -102,7 +102,7 @@ class Defences:
         """
         try:
             authenticator = build_authenticator(new)
-            origins = OriginPolicy(_list(new.allowed_origins), bool(authenticator and authenticator.cookie))
+            origins = OriginPolicy(_list(new.allowed_origins), _cookie_auth(authenticator, new))
             addresses = ClientAddress(_list(new.trusted_proxies))
         except ConfigError as exc:
             log.error("SIGHUP: auth/defence settings rejected, keeping the running ones",
@@ -265,6 +265,16 @@ class Defences:
         conn.close(int(GatewayCloseCode.RATE_LIMITED), CLOSE_REASONS[GatewayCloseCode.RATE_LIMITED])
 
 
+def _cookie_auth(authenticator, config) -> bool:
+    """Does a browser's cookie alone authenticate? (a token cookie, or the connect proxy fed the
+    Cookie header). Then an empty Origin allow-list means same-origin only: RFC 6455 section
+    10.2, cross-site WebSocket hijacking rides on the victim's cookies."""
+    if authenticator is not None and authenticator.cookie:
+        return True
+    return bool(getattr(config, "connect_proxy_url", "")) and "cookie" in {
+        h.lower() for h in _list(getattr(config, "proxy_headers", ()))}
+
+
 def _reason_key(exc: HandshakeRejected) -> str:
     if exc.status == 400:
         return "bad_request"
@@ -302,7 +312,7 @@ def preflight(config) -> None:
         authenticator = build_authenticator(config)
     except ConfigError as exc:
         errors.extend(exc.errors)
-    for build in (lambda: OriginPolicy(_list(config.allowed_origins), bool(authenticator and authenticator.cookie)),
+    for build in (lambda: OriginPolicy(_list(config.allowed_origins), _cookie_auth(authenticator, config)),
                   lambda: ClientAddress(_list(config.trusted_proxies))):
         try:
             build()

@@ -110,6 +110,15 @@ def test_cookie_session_backend_admits_refuses_and_moderates():
                 assert await refused(url) == (401, "no session: log in first\n")
                 assert await refused(url, **cookie("sess-banned")) == (403, "account suspended\n")
                 assert await refused(url, **cookie("sess-forged")) == (401, "no session: log in first\n")
+                # Cookies authenticate: a page on another site is refused before the backend is
+                # asked (RFC 6455 section 10.2); the same origin is fine.
+                asked = backend.hits["connect"]
+                status, _ = await refused(url, origin=websockets.Origin("https://evil.example"),
+                                          **cookie("sess-alice"))
+                assert status == 403 and backend.hits["connect"] == asked
+                async with websockets.connect(url, origin=websockets.Origin(f"http://127.0.0.1:{gw.port}"),
+                                              **cookie("sess-alice")):
+                    pass
                 async with websockets.connect(url, **cookie("sess-alice")) as alice, \
                         websockets.connect(url, **cookie("sess-bob")) as bob:
                     # The cookie and the chosen headers reached the backend as headers.

@@ -31,6 +31,8 @@ from gateway.errors import ConfigError
 
 log = logging.getLogger("gateway.api.hookclient")
 
+MAX_ANSWER_BYTES = 65536   # a hook's answer is a small JSON object; more is a misconfigured URL
+
 
 def require_aiohttp(what: str):
     """The aiohttp module, or a ConfigError naming the setting that needs it."""
@@ -147,7 +149,7 @@ class HookClient:
                 async with self._slots:
                     async with self._client().post(self.url, data=body, headers=hdrs) as resp:
                         status = resp.status
-                        raw = await resp.read()
+                        raw = await resp.content.read(MAX_ANSWER_BYTES + 1)
         except asyncio.CancelledError:
             if probe:                    # the probe's caller went away: let the next call probe
                 self.breaker.probing = False
@@ -164,6 +166,9 @@ class HookClient:
             self._failed("status")
             raise HookUnavailable(f"{self.name} backend answered {status}", "status")
         self.breaker.success()
+        if len(raw) > MAX_ANSWER_BYTES:
+            stats.failures["bad_answer"] += 1
+            raise HookUnavailable(f"{self.name} backend answered more than {MAX_ANSWER_BYTES} bytes", "bad_answer")
         answer = None
         if raw:
             try:

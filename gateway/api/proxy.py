@@ -38,10 +38,14 @@ import orjson
 
 from gateway.api.hookclient import HookClient, HookUnavailable
 from gateway.errors import HandshakeRejected
+from gateway.ops.logs import RateLimitedLog
 from gateway.rooms.commands import CommandError, serialize_data
 from gateway.security.auth import MAX_PATTERN_LENGTH, MAX_PATTERNS, MAX_SUB_LENGTH, Principal
 
 log = logging.getLogger("gateway.api.proxy")
+# While a backend is down every handshake/join meets it: one WARNING per 10 s per hook, with
+# the number suppressed (each refusal is also counted, and the breaker's opening logged).
+_unavailable_log = {kind: RateLimitedLog(log, 10.0) for kind in ("connect", "join", "publish")}
 
 MAX_REASON_CHARS = 200
 MAX_INFO_BYTES = 4096
@@ -133,9 +137,9 @@ class ConnectProxy:
             status, answer = await self.client.post(doc, forwarded)
         except HookUnavailable as exc:
             self.stats.count("connect", "unavailable")
-            log.warning("connect proxy unavailable: handshake refused with 503",
-                        extra={"event": "proxy_unavailable", "hook": "connect", "conn": conn.id,
-                               "reason": exc.reason})
+            _unavailable_log["connect"].warning("connect proxy unavailable: handshake refused with 503", {
+                "event": "proxy_unavailable", "hook": "connect", "conn": conn.id, "reason": exc.reason},
+                exc_info=False)
             raise HandshakeRejected(503, "authentication backend unavailable; retry later",
                                     {"Retry-After": "5"}) from None
         if status in (401, 403):
@@ -143,14 +147,16 @@ class ConnectProxy:
             raise HandshakeRejected(status, _reason(answer, "refused by the connect proxy"))
         if not 200 <= status < 300:
             self.stats.count("connect", "unavailable")
-            log.error("connect proxy answered %d (expected 200, 401 or 403): check connect_proxy_url", status,
-                      extra={"event": "proxy_bad_status", "hook": "connect", "status": status})
+            _unavailable_log["connect"].warning(
+                f"connect proxy answered {status} (expected 200, 401 or 403): check connect_proxy_url",
+                {"event": "proxy_bad_status", "hook": "connect", "status": status}, exc_info=False)
             raise HandshakeRejected(503, "authentication backend unavailable; retry later", {"Retry-After": "5"})
         try:
             principal = principal_from_answer(answer, self.default_rooms, self.default_publish)
         except ValueError as exc:
             self.stats.count("connect", "bad_answer")
-            log.error("connect proxy answer refused: %s", exc, extra={"event": "proxy_bad_answer", "hook": "connect"})
+            _unavailable_log["connect"].warning(f"connect proxy answer refused: {exc}",
+                                                {"event": "proxy_bad_answer", "hook": "connect"}, exc_info=False)
             raise HandshakeRejected(503, "authentication backend gave an invalid answer; retry later",
                                     {"Retry-After": "5"}) from None
         if not principal.grants_anything:
@@ -197,8 +203,9 @@ class RoomHook:
             status, answer = await self.client.post(doc)
         except HookUnavailable as exc:
             self.stats.count(kind, "unavailable")
-            log.warning("%s proxy unavailable", kind, extra={"event": "proxy_unavailable", "hook": kind,
-                                                             "room": doc["room"], "reason": exc.reason})
+            _unavailable_log[kind].warning(f"{kind} proxy unavailable: refused with backend_unavailable", {
+                "event": "proxy_unavailable", "hook": kind, "room": doc["room"], "reason": exc.reason},
+                exc_info=False)
             raise CommandError("backend_unavailable", f"the {kind} backend is unavailable; retry later", cmd_id) \
                 from None
         if status in (401, 403) or (200 <= status < 300 and isinstance(answer, dict) and answer.get("allow") is False):
@@ -206,8 +213,9 @@ class RoomHook:
             raise CommandError("forbidden", _reason(answer, f"{kind} refused by the backend"), cmd_id)
         if not 200 <= status < 300:
             self.stats.count(kind, "unavailable")
-            log.error("%s proxy answered %d (expected 200 or 403)", kind, status,
-                      extra={"event": "proxy_bad_status", "hook": kind, "status": status})
+            _unavailable_log[kind].warning(f"{kind} proxy answered {status} (expected 200 or 403)",
+                                           {"event": "proxy_bad_status", "hook": kind, "status": status},
+                                           exc_info=False)
             raise CommandError("backend_unavailable", f"the {kind} backend is unavailable; retry later", cmd_id)
         self.stats.count(kind, "allowed")
         return answer

@@ -44,9 +44,13 @@ import orjson
 
 from gateway.api.hookclient import require_aiohttp
 from gateway.broker.events import EventsUnavailable
+from gateway.ops.logs import RateLimitedLog
 from gateway.ops.metrics import LatencyHistogram
 
 log = logging.getLogger("gateway.api.webhooks")
+# Redis or the receiver down: one WARNING per 10 s per kind, with the number suppressed.
+_store_log = RateLimitedLog(log, 10.0)
+_delivery_log = RateLimitedLog(log, 10.0)
 
 SIGNATURE_HEADER = "X-WS-Gateway-Signature"
 LAG_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0)
@@ -180,7 +184,8 @@ class Tracker:
         except EventsUnavailable as exc:
             # The heartbeat re-adds what is still here; what left expires with the TTL.
             self.stats.backend_errors += 1
-            log.warning("webhook tracking update failed", extra={"event": "webhook_error", "error": str(exc)[:200]})
+            _store_log.warning("webhook tracking update failed", {"event": "webhook_error", "error": str(exc)[:200]},
+                               exc_info=False)
             return
         if pending:
             timer = self.loop.call_later(self.debounce, self._confirm_later, kind, pending)
@@ -196,7 +201,8 @@ class Tracker:
         except EventsUnavailable as exc:
             # Stale pending events are appended by any process's next cleanup.
             self.stats.backend_errors += 1
-            log.warning("webhook confirmation failed", extra={"event": "webhook_error", "error": str(exc)[:200]})
+            _store_log.warning("webhook confirmation failed", {"event": "webhook_error", "error": str(exc)[:200]},
+                               exc_info=False)
 
     # -- heartbeat ----------------------------------------------------------------------------
 
@@ -249,6 +255,7 @@ class Deliverer:
         self.retry_min = config.webhook_retry_min
         self.retry_max = config.webhook_retry_max
         self.max_age = config.webhook_max_age
+        self.events = frozenset(config.webhook_events)
         # Another process's entries are claimed once idle longer than its longest retry
         # sleep plus an attempt (it refreshes the claim before every attempt).
         self.claim_idle = config.webhook_retry_max + 2 * config.webhook_timeout + 5.0
@@ -304,6 +311,7 @@ class Deliverer:
                 else:
                     await self.backend.touch([entry_id for entry_id, _ in batch])
                 batch = await self._drop_expired(batch)
+                batch = await self._drop_unwanted(batch)
                 if not batch:
                     continue
                 if attempt:
@@ -318,7 +326,8 @@ class Deliverer:
                 raise
             except EventsUnavailable as exc:
                 self.stats.backend_errors += 1
-                log.warning("webhook outbox unavailable", extra={"event": "webhook_error", "error": str(exc)[:200]})
+                _store_log.warning("webhook outbox unavailable", {"event": "webhook_error", "error": str(exc)[:200]},
+                                   exc_info=False)
                 await asyncio.sleep(self._backoff(2))
             except Exception:
                 log.exception("webhook delivery loop failed")
@@ -334,6 +343,16 @@ class Deliverer:
         log.error("webhook events dropped: undelivered for webhook_max_age", extra={
             "event": "webhook_dropped", "count": len(old), "max_age": self.max_age})
         gone = set(old)
+        return [item for item in batch if item[0] not in gone]
+
+    async def _drop_unwanted(self, batch: list) -> list:
+        """Types not in webhook_events (e.g. user_offline without user_online configured: the
+        tracking decides both) are acknowledged without sending."""
+        unwanted = [entry_id for entry_id, fields in batch if fields.get("t") not in self.events]
+        if not unwanted:
+            return batch
+        await self.backend.ack(unwanted)
+        gone = set(unwanted)
         return [item for item in batch if item[0] not in gone]
 
     async def _post(self, batch: list) -> bool:
@@ -360,8 +379,8 @@ class Deliverer:
 
     def _failed(self, reason: str, count: int, detail: str = "") -> bool:
         self.stats.fail(reason)
-        log.warning("webhook delivery failed; retrying with backoff", extra={
-            "event": "webhook_failed", "reason": reason, "detail": detail, "events": count})
+        _delivery_log.warning("webhook delivery failed; retrying with backoff", {
+            "event": "webhook_failed", "reason": reason, "detail": detail, "events": count}, exc_info=False)
         return False
 
 
@@ -408,8 +427,8 @@ class Webhooks:
             await self.backend.append(fields)
         except EventsUnavailable as exc:
             self.stats.backend_errors += 1
-            log.warning("client_published event lost: outbox unavailable",
-                        extra={"event": "webhook_error", "error": str(exc)[:200]})
+            _store_log.warning("client_published event lost: outbox unavailable",
+                               {"event": "webhook_error", "error": str(exc)[:200]}, exc_info=False)
 
     def metrics(self) -> dict:
         s = self.stats

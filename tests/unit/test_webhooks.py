@@ -95,3 +95,34 @@ def test_memory_broker_delivers_after_failures_with_retries(run):
         assert got[2]["data"] == {"a": 1} and len({e["id"] for e in got}) == 5
 
     run(main())
+
+
+def test_only_the_configured_types_are_sent():
+    async def main():
+        got = []
+
+        async def hook(request):
+            got.extend(json.loads(await request.read())["events"])
+            return web.Response(text="ok")
+
+        app = web.Application()
+        app.router.add_post("/h", hook)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        try:
+            async with serve(webhook_url=f"http://127.0.0.1:{port}/h", webhook_secret=SECRET.decode(),
+                             webhook_debounce=0.01, jwt_secret=t.SECRET, webhook_events=("user_offline",)) as gw:
+                for user in ("a", "b"):
+                    async with websockets.connect(f"ws://127.0.0.1:{gw.port}/ws?token={t.hs256(sub=user)}"):
+                        pass
+                while len(got) < 2:
+                    await asyncio.sleep(0.02)
+                while await gw.webhooks.backend.pending_count():
+                    await asyncio.sleep(0.02)      # the online events were acknowledged unsent
+        finally:
+            await runner.cleanup()
+        assert [(e["type"], e["user"]) for e in got] == [("user_offline", "a"), ("user_offline", "b")]
+
+    asyncio.run(main())

@@ -1,6 +1,6 @@
 """A gateway with the Redis broker exports exactly the golden list of metric names
 (tests/unit/test_metrics_golden.py), the broker's Redis-only numbers included (the backend
-hooks' numbers are checked where hooks are configured: test_webhooks.py)."""
+hooks' numbers are checked where hooks are configured: test_webhook_delivery.py)."""
 from tests.helpers import serve
 from tests.redis_server import redis_server  # noqa: F401  (fixture)
 from tests.unit.test_metrics_golden import (GOLDEN, HOOKS_ONLY_PREFIXES, MEMORY_ONLY, PROCESS, _traffic_and_scrape,

@@ -159,7 +159,7 @@ MEMORY_ONLY = {
     "ws_gateway_broker_evicted_publications_total", "ws_gateway_broker_expired_rooms_total",
 }
 # Only with backend hooks configured (proxy hooks, webhooks: tests/system/test_proxy_hooks.py
-# and test_webhooks.py scrape them).
+# and test_webhook_delivery.py scrape them).
 HOOKS_ONLY_PREFIXES = ("ws_gateway_proxy_", "ws_gateway_webhook_")
 # prometheus_client's ProcessCollector, outside the table.
 PROCESS = ["process_cpu_seconds_total counter", "process_max_fds gauge", "process_open_fds gauge",

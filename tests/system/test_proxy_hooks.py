@@ -5,6 +5,7 @@ publications; a stalled backend costs a handshake its timeout, never the other c
 import asyncio
 import json
 import time
+import urllib.request
 
 import pytest
 import websockets
@@ -12,6 +13,7 @@ from aiohttp import web
 
 from tests import auth_tokens as t
 from tests.helpers import GatewayProcess, free_port
+from tests.unit.test_metrics_golden import GOLDEN, scraped_lines
 
 SESSIONS = {"sess-alice": "alice", "sess-bob": "bob", "sess-banned": "mallory"}
 
@@ -185,6 +187,14 @@ def test_stalled_backend_fails_handshakes_within_the_timeout_and_others_are_serv
                     answer = await request(carol, {"op": "join", "room": "slow.1", "id": "j"})
                     assert answer["code"] == "backend_unavailable"
                     assert (await request(carol, {"op": "join", "room": "fast", "id": "k"}))["op"] == "ack"
+                # What a hooked gateway exports is the proxy part of the golden list, and says so.
+                with urllib.request.urlopen(f"http://127.0.0.1:{gw.port}/metrics", timeout=5) as r:
+                    text = r.read().decode()
+                assert [line for line in scraped_lines(text) if line.startswith("ws_gateway_proxy_")] == \
+                    [line for line in GOLDEN if line.startswith("ws_gateway_proxy_")]
+                assert 'ws_gateway_proxy_breaker_open{hook="connect"} 1.0' in text
+                assert 'ws_gateway_proxy_failures_total{hook="connect",kind="timeout"} 2.0' in text
+                assert 'ws_gateway_proxy_failures_total{hook="connect",kind="breaker_open"} 1.0' in text
             finally:
                 gw.stop()
             metrics = gw.output()

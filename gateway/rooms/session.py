@@ -162,16 +162,6 @@ class RoomsEndpoint:
         self.on_published = None
         self.publish_hooked = False      # either of the two above: one test per publish
 
-    def set_hooks(self, *, join_proxy=None, publish_proxy=None, on_published=None) -> None:
-        """Attach backend hooks (api/proxy.py, api/webhooks.py); None leaves one as it is."""
-        if join_proxy is not None:
-            self.join_proxy = join_proxy
-        if publish_proxy is not None:
-            self.publish_proxy = publish_proxy
-        if on_published is not None:
-            self.on_published = on_published
-        self.publish_hooked = self.publish_proxy is not None or self.on_published is not None
-
     # -- endpoint interface -----------------------------------------------------------------
 
     def select_subprotocol(self, request):
@@ -261,6 +251,18 @@ class RoomsEndpoint:
             session.queue.clear()
             session.queue = None
         session.backlog = None
+
+    # -- backend hooks ------------------------------------------------------------------------
+
+    def set_hooks(self, *, join_proxy=None, publish_proxy=None, on_published=None) -> None:
+        """Attach backend hooks (api/proxy.py, api/webhooks.py); None leaves one as it is."""
+        if join_proxy is not None:
+            self.join_proxy = join_proxy
+        if publish_proxy is not None:
+            self.publish_proxy = publish_proxy
+        if on_published is not None:
+            self.on_published = on_published
+        self.publish_hooked = self.publish_proxy is not None or self.on_published is not None
 
     # -- requests -----------------------------------------------------------------------------
 

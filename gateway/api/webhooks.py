@@ -53,6 +53,7 @@ _store_log = RateLimitedLog(log, 10.0)
 _delivery_log = RateLimitedLog(log, 10.0)
 
 SIGNATURE_HEADER = "X-WS-Gateway-Signature"
+MAX_BACKLOG = 100_000       # tracking ops kept per dimension while the backend is down
 LAG_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0)
 
 
@@ -103,6 +104,7 @@ class WebhookStats:
         self.failed: dict = {}            # failed attempts by reason: timeout, connect, status
         self.dropped = 0                  # events older than webhook_max_age, given up
         self.claimed = 0                  # events taken over from a dead process
+        self.backlog_dropped = 0          # tracking ops dropped past MAX_BACKLOG (long Redis outage)
         self.backend_errors = 0           # events backend (Redis) calls that failed
         self.lag = LatencyHistogram(LAG_BUCKETS)   # event ts -> delivered
 
@@ -123,7 +125,9 @@ class Tracker:
         self.rooms: set[str] = set()          # rooms with local members
         self.track_users = users
         self.track_rooms = rooms
-        self._ops: dict[str, list] = {"user": [], "room": []}
+        self._ops: dict[str, list] = {"user": [], "room": []}       # not yet sent, in order
+        self._busy = {"user": False, "room": False}                  # a call in flight
+        self._cleanup_due = {"user": False, "room": False}           # the heartbeat asked for one
         self._scheduled = False
         self._tasks: set = set()
         self._timers: set = set()
@@ -158,7 +162,13 @@ class Tracker:
             self.rooms.discard(room)
             self._queue("room", ("r", room))
 
-    # -- batching -----------------------------------------------------------------------------
+    # -- sending: one ordered sender per dimension -----------------------------------------
+    #
+    # A dimension's ops must reach the backend in the order they happened (a failed "r u"
+    # replayed after a later "a u" would take a connected user offline), so each dimension
+    # has ONE call in flight; ops of the passes meanwhile wait in `_ops` and go together in
+    # the next call. A failed call puts its ops back in front and retries with backoff: what
+    # happened while Redis was down is reported when it is back (bounded by MAX_BACKLOG).
 
     def _queue(self, kind: str, op: tuple) -> None:
         self._ops[kind].append(op)
@@ -169,27 +179,49 @@ class Tracker:
     def _flush(self) -> None:
         self._scheduled = False
         for kind, ops in self._ops.items():
-            if ops:
-                self._ops[kind] = []
-                self._spawn(self._update(kind, ops, False))
+            if (ops or self._cleanup_due[kind]) and not self._busy[kind]:
+                self._busy[kind] = True
+                self._spawn(self._send(kind))
 
     def _spawn(self, coro) -> None:
         task = self.loop.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _update(self, kind: str, ops: list, cleanup: bool) -> None:
+    async def _send(self, kind: str) -> None:
+        attempt = 0
         try:
-            pending = await self.backend.update(kind, ops, cleanup)
-        except EventsUnavailable as exc:
-            # The heartbeat re-adds what is still here; what left expires with the TTL.
-            self.stats.backend_errors += 1
-            _store_log.warning("webhook tracking update failed", {"event": "webhook_error", "error": str(exc)[:200]},
-                               exc_info=False)
+            while self._ops[kind] or self._cleanup_due[kind]:
+                ops, self._ops[kind] = self._ops[kind], []
+                cleanup, self._cleanup_due[kind] = self._cleanup_due[kind], False
+                try:
+                    pending = await self.backend.update(kind, ops, cleanup)
+                except EventsUnavailable as exc:
+                    self.stats.backend_errors += 1
+                    _store_log.warning("webhook tracking update failed; retrying", {
+                        "event": "webhook_error", "error": str(exc)[:200], "ops": len(ops)}, exc_info=False)
+                    self._ops[kind][:0] = ops
+                    self._cleanup_due[kind] |= cleanup
+                    self._trim(kind)
+                    attempt += 1
+                    await asyncio.sleep(min(self.ttl / 3, 0.1 * 2 ** min(attempt, 8)))
+                    continue
+                attempt = 0
+                if pending:
+                    timer = self.loop.call_later(self.debounce, self._confirm_later, kind, pending)
+                    self._timers.add(timer)
+        finally:
+            self._busy[kind] = False
+
+    def _trim(self, kind: str) -> None:
+        """Past MAX_BACKLOG ops (a long Redis outage), keep only what the heartbeat would send:
+        the subjects held now. Those that came and went meanwhile are not reported; those that
+        left expire in the backend and go offline/vacated through the TTL cleanup."""
+        if len(self._ops[kind]) <= MAX_BACKLOG:
             return
-        if pending:
-            timer = self.loop.call_later(self.debounce, self._confirm_later, kind, pending)
-            self._timers.add(timer)
+        held = self.users if kind == "user" else self.rooms
+        self.stats.backlog_dropped += len(self._ops[kind])
+        self._ops[kind] = [("a", subject) for subject in held]
 
     def _confirm_later(self, kind: str, pending: list) -> None:
         self._timers = {t for t in self._timers if not t.cancelled() and t.when() > self.loop.time()}
@@ -220,9 +252,13 @@ class Tracker:
                 log.exception("webhook heartbeat failed")
 
     async def heartbeat(self) -> None:
-        """Refresh this process's entries and clear dead processes' ones (their events appended)."""
-        await self._update("user", [("a", u) for u in self.users], True)
-        await self._update("room", [("a", r) for r in self.rooms], True)
+        """Refresh this process's entries and clear dead processes' ones (their events appended):
+        queued behind the ops not yet sent, so the order holds."""
+        for kind, held in (("user", self.users), ("room", self.rooms)):
+            self._ops[kind].extend(("a", subject) for subject in held)
+            self._cleanup_due[kind] = True
+            self._trim(kind)
+        self._flush()
 
     async def close(self, timeout: float = 2.0) -> None:
         """Take this process's users and rooms out at once (a drained process's clients are
@@ -241,6 +277,8 @@ class Tracker:
         self._flush()
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=timeout)
+        for task in list(self._tasks):   # Redis down: the TTL cleanup of the others covers it
+            task.cancel()
 
 
 class Deliverer:
@@ -433,7 +471,8 @@ class Webhooks:
     def metrics(self) -> dict:
         s = self.stats
         return {"sent": s.sent, "batches": s.batches, "retried": s.retried, "failed": dict(s.failed),
-                "dropped": s.dropped, "claimed": s.claimed, "backend_errors": s.backend_errors, "lag": s.lag}
+                "dropped": s.dropped, "claimed": s.claimed, "backend_errors": s.backend_errors, "lag": s.lag,
+                "tracking_dropped": s.backlog_dropped}
 
 
 def install(gateway, config, backend) -> Webhooks:

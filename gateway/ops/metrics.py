@@ -310,6 +310,8 @@ METRICS: tuple[Metric, ...] = (
     M("webhook_backend_errors", COUNTER, "webhook", "backend_errors",
       "calls to the outbox/tracking store (Redis) that failed"),
     M("webhook_delivery_lag_seconds", HISTOGRAM, "webhook", "lag", "event time -> the backend acknowledged it"),
+    M("webhook_tracking_dropped", COUNTER, "webhook", "tracking_dropped",
+      "user/room transitions not reported: queued past 100,000 while Redis was down"),
 )
 del M
 

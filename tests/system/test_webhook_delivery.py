@@ -209,3 +209,33 @@ def test_sigkill_users_go_offline_within_the_ttl_once(redis_server):  # noqa: F8
             await receiver.down()
 
     asyncio.run(main())
+
+
+def test_redis_down_then_back_transitions_meanwhile_are_reported_in_order(redis_server):  # noqa: F811
+    async def main():
+        receiver = Receiver()
+        await receiver.up()
+        gw = gateway(redis_server, receiver, "--webhook-ttl", "3", "--redis-timeout", "1")
+        await asyncio.to_thread(gw.start)
+        try:
+            stays = await websockets.connect(gw.url("/ws") + "?token=" + t.hs256(sub="stays"))
+            await receiver.wait_for({("user_online", "stays")}, 30)
+            await asyncio.to_thread(redis_server.kill)
+            # While Redis is down: a user comes and goes; the gateway keeps serving.
+            async with websockets.connect(gw.url("/ws") + "?token=" + t.hs256(sub="brief")) as ws:
+                await ws.send(json.dumps({"op": "publish", "room": "r", "data": 1, "id": 1}))
+                await asyncio.wait_for(ws.recv(), 10)
+            await asyncio.sleep(2)                          # a few failed attempts
+            await asyncio.to_thread(redis_server.restart)   # empty: no persistence
+            await receiver.wait_for({("user_online", "brief"), ("user_offline", "brief")}, 60)
+            order = [e["type"] for _, e in receiver.events if e["user"] == "brief"]
+            assert order.index("user_online") < order.index("user_offline")
+            assert ("user_offline", "stays") not in {(e["type"], e["user"]) for _, e in receiver.events}
+            await stays.close()
+            await receiver.wait_for({("user_offline", "stays")}, 30)
+            assert "webhook_error" in gw.output()
+        finally:
+            gw.stop()
+            await receiver.down()
+
+    asyncio.run(main())

@@ -141,6 +141,7 @@ GOLDEN = [
     'ws_gateway_webhook_failed_total counter reason',
     'ws_gateway_webhook_retried_total counter',
     'ws_gateway_webhook_sent_total counter',
+    'ws_gateway_webhook_tracking_dropped_total counter',
 ]
 
 # Numbers only the Redis broker has (the memory broker's stats() has publishes and rooms);

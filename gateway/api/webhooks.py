@@ -338,14 +338,19 @@ class Deliverer:
 
     async def _run(self) -> None:
         batch: list = []
+        delivered = False        # the backend has `batch` (2xx); only its acknowledgement is missing
         attempt = 0
         while True:
             try:
                 if not batch:
-                    attempt = 0
+                    attempt, delivered = 0, False
                     batch = await self._next_batch()
                     if not batch:
                         continue
+                elif delivered:
+                    await self.backend.ack([entry_id for entry_id, _ in batch])
+                    batch = []
+                    continue
                 else:
                     await self.backend.touch([entry_id for entry_id, _ in batch])
                 batch = await self._drop_expired(batch)
@@ -355,6 +360,7 @@ class Deliverer:
                 if attempt:
                     self.stats.retried += len(batch)
                 if await self._post(batch):
+                    delivered = True
                     await self.backend.ack([entry_id for entry_id, _ in batch])
                     batch = []
                     continue

@@ -175,6 +175,12 @@ class RedisEvents:
         if ids:
             try:
                 await self._cmd.xclaim(self.outbox, GROUP, self.node, 0, ids, justid=True)
+            except ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise EventsUnavailable(f"redis outbox touch failed: {exc}"[:300]) from None
+                # The outbox is gone (Redis restarted empty): nobody can claim these entries
+                # now; the caller still holds them and delivers them (XACK of a missing key is 0).
+                self._group_ready = False
             except (RedisError, OSError, asyncio.TimeoutError) as exc:
                 raise EventsUnavailable(f"redis outbox touch failed: {exc}"[:300]) from None
 

@@ -74,3 +74,21 @@ def test_a_dead_consumers_entries_are_claimed_and_ids_are_stable(redis_server): 
             await b.close()
 
     asyncio.run(main())
+
+
+def test_touch_after_the_outbox_vanished_is_not_an_error(redis_server):  # noqa: F811
+    async def main():
+        a = RedisEvents(redis_server.url, node="a")
+        await a.start(ttl=30, debounce=1)
+        try:
+            await a.update("user", [("a", "x")])
+            read = await a.read(10, 0.1)
+            await asyncio.to_thread(redis_server.restart)      # empty: the stream and its group are gone
+            await a.touch([entry_id for entry_id, _ in read])  # no error: the holder still delivers them
+            await a.ack([entry_id for entry_id, _ in read])
+            await a.update("user", [("a", "y")])
+            assert [f["s"] for _, f in await a.read(10, 0.1)] == ["y"]   # the group is back
+        finally:
+            await a.close()
+
+    asyncio.run(main())

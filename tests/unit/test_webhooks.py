@@ -126,3 +126,52 @@ def test_only_the_configured_types_are_sent():
         assert [(e["type"], e["user"]) for e in got] == [("user_offline", "a"), ("user_offline", "b")]
 
     asyncio.run(main())
+
+
+class _AckFailsOnce(MemoryEvents):
+    """The outbox goes away between a 2xx and its acknowledgement, once."""
+
+    def __init__(self):
+        super().__init__("n")
+        self.acks = 0
+
+    async def ack(self, ids):
+        self.acks += 1
+        if self.acks == 1:
+            from gateway.broker.events import EventsUnavailable
+            raise EventsUnavailable("redis down")
+        await super().ack(ids)
+
+
+def test_a_delivered_batch_whose_ack_failed_is_acknowledged_not_sent_again():
+    from gateway.api.webhooks import Deliverer, WebhookStats
+    from tests.helpers import make_config
+
+    async def main():
+        posts = []
+
+        async def hook(request):
+            posts.append(json.loads(await request.read()))
+            return web.Response(text="ok")
+
+        app = web.Application()
+        app.router.add_post("/h", hook)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        backend = _AckFailsOnce()
+        config = make_config(webhook_url=f"http://127.0.0.1:{port}/h", webhook_secret=SECRET.decode(),
+                             webhook_retry_min=0.01, webhook_retry_max=0.05)
+        deliverer = Deliverer(backend, config, WebhookStats())
+        try:
+            await backend.update("user", [("a", "alice")])
+            deliverer.start(asyncio.get_running_loop())
+            while backend.acks < 2:
+                await asyncio.sleep(0.01)
+        finally:
+            await deliverer.close()
+            await runner.cleanup()
+        assert len(posts) == 1 and await backend.pending_count() == 0
+
+    asyncio.run(main())

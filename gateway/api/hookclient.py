@@ -60,7 +60,6 @@ class HookStats:
         self.calls = 0
         self.failures: collections.Counter = collections.Counter()   # by kind
         self.breaker_opened = 0
-        self.latency = None                                          # a LatencyHistogram (set by the owner)
 
 
 class CircuitBreaker:
@@ -139,7 +138,6 @@ class HookClient:
             stats.failures["breaker_open"] += 1
             raise HookUnavailable(f"{self.name} backend unavailable (circuit breaker open)", "breaker_open")
         probe = self.breaker.probing
-        started = time.perf_counter()
         body = orjson.dumps(doc)
         hdrs = {"Content-Type": "application/json"}
         if headers:
@@ -160,8 +158,6 @@ class HookClient:
         except (OSError, self._aiohttp.ClientError) as exc:
             self._failed("connect")
             raise HookUnavailable(f"{self.name} backend unreachable: {type(exc).__name__}", "connect") from None
-        if stats.latency is not None:
-            stats.latency.observe(time.perf_counter() - started)
         if status >= 500 or status in (408, 429):
             self._failed("status")
             raise HookUnavailable(f"{self.name} backend answered {status}", "status")

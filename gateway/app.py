@@ -14,7 +14,6 @@ import asyncio
 import logging
 import os
 import resource
-import signal
 import ssl
 import sys
 import traceback
@@ -106,7 +105,7 @@ def install_rooms(gateway: Gateway, config: Config):
     return hub
 
 
-async def _serve(config: Config, sock=None, reload=None, worker: int = 0) -> int:
+async def _serve(config: Config, sock=None, reload=None, worker: int = 0, on_ready=None) -> int:
     try:
         gateway = await start_gateway(config, sock, worker)
     except Exception as exc:
@@ -126,7 +125,11 @@ async def _serve(config: Config, sock=None, reload=None, worker: int = 0) -> int
         log.warning("workers share the main port, so /metrics there answers for a random worker; "
                     "set metrics_port (worker i listens on metrics_port + i)", extra={"event": "metrics_port"})
     # systemd (Type=notify): started only once the socket accepts; the watchdog is fed by the loop.
-    systemd.notify("READY=1", f"STATUS={gateway.status_line()}")
+    # A supervised worker tells the parent instead, which says READY=1 once every worker is up.
+    if on_ready is not None:
+        on_ready()
+    else:
+        systemd.notify("READY=1", f"STATUS={gateway.status_line()}")
     watchdog = systemd.Watchdog(gateway.loop)
     watchdog.start()
     try:
@@ -135,10 +138,10 @@ async def _serve(config: Config, sock=None, reload=None, worker: int = 0) -> int
         watchdog.stop()
 
 
-def _run_one(config: Config, sock=None, reload=None, worker: int = 0) -> int:
+def _run_one(config: Config, sock=None, reload=None, worker: int = 0, on_ready=None) -> int:
     import uvloop
     try:
-        return uvloop.run(_serve(config, sock, reload, worker))
+        return uvloop.run(_serve(config, sock, reload, worker, on_ready))
     except _StartFailed as failed:
         return report_startup_failure(failed.__cause__, config.log_level)
 
@@ -221,49 +224,7 @@ def run(config: Config, reload=None) -> int:
 
 
 def _run_workers(config: Config, reload=None) -> int:
-    """Fork N workers sharing the port through SO_REUSEPORT; forward signals; reap them."""
-    forwarded = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2)
-    children: list[int] = []
-
-    def forward(sig, _frame):
-        for pid in children:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-
-    # Block these signals while forking so that none arrives before the parent forwards them
-    # (a Ctrl-C then would be a KeyboardInterrupt in the parent and orphan the workers).
-    signal.pthread_sigmask(signal.SIG_BLOCK, forwarded)
-    for index in range(config.workers):
-        pid = os.fork()
-        if pid == 0:  # child
-            # Own process group: a Ctrl-C (SIGINT to the terminal's foreground group) reaches the
-            # parent only, which forwards it once; a worker that got it twice would take the
-            # second copy as "exit now" and skip the drain.
-            os.setpgid(0, 0)
-            for sig in forwarded:
-                signal.signal(sig, signal.SIG_DFL)   # until the worker's event loop takes them over
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, forwarded)
-            try:
-                code = _run_one(config, reload=reload, worker=index)
-            except BaseException:
-                log.exception("worker crashed")
-                code = 1
-            os._exit(code)
-        children.append(pid)
-    log.info("workers started", extra={"event": "workers", "pids": children})
-    for sig in forwarded:
-        signal.signal(sig, forward)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, forwarded)
-    status = 0
-    for pid in children:
-        while True:
-            try:
-                _, st = os.waitpid(pid, 0)
-                break
-            except InterruptedError:
-                continue
-        code = os.waitstatus_to_exitcode(st)
-        status = status or (code if code > 0 else 0)
-    return status
+    """N workers on one port (SO_REUSEPORT), supervised: see gateway/server/supervisor.py."""
+    from gateway.server.supervisor import run_workers
+    return run_workers(config.workers,
+                       lambda index, on_ready: _run_one(config, reload=reload, worker=index, on_ready=on_ready))

@@ -70,7 +70,8 @@ def upgrade_request(path="/echo", key="dGhlIHNhbXBsZSBub25jZQ==", version="13", 
 
 
 class GatewayProcess:
-    """`python -m gateway serve ...` in a subprocess on a free port, ready when /healthz answers."""
+    """`python -m gateway serve ...` in a subprocess on a free port, ready when /healthz answers
+    (with `--workers N`: once the parent has logged that all N workers are listening)."""
 
     def __init__(self, *args: str, port: int | None = None, env: dict | None = None) -> None:
         self.port = port or free_port()
@@ -78,10 +79,20 @@ class GatewayProcess:
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen | None = None
         self.log_path = None
+        self._notify: socket.socket | None = None
+        self._notify_dir = None
+        self.notifications: list[str] = []   # what the process sent to NOTIFY_SOCKET (with --workers)
 
     def start(self, timeout: float = 15.0) -> "GatewayProcess":
         import tempfile
         fd, self.log_path = tempfile.mkstemp(prefix="gw-", suffix=".log")
+        if self.workers > 1 and "NOTIFY_SOCKET" not in self.env:
+            # Play systemd (Type=notify): the parent sends READY=1 once all workers listen.
+            self._notify_dir = tempfile.mkdtemp(prefix="gw-notify-")
+            self._notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            self._notify.bind(os.path.join(self._notify_dir, "notify.sock"))
+            self._notify.setblocking(False)
+            self.env["NOTIFY_SOCKET"] = self._notify.getsockname()
         self.proc = subprocess.Popen([sys.executable, "-m", "gateway", *self.args], cwd=ROOT, env=self.env,
                                      stdout=fd, stderr=fd)
         os.close(fd)
@@ -91,11 +102,32 @@ class GatewayProcess:
                 raise RuntimeError(f"gateway exited with {self.proc.returncode}:\n{self.output()}")
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/healthz", timeout=1) as r:
-                    if r.status == 200:
+                    # With --workers N the first worker to answer proves nothing about the others:
+                    # ready means the parent told "systemd" READY=1, which it does once every worker listens.
+                    if r.status == 200 and (self._notify is None or self._notified_ready()):
                         return self
             except OSError:
-                time.sleep(0.05)
+                pass
+            time.sleep(0.05)   # another process is starting: nothing to await across processes
         raise RuntimeError(f"gateway did not become healthy:\n{self.output()}")
+
+    def _notified_ready(self) -> bool:
+        try:
+            while True:
+                self.notifications.append(self._notify.recv(4096).decode())
+        except BlockingIOError:
+            pass
+        return any("READY=1" in n.split("\n") for n in self.notifications)
+
+    @property
+    def workers(self) -> int:
+        args = self.args
+        for i, arg in enumerate(args):
+            if arg == "--workers" and i + 1 < len(args):
+                return int(args[i + 1])
+            if arg.startswith("--workers="):
+                return int(arg.split("=", 1)[1])
+        return 1
 
     def output(self) -> str:
         with open(self.log_path, errors="replace") as fh:
@@ -122,6 +154,10 @@ class GatewayProcess:
 
     def __exit__(self, *exc):
         self.stop()
+        if self._notify is not None:
+            import shutil
+            self._notify.close()
+            shutil.rmtree(self._notify_dir, ignore_errors=True)
         if self.log_path and os.path.exists(self.log_path):
             os.unlink(self.log_path)
 

@@ -95,7 +95,9 @@ def install_rooms(gateway: Gateway, config: Config):
         "session": endpoint.stats, "backpressure": endpoint.backpressure,
         "history": lambda: hub.history.stats,   # ws_gateway_history_*: reads, recoveries, bytes
     })
-    gateway.readiness_checks.append(lambda: (hub.broker_connected, f"broker {broker.name} is not connected"))
+    # Not connected: 503. Connected but degraded (a Redis Cluster shard down): 200, and the body says so.
+    gateway.readiness_checks.append(
+        lambda: (True, broker.degraded()) if hub.broker_connected else (False, f"broker {broker.name} is not connected"))
     gateway.on_shutdown.append(hub.close)
     from gateway.server import static
     gateway.http_routes.update(static.sdk_routes())   # the JS SDK, always: /ws-gateway.js

@@ -1,10 +1,13 @@
-"""Throwaway Redis servers for tests: one node, or a 3-node Redis Cluster, on free ports.
+"""Throwaway Redis servers for tests: one node, a Redis Cluster (3 primaries, optionally each
+with a replica), or a primary + replica watched by three Sentinels, on free ports.
 
 Each server runs from its own temp directory with persistence off, listens only on
 127.0.0.1 (and optionally a Unix socket), and can be killed and restarted on the same
 port so tests can take Redis away mid-stream. The system Redis on 6379 is never used.
 Fixtures: `redis_server` (per test), `redis_cluster` (per module: creating a cluster
-costs a second or two). Imports redis-py only for readiness probes.
+costs a second or two). `RedisCluster(replicas=1)` and `RedisSentinels` are for failover
+tests, which kill primaries and wait for a replica to take over. Imports redis-py only for
+readiness probes and topology questions.
 """
 from __future__ import annotations
 
@@ -58,6 +61,7 @@ class RedisServer:
         self.cluster = cluster
         # The cluster bus defaults to port+10000, which may be taken or out of range: pick it too.
         self.bus_port = free_port() if cluster else None
+        self.extra_args = list(extra_args)
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -145,11 +149,16 @@ class RedisServer:
 
 
 class RedisCluster:
-    """Three cluster-enabled masters (no replicas) joined with `redis-cli --cluster create`."""
+    """Three cluster-enabled primaries joined with `redis-cli --cluster create`, each with
+    `replicas` replicas (`--cluster-replicas`). `extra_args` go to every node, e.g.
+    ("--cluster-require-full-coverage", "no") so that the other shards keep serving while one
+    is lost entirely."""
 
-    def __init__(self, size: int = 3, *, tls: tuple[str, str] | None = None) -> None:
+    def __init__(self, size: int = 3, replicas: int = 0, extra_args: tuple = (), *,
+                 tls: tuple[str, str] | None = None) -> None:
         require("redis-server", "redis-cli")
-        self.nodes = [RedisServer(cluster=True, tls=tls) for _ in range(size)]
+        self.replicas = replicas
+        self.nodes = [RedisServer(cluster=True, tls=tls, extra_args=extra_args) for _ in range(size * (1 + replicas))]
 
     @property
     def url(self) -> str:
@@ -159,8 +168,13 @@ class RedisCluster:
         for node in self.nodes:
             node.start()
         subprocess.run([REDIS_CLI, "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in self.nodes),
-                        "--cluster-replicas", "0", "--cluster-yes"],
+                        "--cluster-replicas", str(self.replicas), "--cluster-yes"],
                        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=timeout)
+        return self.wait_whole(timeout)
+
+    def wait_whole(self, timeout: float = 60.0) -> "RedisCluster":
+        """Until every node agrees the cluster is ok and every primary has its replicas in sync
+        (after start, or after a test killed and restarted nodes)."""
 
         def ok() -> bool:
             for node in self.nodes:
@@ -168,17 +182,51 @@ class RedisCluster:
                     info = c.execute_command("CLUSTER INFO")
                     if info.get("cluster_state") != "ok" or int(info.get("cluster_known_nodes", 0)) != len(self.nodes):
                         return False
-            return True
-        _wait(ok, timeout, "the cluster to agree (cluster_state:ok)")
+            # Every replica attached and in sync: a failover needs one that can take over.
+            with self.nodes[0].client() as c:
+                return all(len(entry) - 3 >= self.replicas for entry in c.execute_command("CLUSTER SLOTS"))
+        _wait(ok, timeout, "the cluster to agree (cluster_state:ok, replicas attached)")
+        if self.replicas:
+            _wait(lambda: all(self._replica_synced(n) for n in self.nodes if self.role(n) == "slave"), timeout,
+                  "the replicas to sync")
         return self
 
+    def _replica_synced(self, node: RedisServer) -> bool:
+        with node.client() as c:
+            return c.info("replication").get("master_link_status") == "up"
+
+    def role(self, node: RedisServer) -> str:
+        """ "master" or "slave", as the node says (ROLE)."""
+        with node.client() as c:
+            return c.execute_command("ROLE")[0].decode()
+
+    def live(self) -> list[RedisServer]:
+        return [n for n in self.nodes if n.proc is not None and n.proc.poll() is None]
+
+    def slots(self) -> list:
+        """CLUSTER SLOTS from a live node: [(start, end, primary port, [replica ports])]."""
+        for node in self.live():
+            try:
+                with node.client() as c:
+                    return [(s, e, p[1], [r[1] for r in rs]) for s, e, p, *rs in c.execute_command("CLUSTER SLOTS")]
+            except (redis.RedisError, OSError):
+                continue
+        raise LookupError("no live cluster node")
+
+    def replicas_of(self, primary: RedisServer) -> list[RedisServer]:
+        ports = {r for _, _, p, rs in self.slots() if p == primary.port for r in rs}
+        return [n for n in self.nodes if n.port in ports]
+
+    def by_port(self, port: int) -> RedisServer:
+        return next(n for n in self.nodes if n.port == port)
+
     def node_for(self, key: bytes) -> RedisServer:
-        """The master that owns `key`'s slot (asked of the cluster, not computed here)."""
-        with self.nodes[0].client() as c:
+        """The primary that owns `key`'s slot (asked of the cluster, not computed here)."""
+        with self.live()[0].client() as c:
             slot = c.execute_command("CLUSTER KEYSLOT", key)
-            for start, end, primary, *_ in c.execute_command("CLUSTER SLOTS"):
-                if start <= slot <= end:
-                    return next(n for n in self.nodes if n.port == primary[1])
+        for start, end, primary, _ in self.slots():
+            if start <= slot <= end:
+                return self.by_port(primary)
         raise LookupError(key)
 
     def close(self) -> None:
@@ -190,6 +238,92 @@ class RedisCluster:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class RedisSentinels:
+    """A primary, one replica and three Sentinels (`redis-server --sentinel`) watching them as
+    service `name`; quorum 2, a primary silent for `down_after_ms` is failed over."""
+
+    def __init__(self, name: str = "mymaster", down_after_ms: int = 1000) -> None:
+        self.name = name
+        self.down_after_ms = down_after_ms
+        self.primary = RedisServer()
+        self.replica: RedisServer | None = None
+        self.sentinels: list[RedisServer] = []
+
+    @property
+    def url(self) -> str:
+        return "redis+sentinel://" + ",".join(f"127.0.0.1:{s.port}" for s in self.sentinels) + f"/{self.name}"
+
+    def start(self, timeout: float = 30.0) -> "RedisSentinels":
+        self.primary.start()
+        self.replica = RedisServer(extra_args=("--replicaof", "127.0.0.1", str(self.primary.port))).start()
+        _wait(lambda: self.replica.client().info("replication").get("master_link_status") == "up", timeout,
+              "the replica to sync")
+        for _ in range(3):
+            sentinel = _Sentinel(self)
+            sentinel.start()
+            self.sentinels.append(sentinel)
+
+        def agreed() -> bool:
+            for sentinel in self.sentinels:
+                with sentinel.client() as c:
+                    state = c.sentinel_master(self.name)
+                    if state.get("num-other-sentinels") != 2 or state.get("num-slaves") != 1:
+                        return False
+            return True
+        _wait(agreed, timeout, "the sentinels to find each other and the replica")
+        return self
+
+    def current_primary_port(self) -> int | None:
+        """The primary's port as a majority of the sentinels report it."""
+        ports = []
+        for sentinel in self.sentinels:
+            try:
+                with sentinel.client() as c:
+                    ports.append(int(c.sentinel_get_master_addr_by_name(self.name)[1]))
+            except (redis.RedisError, OSError, TypeError):
+                pass
+        for port in set(ports):
+            if ports.count(port) >= 2:
+                return port
+        return None
+
+    def node(self, port: int) -> RedisServer:
+        return next(n for n in (self.primary, self.replica) if n.port == port)
+
+    def close(self) -> None:
+        for server in (*self.sentinels, self.replica, self.primary):
+            if server is not None:
+                server.close()
+
+    def __enter__(self) -> "RedisSentinels":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class _Sentinel(RedisServer):
+    """`redis-server sentinel.conf --sentinel` (Debian ships no separate redis-sentinel binary).
+    Sentinel rewrites its config file, so it lives in the node's own temp directory."""
+
+    def __init__(self, group: RedisSentinels) -> None:
+        super().__init__()
+        self.group = group
+
+    def args(self) -> list[str]:
+        conf = os.path.join(self.dir, "sentinel.conf")
+        if not os.path.exists(conf):
+            g = self.group
+            with open(conf, "w") as fh:
+                fh.write(f"port {self.port}\nbind 127.0.0.1\ndir {self.dir}\n"
+                         f"logfile {os.path.join(self.dir, 'redis.log')}\n"
+                         f"sentinel monitor {g.name} 127.0.0.1 {g.primary.port} 2\n"
+                         f"sentinel down-after-milliseconds {g.name} {g.down_after_ms}\n"
+                         f"sentinel failover-timeout {g.name} 10000\n"
+                         f"sentinel parallel-syncs {g.name} 1\n")
+        return [REDIS_SERVER, conf, "--sentinel"]
 
 
 @pytest.fixture

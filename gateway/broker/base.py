@@ -158,6 +158,11 @@ class Broker(abc.ABC):
     async def close(self) -> None:
         """Stop delivering and release connections."""
 
+    def degraded(self) -> str:
+        """While connected: why only part of the rooms can cross processes ("" when all can),
+        e.g. a Redis Cluster shard that is down. Shown on /readyz, which still says 200."""
+        return ""
+
     def stats(self) -> dict:
         """Counters for metrics (publishes, errors, reconnects, ...)."""
         return {}

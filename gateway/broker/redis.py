@@ -9,6 +9,9 @@ URLs. `redis://host:port/db`, `rediss://...` (TLS) and `unix:///path?db=N` name 
 `redis+cluster://host:port[,host:port...]` (or `rediss+cluster://`) names seed nodes of a
 Redis Cluster (7+): the cluster is chosen by the scheme, never guessed, because the two
 modes use different commands and a wrong guess would fail only under load.
+`redis+sentinel://host:port[,host:port...]/service-name[/db]` asks Redis Sentinel for the
+service's primary (`redis_topology.py`) each time the broker connects, so after a failover
+it follows the promoted replica.
 
 Shards. One Redis is one shard. On a cluster the broker asks CLUSTER SLOTS and keeps one
 shard per primary. Each shard has exactly two connections: a publisher and a pub/sub
@@ -57,6 +60,15 @@ returns is received; it raises BrokerUnavailable if Redis is unreachable, so the
 roll the join back. `unsubscribe` does not wait; stray messages for rooms no longer held
 are dropped by the reader.
 
+Shard faults (cluster). A fault on one shard (its connection lost, a timeout, MOVED/ASK from
+it) takes down only that shard: its queued and in-flight publications fail, publications to
+its rooms get BrokerUnavailable (with the local fallback below), joins of rooms it serves are
+refused, and every other shard keeps flowing. The broker stays connected ("degraded") while
+at least one shard is up; a repair task re-reads CLUSTER SLOTS with backoff, opens the
+shard's primary again (or the replica promoted in its place), resubscribes the rooms now
+served there, and moves rooms whose slot changed owner. Only when every shard is down does
+the whole broker count as disconnected.
+
 Faults. Any connection error, timeout or cluster redirection marks the broker disconnected:
 the handler is told once and it is logged once; queued and in-flight publications fail with
 BrokerUnavailable (in-flight ones may or may not have reached Redis, so they are reported,
@@ -83,6 +95,7 @@ from redis.crc import key_slot
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from gateway.broker import url as broker_url
+from gateway.broker.redis_topology import cluster_nodes, parse_sentinel_url
 from gateway.broker.base import Broker, BrokerHandler, BrokerUnavailable, History, Publication
 from gateway.broker.memory import new_epoch
 
@@ -140,8 +153,13 @@ return {top, epoch, entries}
 """
 
 # Replies meaning "the topology is not what we think": refresh it by reconnecting.
-_REDIRECTS = (b"MOVED", b"ASK", b"CLUSTERDOWN", b"TRYAGAIN")
+# READONLY: a primary demoted to replica by a Sentinel failover (or a cluster failover).
+_REDIRECTS = (b"MOVED", b"ASK", b"CLUSTERDOWN", b"TRYAGAIN", b"READONLY")
 _SUBSCRIBE_CHUNK = 1000   # channels per (S)SUBSCRIBE when resubscribing many rooms
+
+
+# No address: this text reaches clients (broker_unavailable); the log names the shard.
+_SHARD_DOWN = "the Redis shard serving this room is down"
 
 
 def _bulk(arg: bytes) -> bytes:
@@ -192,10 +210,12 @@ def parse_broker_url(url: str) -> tuple[bool, list[dict]]:
 class _Shard:
     """One Redis primary: a publisher connection, a pub/sub reader and their bookkeeping."""
 
-    __slots__ = ("address", "pub", "sub", "queue", "inflight", "writer", "reader", "sub_waiters", "unsub_expected")
+    __slots__ = ("address", "pub", "sub", "queue", "inflight", "writer", "reader", "sub_waiters", "unsub_expected",
+                 "up")
 
     def __init__(self, address: str, pub: Connection, sub: Connection) -> None:
         self.address = address
+        self.up = False              # connected, scripts loaded, reader running
         self.pub = pub
         self.sub = sub
         self.queue: list = []        # (key, channel, data, future) not yet written
@@ -213,7 +233,12 @@ class RedisBroker(Broker):
     def __init__(self, url: str, *, prefix: str = "ws:", timeout: float = 5.0, retention=None,
                  reconnect_min: float = 0.05, reconnect_max: float = 5.0, local_fallback: bool = True) -> None:
         super().__init__(retention)
-        self.cluster, self._seeds = parse_broker_url(url)
+        self._sentinel = None
+        if broker_url.parse(url).sentinel:
+            self._sentinel = parse_sentinel_url(url)
+            self.cluster, self._seeds = False, []
+        else:
+            self.cluster, self._seeds = parse_broker_url(url)
         if "{" in prefix or "}" in prefix:
             raise ValueError(f"invalid Redis channel prefix {prefix!r}: braces would change the cluster hash tag")
         if timeout <= 0 or not 0 < reconnect_min <= reconnect_max:
@@ -242,6 +267,8 @@ class RedisBroker(Broker):
         self._read_sha: bytes = b""
         self._fault: asyncio.Future | None = None
         self._supervisor: asyncio.Task | None = None
+        self._healer: asyncio.Task | None = None      # cluster: repairs shards that are down
+        self._closers: set[asyncio.Task] = set()
         self._closing = False
         self._reported: bool | None = None         # last state told to the handler
         self._last_error = ""
@@ -256,6 +283,7 @@ class RedisBroker(Broker):
         self.messages_lost = 0
         self.seq_resets = 0
         self.local_deliveries = 0
+        self.shard_failures = 0
         self.duplicates = 0            # idempotent retries answered with the original seq
         self.history_reads = 0
         self.meta_touches = 0          # EXPIREs of held rooms' meta hashes (touch loop)
@@ -311,17 +339,23 @@ class RedisBroker(Broker):
         else:
             self._set_state(True)
             self._supervisor = self._loop.create_task(self._supervise(first_delay=False))
+            self._start_healer()
         self._toucher = self._loop.create_task(self._touch_loop())
 
     async def close(self) -> None:
         self._closing = True
         if self._toucher is not None:
             self._toucher.cancel()
-        if self._supervisor is not None:
-            self._supervisor.cancel()
-            await asyncio.wait([self._supervisor])
+        for task in (self._supervisor, self._healer):
+            if task is not None:
+                task.cancel()
+                await asyncio.wait([task])
         self.connected = False
         await self._teardown(BrokerUnavailable("broker closed"))
+        if self._closers:
+            await asyncio.wait(self._closers)
+        if self._sentinel is not None:
+            await self._sentinel.close()
         self._rooms.clear()
         self._last_seq.clear()
         self._touched.clear()
@@ -360,6 +394,7 @@ class RedisBroker(Broker):
             if attempt == 0:
                 error = await self._fault
                 self.connected = False   # refuse new publications before anything awaits
+                self._stop_healer()
                 await self._teardown(error)
                 self._set_state(False, error)
                 attempt = 1
@@ -379,6 +414,7 @@ class RedisBroker(Broker):
             self.reconnects += 1
             attempt = 0
             self._set_state(True)
+            self._start_healer()
 
     def _new_connection(self, kwargs: dict, role: str) -> Connection:
         kwargs = dict(kwargs)
@@ -392,69 +428,90 @@ class RedisBroker(Broker):
 
     async def _topology(self) -> tuple[list[dict], list[int] | None]:
         """Connection kwargs per shard and, on a cluster, the slot -> shard map."""
+        if self._sentinel is not None:
+            host, port = await self._sentinel.primary(self.timeout)
+            return [{**self._sentinel.node, "host": host, "port": port}], None
         if not self.cluster:
             return self._seeds, None
         errors = []
-        for seed in self._seeds:
+        # The seeds first, then the primaries we know: a seed list may name only dead nodes.
+        known = [{**self._seeds[0], "host": h, "port": int(p)}
+                 for h, _, p in (s.address.rpartition(":") for s in self._shards)]
+        for seed in [*self._seeds, *known]:
             conn = self._new_connection(seed, "topology")
             try:
-                await conn.connect()
-                await conn.send_packed_command(_command(b"CLUSTER", b"SLOTS"))
-                ranges = await conn.read_response()
+                async with asyncio.timeout(self.timeout):
+                    await conn.connect()
+                    await conn.send_packed_command(_command(b"CLUSTER", b"SLOTS"))
+                    ranges = await conn.read_response()
+                return cluster_nodes(ranges, seed)
             except (RedisError, OSError, asyncio.TimeoutError) as exc:
                 errors.append(exc)
-                continue
             finally:
                 await conn.disconnect(nowait=True)
-            nodes: list[dict] = []
-            index: dict[tuple, int] = {}
-            slots = [-1] * 16384
-            for start, end, primary, *_replicas in ranges:
-                host = primary[0].decode() or seed.get("host", "127.0.0.1")
-                addr = (host, int(primary[1]))
-                if addr not in index:
-                    index[addr] = len(nodes)
-                    nodes.append({**seed, "host": addr[0], "port": addr[1]})
-                slots[start:end + 1] = [index[addr]] * (end - start + 1)
-            if -1 in slots:
-                errors.append(RedisError("cluster does not cover every slot"))
-                continue
-            return nodes, slots
         raise errors[-1] if errors else RedisError("no cluster seed answered")
 
+    def _make_shard(self, kwargs: dict) -> _Shard:
+        address = kwargs.get("path") or f"{kwargs.get('host')}:{kwargs.get('port', 6379)}"
+        return _Shard(address, self._new_connection(kwargs, "pub"), self._new_connection(kwargs, "sub"))
+
+    async def _open_shard(self, shard: _Shard) -> None:
+        """Connect a shard's two connections, check the node, load the script, start its reader."""
+        await shard.pub.connect()
+        await shard.sub.connect()
+        # From here on our own `asyncio.timeout` blocks bound every exchange: redis-py's
+        # socket_timeout would wrap each send in asyncio.wait_for, a new task per write.
+        shard.pub.socket_timeout = shard.sub.socket_timeout = None
+        async with asyncio.timeout(self.timeout):
+            if self.cluster:
+                # A node that is back but not yet agreed on by the cluster answers CLUSTERDOWN:
+                # do not use it until it says the cluster is ok.
+                await shard.pub.send_packed_command(_command(b"CLUSTER", b"INFO"))
+                info = await shard.pub.read_response()
+                if b"cluster_state:ok" not in info:
+                    raise RedisError(f"cluster not ready on {shard.address}")
+            if self._sentinel is not None:
+                # Right after a failover a sentinel may still name the old primary, which comes
+                # back as a replica: publishing there would fail (READONLY) or be lost.
+                await shard.pub.send_packed_command(_command(b"ROLE"))
+                role = await shard.pub.read_response()
+                if not role or role[0] != b"master":
+                    raise RedisError(f"{shard.address} is not a primary (ROLE {role[0] if role else None!r})")
+            await self._load_scripts(shard.pub)
+        shard.reader = self._loop.create_task(self._read_loop(shard))
+        shard.up = True
+
     async def _connect(self) -> None:
-        """Build every shard, load the script, resubscribe every room held; raise on failure."""
+        """Build every shard, load the script, resubscribe every room held; raise on failure.
+
+        On a cluster, shards that cannot be opened are left down (the healer retries them)
+        as long as one shard is up: a gateway started during a partial outage serves the rest.
+        """
         nodes, slots = await self._topology()
         self._fault = self._loop.create_future()
-        shards = []
-        for kwargs in nodes:
-            address = kwargs.get("path") or f"{kwargs.get('host')}:{kwargs.get('port', 6379)}"
-            shards.append(_Shard(address, self._new_connection(kwargs, "pub"), self._new_connection(kwargs, "sub")))
+        shards = [self._make_shard(kwargs) for kwargs in nodes]
         self._shards, self._slots = shards, slots
+        error = None
         for shard in shards:
-            await shard.pub.connect()
-            await shard.sub.connect()
-            # From here on our own `asyncio.timeout` blocks bound every exchange: redis-py's
-            # socket_timeout would wrap each send in asyncio.wait_for, a new task per write.
-            shard.pub.socket_timeout = shard.sub.socket_timeout = None
-        for shard in shards:
-            async with asyncio.timeout(self.timeout):
-                if self.cluster:
-                    # A node that is back but not yet agreed on by the cluster answers CLUSTERDOWN:
-                    # do not report connected until every shard says the cluster is ok.
-                    await shard.pub.send_packed_command(_command(b"CLUSTER", b"INFO"))
-                    info = await shard.pub.read_response()
-                    if b"cluster_state:ok" not in info:
-                        raise RedisError(f"cluster not ready on {shard.address}")
-                await self._load_scripts(shard.pub)
-        # Resubscribe the rooms held, per shard, in chunks; wait for every confirmation.
-        by_shard: dict[int, list[bytes]] = collections.defaultdict(list)
-        for channel in self._rooms:
-            by_shard[id(self._shard_for(channel))].append(channel)
+            try:
+                await self._open_shard(shard)
+            except Exception as exc:  # noqa: BLE001 - connection errors, timeouts, a node not ready
+                if not self.cluster:
+                    raise
+                error = exc
+                self._shard_down(shard, exc)
+        if not any(shard.up for shard in shards):
+            raise error or RedisError("no shard is up")
+        await self._resubscribe({channel: self._shard_for(channel) for channel in self._rooms})
+
+    async def _resubscribe(self, targets: dict[bytes, _Shard]) -> None:
+        """Subscribe each channel on its shard (those that are up), in chunks; wait for every confirmation."""
+        by_shard: dict[_Shard, list[bytes]] = collections.defaultdict(list)
+        for channel, shard in targets.items():
+            if shard.up:
+                by_shard[shard].append(channel)
         pending = set()
-        for shard in shards:
-            shard.reader = self._loop.create_task(self._read_loop(shard))
-            channels = by_shard.get(id(shard), [])
+        for shard, channels in by_shard.items():
             for i in range(0, len(channels), _SUBSCRIBE_CHUNK):
                 chunk = channels[i:i + _SUBSCRIBE_CHUNK]
                 for channel in chunk:
@@ -474,12 +531,131 @@ class RedisBroker(Broker):
             raise self._fault.result()
         # Rooms released while we were resubscribing (unsubscribe() sends nothing while
         # disconnected): release them in Redis too, or their traffic would keep coming.
-        for shard in shards:
-            stale = [c for c in by_shard.get(id(shard), []) if c not in self._rooms]
-            if stale:
+        for shard, channels in by_shard.items():
+            stale = [c for c in channels if c not in self._rooms]
+            if stale and shard.up:
                 shard.unsub_expected.update(stale)
                 async with asyncio.timeout(self.timeout):
                     await shard.sub.send_packed_command(_command(self._unsubscribe_cmd, *stale))
+
+    # -- shard faults and repair (cluster) --------------------------------------------------
+
+    def _shard_down(self, shard: _Shard, error: BaseException) -> None:
+        """Take one shard out of service now: fail what it holds, stop its tasks, drop its sockets."""
+        was_up, shard.up = shard.up, False
+        reason = f"redis shard unavailable: {type(error).__name__}: {error}"
+        current = asyncio.current_task()
+        for task in (shard.writer, shard.reader):
+            if task is not None and task is not current and not task.done():
+                task.cancel()
+        for item in (*shard.inflight, *shard.queue):
+            fut = item[1]
+            if not fut.done():
+                self.publish_errors += 1
+                fut.set_exception(BrokerUnavailable(reason))
+        shard.inflight, shard.queue = [], []
+        for waiters in shard.sub_waiters.values():
+            for fut in waiters:
+                if not fut.done():
+                    fut.set_exception(BrokerUnavailable(reason))
+        shard.sub_waiters.clear()
+        shard.unsub_expected.clear()
+        closer = self._loop.create_task(self._close_shard(shard))
+        self._closers.add(closer)
+        closer.add_done_callback(self._closers.discard)
+        if was_up:
+            self.shard_failures += 1
+            log.warning("redis shard down", extra={"event": "broker_shard", "shard": shard.address, "up": False,
+                                                   "error": f"{type(error).__name__}: {error}",
+                                                   "shards_down": sum(not s.up for s in self._shards),
+                                                   "shards": len(self._shards)})
+        if self.connected and not self._closing:
+            self._start_healer()
+
+    async def _close_shard(self, shard: _Shard) -> None:
+        for task in (shard.writer, shard.reader):
+            if task is not None and task is not asyncio.current_task() and not task.done():
+                task.cancel()
+                await asyncio.wait([task])
+        for conn in (shard.pub, shard.sub):
+            try:
+                await conn.disconnect(nowait=True)
+            except Exception:  # noqa: BLE001 - the socket is being thrown away anyway
+                pass
+
+    def _start_healer(self) -> None:
+        if any(not s.up for s in self._shards) and (self._healer is None or self._healer.done()):
+            self._healer = self._loop.create_task(self._heal())
+
+    def _stop_healer(self) -> None:
+        if self._healer is not None and self._healer is not asyncio.current_task():
+            self._healer.cancel()
+        self._healer = None
+
+    async def _heal(self) -> None:
+        """While some shards are down (and others up): re-read the topology and repair, with backoff."""
+        attempt = 0
+        while not self._closing and self.connected and any(not s.up for s in self._shards):
+            delay = min(self.reconnect_max, self.reconnect_min * 2 ** attempt)
+            await asyncio.sleep(random.uniform(delay / 2, delay))
+            attempt += 1
+            try:
+                await self._repair()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - retried with backoff
+                self.connect_failures += 1
+                log.debug("redis shard repair failed", extra={"event": "broker_retry", "attempt": attempt,
+                                                              "error": f"{type(exc).__name__}: {exc}"})
+
+    async def _repair(self) -> None:
+        """Adopt the current slot map: keep the shards that are up, open the others (a restarted
+        primary or the replica promoted in its place), move rooms to the shard now serving them."""
+        nodes, slots = await self._topology()
+        old_shards = {s.address: s for s in self._shards}
+        old_owner = {channel: self._shard_for(channel) for channel in self._rooms}
+        shards, fresh = [], []
+        for kwargs in nodes:
+            shard = self._make_shard(kwargs)
+            kept = old_shards.get(shard.address)
+            if kept is not None and kept.up:
+                shards.append(kept)
+                continue
+            try:
+                await self._open_shard(shard)
+            except Exception as exc:  # noqa: BLE001 - still down: keep it as such, try again later
+                log.debug("redis shard still down", extra={"event": "broker_retry", "shard": shard.address,
+                                                           "error": f"{type(exc).__name__}: {exc}"})
+                await self._close_shard(shard)
+            shards.append(shard)
+            fresh.append(shard)
+        if not self.connected or self._closing:   # the whole broker failed meanwhile
+            for shard in fresh:
+                await self._close_shard(shard)
+            return
+        retired = [s for s in self._shards if s not in shards]
+        self._shards, self._slots = shards, slots
+        for shard in retired:   # no longer a primary (demoted, or its slots moved away)
+            if shard.up:
+                self._shard_down(shard, RedisError(f"{shard.address} no longer serves any slot"))
+        for shard in fresh:
+            if shard.up:
+                log.info("redis shard up", extra={"event": "broker_shard", "shard": shard.address, "up": True,
+                                                  "shards_down": sum(not s.up for s in shards),
+                                                  "shards": len(shards)})
+        # Rooms whose shard is new, or whose slot now belongs to another shard.
+        moved = {}
+        for channel in self._rooms:
+            shard = self._shard_for(channel)
+            before = old_owner.get(channel)
+            if shard in fresh or shard is not before:
+                moved[channel] = shard
+                if before is not None and before.up and before is not shard and before in shards:
+                    before.unsub_expected[channel] += 1
+                    async with asyncio.timeout(self.timeout):
+                        await before.sub.send_packed_command(_command(self._unsubscribe_cmd, channel))
+        if moved:
+            await self._resubscribe(moved)
 
     async def _load_scripts(self, conn: Connection) -> None:
         await conn.send_packed_command(_command(b"SCRIPT", b"LOAD", PUBLISH_SCRIPT))
@@ -487,7 +663,13 @@ class RedisBroker(Broker):
         await conn.send_packed_command(_command(b"SCRIPT", b"LOAD", READ_SCRIPT))
         self._read_sha = await conn.read_response()
 
-    def _report_fault(self, error: BaseException) -> None:
+    def _report_fault(self, error: BaseException, shard: _Shard | None = None) -> None:
+        """A connection failed. On a cluster only its shard goes down, unless it was the last one up."""
+        if self.cluster and shard is not None and shard in self._shards:
+            if shard.up:
+                self._shard_down(shard, error)
+            if any(s.up for s in self._shards):
+                return
         if self._fault is not None and not self._fault.done():
             self._fault.set_result(error)
 
@@ -547,6 +729,17 @@ class RedisBroker(Broker):
                                         "delivered only to members on this process, without a seq",
                                         delivered_locally=True)
             raise BrokerUnavailable(f"redis unavailable ({self._last_error})")
+        shard = self._shard_for(self.channel(room))
+        if not shard.up:
+            # Cluster, one shard down: this room's publications fail like an outage (local
+            # fallback included); the other shards' rooms keep flowing.
+            self.publish_errors += 1
+            if self.local_fallback and self.channel(room) in self._rooms:
+                self.local_deliveries += 1
+                self._loop.call_soon(self._deliver_local, room, data)
+                raise BrokerUnavailable(f"redis unavailable ({_SHARD_DOWN}); delivered only to members on "
+                                        "this process, without a seq", delivered_locally=True)
+            raise BrokerUnavailable(f"redis unavailable ({_SHARD_DOWN})")
         channel, meta, stream, size, ttl, meta_ttl, _ = self._room_args(room)
         if idempotency_key is None:
             head = b"*12\r\n$7\r\nEVALSHA\r\n" + _bulk(self._sha) + b"$1\r\n3\r\n"
@@ -579,6 +772,9 @@ class RedisBroker(Broker):
         """Queue one packed command on the channel's shard; the future gets convert(reply)."""
         shard = self._shard_for(channel)
         fut = self._loop.create_future()
+        if not shard.up:
+            fut.set_exception(BrokerUnavailable(f"redis unavailable ({_SHARD_DOWN})"))
+            return fut
         shard.queue.append((cmd, fut, convert))
         if shard.writer is None or shard.writer.done():
             shard.writer = self._loop.create_task(self._write_loop(shard))
@@ -628,7 +824,7 @@ class RedisBroker(Broker):
                 shard.inflight = []
                 if fault is not None:
                     shard.queue[:0] = retry
-                    self._report_fault(fault)
+                    self._report_fault(fault, shard)
                     return
                 if retry:
                     # The scripts' SHA1s do not change, so the queued EVALSHAs stay valid.
@@ -638,7 +834,7 @@ class RedisBroker(Broker):
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - connection errors, timeouts: a fault
-            self._report_fault(exc)
+            self._report_fault(exc, shard)
 
     async def _touch_loop(self) -> None:
         """Keep the meta hash of every held room alive (keys live while they serve).
@@ -672,11 +868,14 @@ class RedisBroker(Broker):
         if not self.connected:
             self.subscribe_errors += 1
             raise BrokerUnavailable(f"redis unavailable: {self._last_error}")
+        shard = self._shard_for(channel)
+        if not shard.up:
+            self.subscribe_errors += 1
+            raise BrokerUnavailable(f"redis unavailable: {_SHARD_DOWN}")
         # Held from now on, so a reconnect while we wait resubscribes it.
         self._rooms[channel] = room
         self._room_args(room)
         self._touched[room] = self._now = self._loop.time()
-        shard = self._shard_for(channel)
         fut = self._loop.create_future()
         shard.sub_waiters[channel].append(fut)
         try:
@@ -690,7 +889,7 @@ class RedisBroker(Broker):
             if self._rooms.get(channel) == room:
                 await self.unsubscribe(room)
             if isinstance(exc, (RedisError, OSError, asyncio.TimeoutError)):
-                self._report_fault(exc)
+                self._report_fault(exc, shard)
                 raise BrokerUnavailable(f"redis subscribe failed: {type(exc).__name__}: {exc}") from None
             raise
 
@@ -704,6 +903,8 @@ class RedisBroker(Broker):
         if not self.connected or not self._shards:
             return   # not subscribed in Redis anyway; the next connect will not resubscribe it
         shard = self._shard_for(channel)
+        if not shard.up:
+            return   # its subscription died with the shard's connection
         shard.unsub_expected[channel] += 1
         try:
             if not shard.sub.is_connected:
@@ -711,7 +912,7 @@ class RedisBroker(Broker):
             async with asyncio.timeout(self.timeout):
                 await shard.sub.send_packed_command(_command(self._unsubscribe_cmd, channel), check_health=False)
         except Exception as exc:  # noqa: BLE001 - the room is released either way
-            self._report_fault(exc)
+            self._report_fault(exc, shard)
 
     # -- receiving ---------------------------------------------------------------------
 
@@ -768,14 +969,14 @@ class RedisBroker(Broker):
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - lost connection, protocol error, MOVED: a fault
-            self._report_fault(exc)
+            self._report_fault(exc, shard)
 
     # -- observability -----------------------------------------------------------------
 
     def state(self) -> tuple[bool, str]:
         """A readiness check: (ok, detail)."""
         if self.connected:
-            return True, "broker connected"
+            return True, self.degraded() or "broker connected"
         return False, f"broker disconnected ({self._last_error or 'connecting'})"
 
     def stats(self) -> dict:
@@ -796,4 +997,17 @@ class RedisBroker(Broker):
             "meta_touches": self.meta_touches,
             "rooms": len(self._rooms),
             "shards": len(self._shards),
+            "shards_down": sum(not s.up for s in self._shards),
+            "shard_failures": self.shard_failures,
         }
+
+    def degraded(self) -> str:
+        """Why only part of the rooms are served ("" when all are): shards down on a cluster.
+        Addresses stay out of it (it is shown on /readyz); the log and /metrics name the shards."""
+        if not self.connected:
+            return ""
+        down = sum(not s.up for s in self._shards)
+        if not down:
+            return ""
+        return (f"degraded: {down} of {len(self._shards)} redis shards down "
+                "(their rooms get broker_unavailable; the other rooms flow)")

@@ -8,10 +8,15 @@ Accepted forms (the list `SCHEMES` below is the only list of schemes in the code
     unix:///path/redis.sock[?db=N]           a local Redis over a Unix socket
     redis+cluster://[user:password@]host:port[,host:port...]    Redis Cluster seed nodes (db 0 only)
     rediss+cluster://...                     the same over TLS
+    redis+sentinel://[user:password@]host[:port][,host:port...]/service[/db]
+                                             Sentinels (port 26379 by default) naming the primary of
+                                             `service`; the credentials are the primary's
+    rediss+sentinel://...                    the same, TLS to the primary
 
 Query parameters (`?name=value&...`): `db` (unix://), and for the TLS schemes `ssl_ca_certs`
 (a PEM file of CAs to trust, e.g. a private CA), `ssl_cert_reqs` (required | optional |
-none), `ssl_certfile`/`ssl_keyfile` (a client certificate) and `ssl_check_hostname`. Any
+none), `ssl_certfile`/`ssl_keyfile` (a client certificate) and `ssl_check_hostname`; for the
+Sentinel schemes `sentinel_password` (the sentinels' own password, if they require one). Any
 other parameter is refused here, at validation, instead of failing at the first connect
 (redis-py would pass unknown names on as keyword arguments, and the broker sets its own
 timeouts and protocol).
@@ -34,9 +39,12 @@ SCHEMES = {
     "unix": (False, False),
     "redis+cluster": (True, False),
     "rediss+cluster": (True, True),
+    "redis+sentinel": (False, False),
+    "rediss+sentinel": (False, True),
 }
 FORMS = ("memory://, redis://host:port/db, rediss://host:port/db, unix:///path/redis.sock?db=N, "
-         "redis+cluster://host:port,host:port or rediss+cluster://host:port,host:port")
+         "redis+cluster://host:port,host:port, rediss+cluster://host:port,host:port "
+         "or redis+sentinel://host:port,host:port/service-name")
 _TLS_PARAMS = {"ssl_ca_certs", "ssl_cert_reqs", "ssl_certfile", "ssl_keyfile", "ssl_check_hostname"}
 _CERT_REQS = ("required", "optional", "none")
 _BOOLS = ("true", "false", "yes", "no", "1", "0", "on", "off")
@@ -52,6 +60,14 @@ class BrokerUrl:
     tls: bool = False
     nodes: tuple[str, ...] = ()
     params: dict = field(default_factory=dict)
+    # Sentinel schemes: the sentinels' (host, port) and the service name; `nodes` then holds
+    # one URL for the primary whose host:port (127.0.0.1:6379) the sentinels will replace.
+    sentinels: tuple[tuple[str, int], ...] = ()
+    service: str = ""
+
+    @property
+    def sentinel(self) -> bool:
+        return bool(self.sentinels)
 
     @property
     def memory(self) -> bool:
@@ -84,6 +100,8 @@ def parse(url: str) -> BrokerUrl:
         if not db.isdigit():
             raise ValueError(f"the Redis database {db!r} is not a number")
         return BrokerUrl(scheme, False, False, (f"unix://{socket_path}" + (f"?{query}" if query else ""),), params)
+    if scheme.endswith("+sentinel"):
+        return _sentinel(scheme, tls, netloc, path, query, params)
     db = path.strip("/")
     if db and not db.isdigit():
         raise ValueError(f"the Redis database {db!r} is not a number")
@@ -107,9 +125,33 @@ def parse(url: str) -> BrokerUrl:
     return BrokerUrl(scheme, cluster, tls, tuple(nodes), params)
 
 
+def _sentinel(scheme: str, tls: bool, netloc: str, path: str, query: str, params: dict) -> BrokerUrl:
+    userinfo, at, hosts = netloc.rpartition("@")
+    sentinels = []
+    for host in hosts.split(","):
+        try:
+            parts = urlsplit(f"redis://{host}")
+            if not host or not parts.hostname:
+                raise ValueError("a host is missing")
+            sentinels.append((parts.hostname, parts.port or 26379))
+        except ValueError as exc:
+            raise ValueError(f"invalid Sentinel address {host!r}: {exc}") from None
+    service, _, db = path.strip("/").partition("/")
+    if not service:
+        raise ValueError(f"{scheme}:// needs the service name: {scheme}://host:port,host:port/mymaster")
+    if db and not db.isdigit():
+        raise ValueError(f"the Redis database {db!r} is not a number")
+    rest = "&".join(f"{k}={v}" for k, v in parse_qsl(query, keep_blank_values=True) if k != "sentinel_password")
+    base = "rediss" if tls else "redis"
+    node = f"{base}://{userinfo}{at}127.0.0.1:6379/{db or 0}" + (f"?{rest}" if rest else "")
+    return BrokerUrl(scheme, False, tls, (node,), params, tuple(sentinels), unquote(service))
+
+
 def _params(query: str, scheme: str, tls: bool) -> dict:
     params = dict(parse_qsl(query, keep_blank_values=True))
     allowed = {"db"} if scheme == "unix" else _TLS_PARAMS if tls else set()
+    if scheme.endswith("+sentinel"):
+        allowed = allowed | {"sentinel_password"}
     for name, value in params.items():
         if name not in allowed:
             if name in _TLS_PARAMS:

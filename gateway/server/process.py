@@ -210,12 +210,15 @@ class Gateway:
         return response(200, b"ok\n")
 
     def _readyz(self, request, body):
-        problems = [detail for ok, detail in (check() for check in self.readiness_checks) if not ok]
+        results = [check() for check in self.readiness_checks]
+        problems = [detail for ok, detail in results if not ok]
         if not self.ready:
             problems.insert(0, "not accepting connections")
         if problems:
             return response(503, ("; ".join(problems) + "\n").encode())
-        return response(200, b"ready\n")
+        # A passing check may still report a partial outage (a Redis Cluster shard down): 200, said.
+        notes = [detail for ok, detail in results if detail]
+        return response(200, ("; ".join(["ready", *notes]) + "\n").encode())
 
     def _metrics(self, request, body):
         """/metrics on the main port. Its numbers map the deployment (connections, rooms, broker

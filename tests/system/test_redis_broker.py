@@ -544,8 +544,14 @@ def test_cluster_uses_sharded_pubsub_on_the_owning_node(run, redis_cluster):
 
 
 def test_cluster_node_killed_and_restarted(run):
-    """A primary dies: the broker reports down; the node comes back: topology re-read, rooms
-    resubscribed on their shards, traffic flows again."""
+    """A primary dies: only its shard goes down (the broker stays connected, degraded; the
+    other shards' rooms flow); the node comes back: topology re-read, its rooms resubscribed
+    on their shard, traffic flows again. (Cluster-level failover: tests/test_redis_failover.py.)"""
+    async def until(predicate, what):
+        async with asyncio.timeout(30):
+            while not predicate():
+                await asyncio.sleep(0.02)   # polling state that changes when Redis answers
+
     async def main(cluster: RedisCluster):
         broker, rec = await started(cluster.url, prefix=prefix())
         try:
@@ -554,16 +560,21 @@ def test_cluster_node_killed_and_restarted(run):
                 await broker.subscribe(room)
             victim = cluster.nodes[1]
             victim.kill()
-            await rec.wait_states([True, False])
+            await until(lambda: broker.stats()["shards_down"] == 1, "the shard to be marked down")
+            assert rec.states == [True] and broker.connected
+            assert broker.degraded().startswith("degraded: 1 of 3 redis shards down")
+            assert broker.state() == (True, broker.degraded())
             with pytest.raises(BrokerUnavailable):
                 await broker.publish(rooms[victim.port], b"1")
             victim.start()   # same port, same nodes.conf: it rejoins with its slots
-            await rec.wait_states([True, False, True])
+            await until(lambda: broker.stats()["shards_down"] == 0, "the shard to be repaired")
+            assert broker.degraded() == "" and broker.stats()["shard_failures"] == 1
             for room in rooms.values():
                 seq, _ = await broker.publish(room, b'"back"')
                 await rec.wait_for(lambda: (seq, b'"back"') in rec.of(room))
             owner_channel = broker.channel(rooms[victim.port])
             assert await node_command(victim, "PUBSUB", "SHARDNUMSUB", owner_channel) == [owner_channel, 1]
+            assert rec.states == [True]
         finally:
             await broker.close()
     with RedisCluster() as cluster:

@@ -546,7 +546,7 @@ def test_cluster_uses_sharded_pubsub_on_the_owning_node(run, redis_cluster):
 def test_cluster_node_killed_and_restarted(run):
     """A primary dies: only its shard goes down (the broker stays connected, degraded; the
     other shards' rooms flow); the node comes back: topology re-read, its rooms resubscribed
-    on their shard, traffic flows again. (Cluster-level failover: tests/test_redis_failover.py.)"""
+    on their shard, traffic flows again. (Cluster-level failover: tests/system/test_redis_failover.py.)"""
     async def until(predicate, what):
         async with asyncio.timeout(30):
             while not predicate():

@@ -29,7 +29,7 @@ Exit status of the parent (documented in docs/operations.md):
      other workers and exits instead of crash-looping.
 If the parent itself is killed, each worker gets SIGTERM (Linux PR_SET_PDEATHSIG) and drains.
 
-Imports: the standard library and `gateway.systemd` only.
+Imports: the standard library and `gateway.ops.systemd` only.
 """
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ import sys
 import time
 from typing import Callable
 
-from . import systemd
+from gateway.ops import systemd
 
 log = logging.getLogger("gateway.supervisor")
 

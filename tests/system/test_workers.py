@@ -21,10 +21,10 @@ import orjson
 import pytest
 import websockets
 
-from gateway.supervisor import MAX_BACKOFF, backoff, describe_status
+from gateway.server.supervisor import MAX_BACKOFF, backoff, describe_status
 from tests.helpers import ROOT, GatewayProcess, upgrade_request
 from tests.redis_server import RedisServer
-from tests.test_shutdown import _free_port_pair
+from tests.system.test_shutdown import _free_port_pair
 
 pytestmark = pytest.mark.timeout(120)
 

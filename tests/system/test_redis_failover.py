@@ -23,7 +23,7 @@ import pytest
 from gateway.broker.redis_topology import parse_sentinel_url
 from gateway.config import ConfigError, load
 from tests.redis_server import RedisCluster, RedisSentinels
-from tests.test_cluster import Client, gateways, http_get, metric, until
+from tests.system.test_cluster import Client, gateways, http_get, metric, until
 
 pytestmark = pytest.mark.timeout(180)
 

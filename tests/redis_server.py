@@ -22,10 +22,12 @@ import pytest
 import redis
 
 from tests.helpers import free_port
-from tests.requires import binary, require
+from tests.requires import binary, require, requires
 
 REDIS_SERVER = binary("redis-server") or "redis-server"
 REDIS_CLI = binary("redis-cli") or "redis-cli"
+# For modules that start their own servers (clusters, sentinels) rather than use a fixture.
+needs_redis = requires("redis-server", "redis-cli")
 
 
 def _wait(predicate, timeout: float, what: str) -> None:

@@ -22,10 +22,10 @@ import pytest
 
 from gateway.broker.redis_topology import parse_sentinel_url
 from gateway.config import ConfigError, load
-from tests.redis_server import RedisCluster, RedisSentinels
+from tests.redis_server import RedisCluster, RedisSentinels, needs_redis
 from tests.system.test_cluster import Client, gateways, http_get, metric, until
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.timeout(180), needs_redis]
 
 _rooms = itertools.count()
 

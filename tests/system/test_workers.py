@@ -23,10 +23,10 @@ import websockets
 
 from gateway.server.supervisor import MAX_BACKOFF, backoff, describe_status
 from tests.helpers import ROOT, GatewayProcess, upgrade_request
-from tests.redis_server import RedisServer
+from tests.redis_server import RedisServer, needs_redis
 from tests.system.test_shutdown import _free_port_pair
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), needs_redis]
 
 
 def log_events(gw: GatewayProcess, event: str) -> list[dict]:

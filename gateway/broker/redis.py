@@ -644,18 +644,28 @@ class RedisBroker(Broker):
                                                   "shards_down": sum(not s.up for s in shards),
                                                   "shards": len(shards)})
         # Rooms whose shard is new, or whose slot now belongs to another shard.
-        moved = {}
-        for channel in self._rooms:
-            shard = self._shard_for(channel)
-            before = old_owner.get(channel)
-            if shard in fresh or shard is not before:
-                moved[channel] = shard
-                if before is not None and before.up and before is not shard and before in shards:
-                    before.unsub_expected[channel] += 1
-                    async with asyncio.timeout(self.timeout):
-                        await before.sub.send_packed_command(_command(self._unsubscribe_cmd, channel))
-        if moved:
-            await self._resubscribe(moved)
+        moved, involved = {}, set()
+        try:
+            for channel in self._rooms:
+                shard = self._shard_for(channel)
+                before = old_owner.get(channel)
+                if shard in fresh or shard is not before:
+                    moved[channel] = shard
+                    involved.add(shard)
+                    if before is not None and before.up and before is not shard and before in shards:
+                        involved.add(before)
+                        before.unsub_expected[channel] += 1
+                        async with asyncio.timeout(self.timeout):
+                            await before.sub.send_packed_command(_command(self._unsubscribe_cmd, channel))
+            if moved:
+                await self._resubscribe(moved)
+        except Exception as exc:
+            # Half-moved rooms would stay unsubscribed on a shard that looks healthy: take the
+            # shards involved down, so the next repair reopens them and resubscribes all their rooms.
+            for shard in involved:
+                if shard.up:
+                    self._shard_down(shard, exc)
+            raise
 
     async def _load_scripts(self, conn: Connection) -> None:
         await conn.send_packed_command(_command(b"SCRIPT", b"LOAD", PUBLISH_SCRIPT))

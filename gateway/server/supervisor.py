@@ -46,7 +46,7 @@ from typing import Callable
 
 from gateway.ops import systemd
 
-log = logging.getLogger("gateway.supervisor")
+log = logging.getLogger("gateway.server.supervisor")
 
 STABLE_SECONDS = 10.0   # a worker that lived this long before dying is not crash-looping
 MAX_BACKOFF = 30.0      # cap of the crash-loop delay

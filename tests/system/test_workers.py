@@ -240,3 +240,49 @@ def test_crash_loop_backoff_and_status_descriptions():
         os._exit(0)
     os.kill(pid, signal.SIGKILL)
     assert describe_status(os.waitpid(pid, 0)[1]) == ("killed by SIGKILL", None, "SIGKILL")
+
+
+def test_a_crash_looping_worker_is_restarted_with_growing_delays_and_sigterm_ends_the_loop():
+    """The Supervisor itself, with a worker that reports ready and exits 3 at once, every time."""
+    import logging
+    import threading
+
+    from gateway.server.supervisor import Supervisor
+
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record)
+
+    handler = Keep()
+    logger = logging.getLogger("gateway.server.supervisor")
+    logger.addHandler(handler)
+    old_level = logger.level
+    logger.setLevel(logging.INFO)
+
+    def crashing_worker(index, on_ready):
+        on_ready()
+        return 3
+
+    def stop_after_four_exits():
+        wait_for(lambda: sum(getattr(r, "event", "") == "worker_exit" for r in records) >= 4, "four exits")
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    stopper = threading.Thread(target=stop_after_four_exits, daemon=True)
+    stopper.start()
+    try:
+        status = Supervisor(1, crashing_worker).run()
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+    stopper.join(5)
+    exits = [r for r in records if getattr(r, "event", "") == "worker_exit" and hasattr(r, "restart_in_s")]
+    assert [r.restart_in_s for r in exits[:4]] == [0.0, 0.5, 1.0, 2.0]
+    assert [r.strikes for r in exits[:4]] == [1, 2, 3, 4]
+    assert all(r.exit_code == 3 and r.levelname == "ERROR" for r in exits)
+    assert "crash loop" in exits[1].getMessage()
+    # SIGTERM during a backoff delay: no more restarts, the parent returns (0: nothing was
+    # running uncleanly when it stopped; the crashes were before the shutdown).
+    assert status in (0, 1)
+    assert records[-1].event == "workers_stopped"

@@ -40,6 +40,7 @@ import websockets
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 API_KEY = "soak-api-key-0123456789abcdef"
+_TCP_CLOSED = (7, 8)   # TCP_CLOSE (reset), TCP_CLOSE_WAIT (FIN): linux/tcp_states.h
 
 
 def free_port() -> int:
@@ -236,14 +237,19 @@ class Load:
         while not self.stop.is_set():
             alive = []
             for s in socks:
+                # Closed by the gateway? With our receive window at zero its RST is out of window
+                # and ignored (RFC 5961), so poke it: an unsolicited, empty, masked Pong (allowed by
+                # RFC 6455 5.5.3, ignored by a live gateway) draws a fresh RST from a closed one.
+                # Then tcp_info's first byte, the TCP state, says CLOSE / CLOSE_WAIT.
                 try:
-                    if s.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b"":
-                        s.close()
-                        self.slow_disconnected += 1
-                        continue
+                    s.send(b"\x8a\x80" + os.urandom(4), socket.MSG_DONTWAIT)
                 except BlockingIOError:
                     pass
                 except OSError:
+                    s.close()
+                    self.slow_disconnected += 1
+                    continue
+                if s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] in _TCP_CLOSED:
                     s.close()
                     self.slow_disconnected += 1
                     continue
@@ -287,7 +293,8 @@ async def run(args) -> dict:
     redis = Redis()
     redis.start()
     # A smaller per-connection queue than the default 1 MiB, so slow consumers cycle in minutes.
-    gw = Gateway(redis, ["--max-queue-bytes", "262144", *(args.gateway_arg or [])])
+    # and a capped kernel send buffer (autotuning would let each stalled socket hold 4 MiB first).
+    gw = Gateway(redis, ["--max-queue-bytes", "262144", "--send-buffer-bytes", "65536", *(args.gateway_arg or [])])
     load = Load(gw, args)
     events: list = []
     samples: list[dict] = []
@@ -313,6 +320,7 @@ async def run(args) -> dict:
                 "received": load.received - last_received, "published": load.published,
                 "publish_errors": load.publish_errors, "churned": load.churned, "churn_errors": load.churn_errors,
                 "slow_disconnected": load.slow_disconnected,
+                "slow_consumer_closes": metrics.get("ws_gateway_backpressure_slow_disconnects_total"),
             }
             last_received = load.received
             samples.append(sample)
@@ -320,6 +328,9 @@ async def run(args) -> dict:
     finally:
         load.stop.set()
         await asyncio.wait(tasks, timeout=30)
+        for task in tasks:
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                print(f"soak: a load task failed: {task.exception()!r}", file=sys.stderr)
         code = await asyncio.to_thread(gw.stop)
         redis.kill()
     return {"args": vars(args), "samples": samples, "gateway_exit": code,

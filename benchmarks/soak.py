@@ -352,8 +352,8 @@ def plot(result: dict, path: str) -> None:
     fig, axes = plt.subplots(len(panels), 1, figsize=(10, 2.2 * len(panels)), sharex=True)
     for ax, (title, ys) in zip(axes, panels):
         ax.plot(t, ys, lw=1)
-        ax.set_title(title, fontsize=9, loc="left")
-        ax.set_ylim(bottom=0)
+        ax.set_title(f"{title}: first {ys[0]:,.1f}, last {ys[-1]:,.1f}, max {max(ys):,.1f}", fontsize=9, loc="left")
+        ax.set_ylim(bottom=0, top=max(ys) * 1.15 or 1)
         ax.grid(alpha=0.3)
         for name, at in result["events"]:
             if name == "redis killed":
@@ -381,7 +381,12 @@ def main(argv=None) -> int:
     p.add_argument("--redis-down-for", type=float, default=3)
     p.add_argument("--gateway-arg", action="append", help="extra flag for the gateway (repeat)")
     p.add_argument("--tag", default=None)
+    p.add_argument("--plot-only", metavar="JSON", help="redraw the PNG of an earlier run's JSON")
     args = p.parse_args(argv)
+    if args.plot_only:
+        with open(args.plot_only) as fh:
+            plot(json.load(fh), args.plot_only[:-len(".json")] + ".png")
+        return 0
     tag = args.tag or f"{int(args.duration / 60)}min"
     result = asyncio.run(run(args))
     os.makedirs(RESULTS, exist_ok=True)

@@ -24,9 +24,10 @@ Exit status of the parent (documented in docs/operations.md):
   0  a SIGTERM/SIGINT/SIGUSR2 drained every worker and each exited 0;
   1  a worker did not exit cleanly during the shutdown (non-zero status, killed by a signal,
      or a second SIGTERM that skipped its drain);
-  2  a worker failed before it ever became ready on its first start (e.g. the port is in use,
-     a TLS file unreadable): restarting would fail the same way, so the parent stops the
-     other workers and exits instead of crash-looping.
+  2  a worker failed before it ever became ready on its first start (e.g. its metrics port is
+     in use, a TLS file unreadable): restarting would fail the same way, so the parent stops the
+     other workers and exits instead of crash-looping. The worker logs one line saying why
+     (`worker 0 cannot start: ...`; the traceback only at debug level).
 If the parent itself is killed, each worker gets SIGTERM (Linux PR_SET_PDEATHSIG) and drains.
 
 Imports: the standard library and `gateway.ops.systemd` only.
@@ -310,8 +311,10 @@ class Supervisor:
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
             signal.pthread_sigmask(signal.SIG_UNBLOCK, (*FORWARDED, signal.SIGCHLD))
             ready_w = self._ready_w
+            started = []
 
             def on_ready() -> None:
+                started.append(True)
                 try:
                     os.write(ready_w, _READY.pack(index, os.getpid()))
                 except OSError:
@@ -320,9 +323,17 @@ class Supervisor:
             code = self.run_worker(index, on_ready)
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else 1
-        except BaseException:
-            log.exception("worker crashed", extra={"event": "worker_crash", "worker": index})
-            code = 1
+        except BaseException as exc:
+            if started:
+                log.exception("worker crashed", extra={"event": "worker_crash", "worker": index})
+                code = 1
+            else:
+                # A start-up failure (a port in use, an unreadable file): one line that says what,
+                # the traceback only at debug level. Status 2, like a single process's start-up error.
+                log.error(f"worker {index} cannot start: {exc}",
+                          extra={"event": "worker_start_failed", "worker": index, "error": f"{type(exc).__name__}: {exc}"})
+                log.debug("worker start-up traceback", exc_info=True, extra={"worker": index})
+                code = 2
         finally:
             # os._exit skips atexit and logging.shutdown(): flush the log handlers ourselves, or
             # the last lines (the drain's "connection closed", "stopped") would be lost.

@@ -22,7 +22,7 @@ import pytest
 import websockets
 
 from gateway.server.supervisor import MAX_BACKOFF, backoff, describe_status
-from tests.helpers import ROOT, GatewayProcess, upgrade_request
+from tests.helpers import ROOT, GatewayProcess, free_port, upgrade_request
 from tests.redis_server import RedisServer, needs_redis
 from tests.system.test_shutdown import _free_port_pair
 
@@ -212,17 +212,24 @@ def _open_connections(port: int) -> float:
 
 
 def test_workers_that_cannot_start_make_the_parent_exit_2_instead_of_crash_looping(redis_for_workers):
-    """The port is held by a socket without SO_REUSEPORT: every worker fails to bind."""
+    """Worker 0's metrics port (metrics_port + 0) is held by a socket without SO_REUSEPORT: the
+    main port is free (the parent's own check passes), but worker 0 fails inside its start.
+    Restarting it would fail the same way: the parent stops worker 1 and exits 2."""
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))
         holder.listen()
-        port = holder.getsockname()[1]
-        proc = subprocess.run([sys.executable, "-m", "gateway", "serve", "--host", "127.0.0.1", "--port", str(port),
-                               "--workers", "2", "--broker", redis_for_workers.url], cwd=ROOT,
+        metrics_port = holder.getsockname()[1]
+        proc = subprocess.run([sys.executable, "-m", "gateway", "serve", "--host", "127.0.0.1", "--port",
+                               str(free_port()), "--workers", "2", "--broker", redis_for_workers.url,
+                               "--metrics-port", str(metrics_port)], cwd=ROOT,
                               capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2, proc.stderr[-3000:]
-    assert "before it became ready" in proc.stderr
-    assert '"event":"worker_restart"' not in proc.stderr
+    lines = [json.loads(line) for line in proc.stderr.splitlines() if line.startswith("{")]
+    failed = [line for line in lines if line.get("event") == "worker_exit" and line["worker"] == 0]
+    assert failed and "before it became ready: stopping" in failed[0]["msg"], proc.stderr[-3000:]
+    assert not [line for line in lines if line.get("event") == "worker_restart"]
+    assert "Traceback" not in proc.stderr   # one line says why, as for any start-up error
+    assert any(str(metrics_port) in line.get("msg", "") + str(line.get("error", "")) for line in lines)
 
 
 def test_crash_loop_backoff_and_status_descriptions():

@@ -45,7 +45,9 @@ GOLDEN = [
     'ws_gateway_broker_reconnects_total counter',
     'ws_gateway_broker_rooms gauge',
     'ws_gateway_broker_seq_resets_total counter',
+    'ws_gateway_broker_shard_failures_total counter',
     'ws_gateway_broker_shards gauge',
+    'ws_gateway_broker_shards_down gauge',
     'ws_gateway_broker_subscribe_errors_total counter',
     'ws_gateway_build_info gauge implementation,python',
     'ws_gateway_bytes_in_total counter',
@@ -153,6 +155,7 @@ REDIS_ONLY = {
     "ws_gateway_broker_messages_lost_total", "ws_gateway_broker_seq_resets_total",
     "ws_gateway_broker_local_deliveries_total", "ws_gateway_broker_shards",
     "ws_gateway_broker_history_reads_total", "ws_gateway_broker_meta_touches_total",
+    "ws_gateway_broker_shards_down", "ws_gateway_broker_shard_failures_total",
 }
 # Numbers only the memory broker has (its capped history lives in the process).
 MEMORY_ONLY = {

@@ -215,10 +215,10 @@ def test_workers_that_cannot_start_make_the_parent_exit_2_instead_of_crash_loopi
     """Worker 0's metrics port (metrics_port + 0) is held by a socket without SO_REUSEPORT: the
     main port is free (the parent's own check passes), but worker 0 fails inside its start.
     Restarting it would fail the same way: the parent stops worker 1 and exits 2."""
+    metrics_port = _free_port_pair()   # worker 1 gets metrics_port + 1, which must be free
     with socket.socket() as holder:
-        holder.bind(("127.0.0.1", 0))
+        holder.bind(("127.0.0.1", metrics_port))
         holder.listen()
-        metrics_port = holder.getsockname()[1]
         proc = subprocess.run([sys.executable, "-m", "gateway", "serve", "--host", "127.0.0.1", "--port",
                                str(free_port()), "--workers", "2", "--broker", redis_for_workers.url,
                                "--metrics-port", str(metrics_port)], cwd=ROOT,

@@ -273,8 +273,9 @@ def test_sentinel_url_parsing():
     assert spec.service == "cache" and spec.sentinel_password == "s3"
     assert spec.node["db"] == 2 and spec.node["password"] == "pw" and "host" not in spec.node
     assert parse_sentinel_url("rediss+sentinel://h:1/m").node["connection_class"].__name__ == "SSLConnection"
-    for bad, why in (("redis+sentinel://h:1", "service name"), ("redis+sentinel:///m", "no sentinels"),
-                     ("redis+sentinel://h:x/m", "sentinel"), ("redis+sentinel://h:1/m/db", "not a number")):
+    for bad, why in (("redis+sentinel://h:1", "service name"), ("redis+sentinel:///m", "a host is missing"),
+                     ("redis+sentinel://h:x/m", "invalid Sentinel address"), ("redis+sentinel://h:1/m/db", "not a number"),
+                     ("redis+sentinel://h:1/m?ssl_ca_certs=/x", "unsupported URL parameter")):
         with pytest.raises(ValueError, match=why):
             parse_sentinel_url(bad)
 
@@ -283,5 +284,5 @@ def test_config_accepts_sentinel_urls_and_explains_bad_ones():
     assert load(None, env={}, overrides={"broker": "redis+sentinel://127.0.0.1:26379,127.0.0.1:26380/mymaster"}).broker
     with pytest.raises(ConfigError, match="service name"):
         load(None, env={}, overrides={"broker": "redis+sentinel://127.0.0.1:26379"})
-    with pytest.raises(ConfigError, match="invalid Redis address"):
+    with pytest.raises(ConfigError, match="invalid Sentinel address"):
         load(None, env={}, overrides={"broker": "redis+sentinel://127.0.0.1:x/mymaster"})

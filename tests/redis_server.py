@@ -63,7 +63,6 @@ class RedisServer:
         self.cluster = cluster
         # The cluster bus defaults to port+10000, which may be taken or out of range: pick it too.
         self.bus_port = free_port() if cluster else None
-        self.extra_args = list(extra_args)
         self.proc: subprocess.Popen | None = None
 
     @property

@@ -161,6 +161,19 @@ def test_protocol_echo_one_message(benchmark, impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+def test_protocol_fragmented_1MiB(benchmark, impl):
+    """ServerProtocol: a 1 MiB binary message in 256 fragments of 4 KiB, reassembled."""
+    mod = twin("protocol", impl)
+    proto = mod.ServerProtocol(2 << 20)
+    from gateway_ext._encode_py import encode_frame
+    part = payload(4096)
+    data = (encode_frame(2, part, fin=False, mask=KEY)
+            + encode_frame(0, part, fin=False, mask=KEY) * 254 + encode_frame(0, part, mask=KEY))
+    benchmark.group = "protocol: 1MiB message in 256 fragments"
+    assert len(benchmark(proto.receive_data, data)[0][1]) == 1 << 20
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_stream_echo_read(benchmark, impl):
     """WebSocketStream.data_received of an open /echo connection: the whole per-read path."""
     stream_mod, proto_mod = twin("stream", impl), twin("protocol", impl)

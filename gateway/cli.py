@@ -49,6 +49,7 @@ _FLAGS: list[tuple[str, list[tuple]]] = [
     ]),
     ("connections and protocol limits", [
         ("--max-message-bytes", "max_message_bytes", "N", "largest message accepted, after decompression"),
+        ("--max-fragments", "max_fragments", "N", "frames one fragmented message may span; more: close 1009"),
         ("--max-connections", "max_connections", "N", "open connections per process; beyond it upgrades get 503"),
         ("--handshake-timeout", "handshake_timeout", "S", "seconds for the HTTP upgrade to complete (slowloris guard)"),
         ("--ping-interval", "ping_interval", "S", "ping a connection silent this many seconds (0: no pings)"),

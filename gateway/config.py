@@ -93,6 +93,8 @@ class Config:
     demo: bool = False                 # serve the demo page at /
     # protocol limits
     max_message_bytes: int = 1 << 20
+    # frames one fragmented message may span; past it: close 1009 (gateway_ext.constants.MAX_FRAGMENTS)
+    max_fragments: int = 1024
     handshake_timeout: float = 10.0    # slowloris guard: head + upgrade must finish in this time
     ping_interval: float = 20.0        # ping a connection silent for this long; 0 disables
     ping_timeout: float = 20.0         # ... and close it if still silent this much later
@@ -211,7 +213,7 @@ SECRET_FIELDS = frozenset({"jwt_secret", "api_keys", "webhook_secret"})
 # Fields a running process can take from a new configuration on SIGHUP (see server.py);
 # the rest (sockets, processes, broker connection) need a restart.
 RELOADABLE = frozenset({
-    "log_level", "log_format", "max_message_bytes", "handshake_timeout", "ping_interval",
+    "log_level", "log_format", "max_message_bytes", "max_fragments", "handshake_timeout", "ping_interval",
     "ping_timeout", "close_timeout", "max_connections", "drain_window", "drain_timeout",
     "certfile", "keyfile",
 })
@@ -410,6 +412,8 @@ def _problems(config: Config) -> list[tuple[str, str]]:
         out.append(("backlog", "must be at least 1"))
     if config.max_message_bytes < 125:
         out.append(("max_message_bytes", "must be at least 125"))
+    if config.max_fragments < 1:
+        out.append(("max_fragments", "must be at least 1"))
     if config.max_connections < 1:
         out.append(("max_connections", "must be at least 1"))
     for name in ("handshake_timeout", "close_timeout", "ping_timeout", "drain_timeout"):

@@ -9,6 +9,9 @@ cdef class SharedParser:
     cdef public FrameParser parser
     cdef public object max_bytes
     cdef public bint allow_rsv1
+    # Frames one fragmented message may span (constants.MAX_FRAGMENTS): a setting shared by
+    # every connection with these settings, so it costs no connection anything.
+    cdef public Py_ssize_t max_fragments
 
     cpdef FrameParser take(self)
 
@@ -19,7 +22,9 @@ cdef class ServerProtocol:
     # This connection's own parser while a read left a partial frame in it (or it died).
     cdef readonly FrameParser _parser
     cdef Utf8Validator _utf8
-    cdef list _frag_parts
+    # The message being reassembled: a bytes object referenced only here, grown in place;
+    # _frag_size bytes of it are used (see _frag_append). None between messages.
+    cdef bytes _frag_buf
     cdef list _out
     cdef public str close_reason
     cdef tuple _pending_close
@@ -32,6 +37,7 @@ cdef class ServerProtocol:
     # State.OPEN / CLOSING / CLOSED as a C int (the `state` property gives the enum).
     cdef int _state
     cdef int _frag_opcode
+    cdef int _frag_count       # frames of the message being reassembled (<= max_fragments)
     cdef public int close_code
     cdef public bint close_sent
     cdef public bint close_received
@@ -50,6 +56,10 @@ cdef class ServerProtocol:
     cdef bint _finish_compressed(self, object opcode, object payload, list messages) except -1
     cdef bint _continue_fragments(self, bint fin, bytes payload, list messages) except -1
     cdef bint _continue_compressed(self, bint fin, bytes payload, list messages) except -1
+    cdef int _frag_begin(self, bytes payload) except -1
+    cdef int _frag_resize(self, Py_ssize_t size) except -1
+    cdef int _frag_append(self, bytes payload) except -1
+    cdef bytes _frag_take(self)
     cdef int _receive_close(self, bytes payload) except -1
     cdef bint _text_complete(self, bytes payload) except -1
     cdef int _check_partial(self, FrameParser parser) except -1

@@ -7,9 +7,16 @@ compiled here is the per-frame loop of `receive_data` and the per-message `send`
 `data_to_send`: frames come from the compiled parser (`feed_ptr`), text is validated by
 the compiled UTF-8 scanner and replies are built by the compiled encoder, all through
 C calls (cimport), so one echo costs no Python frame here.
+
+A fragmented message is accumulated in one bytes object that this object alone references
+and grows in place (`_PyBytes_Resize`, four-fold steps up to `max_message_bytes`), then
+is shrunk to its length and handed out as the message: no list of parts, no join, no final
+copy (the twin's bytearray needs one copy at the end).
 Imports nothing from `gateway`.
 """
-from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_GET_SIZE
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.ref cimport PyObject, Py_XDECREF, Py_XINCREF
+from libc.string cimport memcpy
 
 from ._encode_c cimport encode_ptr
 from ._frames_c cimport FrameParser
@@ -17,7 +24,14 @@ from ._utf8_c cimport UTF8_ACCEPT, Utf8Validator, utf8_scan
 
 from ._encode_c import encode_frame
 from ._utf8_c import validate_utf8
-from .constants import State, encode_close_payload, inflate_budget, is_valid_close_code
+from .constants import (
+    MAX_FRAGMENTS, State, encode_close_payload, inflate_budget, is_valid_close_code,
+)
+
+cdef extern from "Python.h":
+    # Resizes a bytes object whose only reference is *obj (CPython API, used by zlib and
+    # others to grow their output in place); on failure *obj is released and set to NULL.
+    int _PyBytes_Resize(PyObject** obj, Py_ssize_t size) except -1
 from .errors import FrameError
 
 cdef enum:
@@ -41,6 +55,8 @@ cdef enum:
 
 
 cdef tuple _STATES = (None, State.OPEN, State.CLOSING, State.CLOSED)
+# First capacity of a fragment buffer (then grown four-fold as needed, up to max_message_bytes).
+cdef Py_ssize_t _FRAG_MIN_CAPACITY = 4096
 cdef bytes _EMPTY_PING = encode_ptr(OP_PING, NULL, 0, True, False, NULL)
 cdef object _FrameError = FrameError
 
@@ -56,9 +72,10 @@ cdef inline bint _text_ok(object data):
 cdef class SharedParser:
     """The frame parser of every connection with these settings; see the twin."""
 
-    def __init__(self, max_bytes, bint allow_rsv1):
+    def __init__(self, max_bytes, bint allow_rsv1, Py_ssize_t max_fragments=MAX_FRAGMENTS):
         self.max_bytes = max_bytes
         self.allow_rsv1 = allow_rsv1
+        self.max_fragments = max_fragments
         self.parser = FrameParser(max_bytes, allow_rsv1=allow_rsv1)
 
     cpdef FrameParser take(self):
@@ -67,28 +84,31 @@ cdef class SharedParser:
         return parser
 
 
-cdef dict _SHARED_PARSERS = {}   # (max_bytes, allow_rsv1) -> SharedParser (one event loop per process)
+cdef dict _SHARED_PARSERS = {}   # (max_bytes, allow_rsv1, max_fragments) -> SharedParser (one event loop per process)
 
 
-def shared_parser(max_bytes, bint allow_rsv1):
-    key = (max_bytes, allow_rsv1)
+def shared_parser(max_bytes, bint allow_rsv1, Py_ssize_t max_fragments=MAX_FRAGMENTS):
+    key = (max_bytes, allow_rsv1, max_fragments)
     shared = _SHARED_PARSERS.get(key)
     if shared is None:
-        shared = _SHARED_PARSERS[key] = SharedParser(max_bytes, allow_rsv1)
+        shared = _SHARED_PARSERS[key] = SharedParser(max_bytes, allow_rsv1, max_fragments)
     return shared
 
 
 cdef class ServerProtocol:
     """One WebSocket connection's protocol state; see the twin's module docstring."""
 
-    def __init__(self, max_message_bytes=1 << 20, deflate=None):
+    def __init__(self, max_message_bytes=1 << 20, deflate=None, Py_ssize_t max_fragments=MAX_FRAGMENTS):
+        if max_fragments < 1:
+            raise ValueError("max_fragments must be at least 1")
         self._state = S_OPEN
-        self._shared = shared_parser(max_message_bytes, deflate is not None)
+        self._shared = shared_parser(max_message_bytes, deflate is not None, max_fragments)
         self._parser = None
         self._utf8 = None
         self._frag_opcode = 0
-        self._frag_parts = None
+        self._frag_buf = None
         self._frag_size = 0
+        self._frag_count = 0
         self._out = None
         self.close_code = ABNORMAL
         self.close_reason = ""
@@ -109,6 +129,10 @@ cdef class ServerProtocol:
     @property
     def max_message_bytes(self):
         return self._shared.max_bytes
+
+    @property
+    def max_fragments(self):
+        return self._shared.max_fragments
 
     # -- receiving ----------------------------------------------------------------------
 
@@ -230,9 +254,55 @@ cdef class ServerProtocol:
                 self._fail(INVALID_DATA, "text message is not valid UTF-8")
                 return False
         self._frag_opcode = opcode
-        self._frag_parts = [payload]
-        self._frag_size = PyBytes_GET_SIZE(payload)
+        self._frag_begin(payload)
         return True
+
+    cdef int _frag_begin(self, bytes payload) except -1:
+        """A new fragmented message: its buffer holds the first frame's payload."""
+        cdef Py_ssize_t n = PyBytes_GET_SIZE(payload)
+        cdef Py_ssize_t cap = n * 2 if n * 2 > _FRAG_MIN_CAPACITY else _FRAG_MIN_CAPACITY
+        cdef Py_ssize_t limit = self._shared.max_bytes
+        if cap > limit:
+            cap = limit if limit > n else n
+        self._frag_buf = PyBytes_FromStringAndSize(NULL, cap)
+        memcpy(PyBytes_AS_STRING(self._frag_buf), PyBytes_AS_STRING(payload), n)
+        self._frag_size = n
+        self._frag_count = 1
+        return 0
+
+    cdef int _frag_resize(self, Py_ssize_t size) except -1:
+        """Resize the buffer in place; it is referenced by this object only."""
+        cdef PyObject* obj = <PyObject*>self._frag_buf
+        Py_XINCREF(obj)            # our own reference ...
+        self._frag_buf = None      # ... becomes the only one, as _PyBytes_Resize requires
+        _PyBytes_Resize(&obj, size)   # raises MemoryError (obj released) on failure
+        self._frag_buf = <bytes>obj
+        Py_XDECREF(obj)
+        return 0
+
+    cdef int _frag_append(self, bytes payload) except -1:
+        cdef Py_ssize_t n = PyBytes_GET_SIZE(payload)
+        cdef Py_ssize_t need = self._frag_size + n
+        cdef Py_ssize_t cap = PyBytes_GET_SIZE(self._frag_buf)
+        if need > cap:
+            cap = cap * 4 if cap * 4 > need else need
+            if cap > self._shared.max_bytes:      # need <= max_bytes: checked by the caller
+                cap = self._shared.max_bytes if self._shared.max_bytes > need else need
+            self._frag_resize(cap)
+        memcpy(PyBytes_AS_STRING(self._frag_buf) + self._frag_size, PyBytes_AS_STRING(payload), n)
+        self._frag_size = need
+        return 0
+
+    cdef bytes _frag_take(self):
+        """The complete message: the buffer shrunk to its length, owned by the caller now."""
+        cdef bytes data
+        if PyBytes_GET_SIZE(self._frag_buf) != self._frag_size:
+            self._frag_resize(self._frag_size)
+        data = self._frag_buf
+        self._frag_buf = None
+        self._frag_size = 0
+        self._frag_count = 0
+        return data
 
     cdef bint _start_compressed(self, object opcode, bint fin, bytes payload, list messages) except -1:
         # RFC 7692 section 6: RSV1 on the first frame marks the whole message compressed.
@@ -240,8 +310,7 @@ cdef class ServerProtocol:
             return self._finish_compressed(opcode, payload, messages)
         self._frag_opcode = opcode
         self._frag_compressed = True
-        self._frag_parts = [payload]
-        self._frag_size = PyBytes_GET_SIZE(payload)
+        self._frag_begin(payload)
         return True
 
     cdef bint _finish_compressed(self, object opcode, object payload, list messages) except -1:
@@ -269,8 +338,11 @@ cdef class ServerProtocol:
         if not opcode:
             self._fail(PROTOCOL_ERROR, "continuation frame without a message to continue")
             return False
-        self._frag_size += PyBytes_GET_SIZE(payload)
-        if self._frag_size > self._shared.max_bytes:
+        self._frag_count += 1
+        if self._frag_count > self._shared.max_fragments:
+            self._fail(MESSAGE_TOO_BIG, f"message exceeds the {self._shared.max_fragments}-fragment limit")
+            return False
+        if self._frag_size + PyBytes_GET_SIZE(payload) > self._shared.max_bytes:
             self._fail(MESSAGE_TOO_BIG, f"message exceeds the {self._shared.max_bytes}-byte limit")
             return False
         if self._frag_compressed:
@@ -281,29 +353,25 @@ cdef class ServerProtocol:
                                                          PyBytes_GET_SIZE(payload) - checked):
             self._fail(INVALID_DATA, "text message is not valid UTF-8")
             return False
-        self._frag_parts.append(payload)
+        self._frag_append(payload)
         if fin:
             if opcode == OP_TEXT and not self._utf8.complete():
                 self._fail(INVALID_DATA, "text message ends inside a UTF-8 sequence")
                 return False
-            data = self._frag_parts[0] if len(self._frag_parts) == 1 else b"".join(self._frag_parts)
+            data = self._frag_take()
             self._frag_opcode = 0
-            self._frag_parts = None
-            self._frag_size = 0
             if not self.close_sent:
                 messages.append((opcode, data))
         return True
 
     cdef bint _continue_compressed(self, bint fin, bytes payload, list messages) except -1:
-        self._frag_parts.append(payload)
+        self._frag_append(payload)
         if not fin:
             return True
-        opcode, parts = self._frag_opcode, self._frag_parts
+        opcode = self._frag_opcode
         self._frag_opcode = 0
         self._frag_compressed = False
-        self._frag_parts = None
-        self._frag_size = 0
-        return self._finish_compressed(opcode, b"".join(parts), messages)
+        return self._finish_compressed(opcode, self._frag_take(), messages)
 
     cdef int _receive_close(self, bytes payload) except -1:
         # Section 5.5.1: a body, if present, starts with a 2-byte code; a 1-byte body is invalid.

@@ -9,9 +9,13 @@ Bytes in, messages out; frames to send accumulate (RFC 6455 sections 5-7):
 
 Theory of operation. The frame parser cuts frames and enforces per-frame rules; this class
 enforces everything that spans frames: fragment sequencing (section 5.4), UTF-8 across
-fragments (section 8.1), the message size cap, and the closing handshake (sections 5.5.1,
-7). Pings are answered here (section 5.5.2); the answer joins the same corked write as the
-messages of that read. A protocol failure ("_Fail the WebSocket Connection_", section
+fragments (section 8.1), the message caps, and the closing handshake (sections 5.5.1, 7).
+Pings are answered here (section 5.5.2); the answer joins the same corked write as the
+messages of that read.
+
+Memory (docs/security.md, "Memory model"): a fragmented message is accumulated in one
+growing buffer, capped by bytes (`max_message_bytes`) and by frames (`max_fragments`, so
+empty continuation frames cannot keep a message open forever); both caps close with 1009. A protocol failure ("_Fail the WebSocket Connection_", section
 7.1.7) queues a close frame with the matching code and sets `failed`: the connection then
 half-closes the socket and discards what the peer still sends.
 
@@ -34,7 +38,9 @@ Imports only the standard library and its sibling twins.
 from ._encode_py import encode_frame
 from ._frames_py import FrameParser
 from ._utf8_py import Utf8Validator, validate_utf8
-from .constants import State, encode_close_payload, inflate_budget, is_valid_close_code
+from .constants import (
+    MAX_FRAGMENTS, State, encode_close_payload, inflate_budget, is_valid_close_code,
+)
 from .errors import FrameError
 
 OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
@@ -56,11 +62,13 @@ class SharedParser:
     keep for good after one large or split message.
     """
 
-    __slots__ = ("parser", "max_bytes", "allow_rsv1")
+    __slots__ = ("parser", "max_bytes", "allow_rsv1", "max_fragments")
 
-    def __init__(self, max_bytes: int, allow_rsv1: bool) -> None:
+    def __init__(self, max_bytes: int, allow_rsv1: bool, max_fragments: int = MAX_FRAGMENTS) -> None:
         self.max_bytes = max_bytes
         self.allow_rsv1 = allow_rsv1
+        # Kept here, not per connection: a setting shared by every connection (memory at 50k).
+        self.max_fragments = max_fragments
         self.parser = FrameParser(max_bytes, allow_rsv1=allow_rsv1)
 
     def take(self):
@@ -69,14 +77,14 @@ class SharedParser:
         return parser
 
 
-_SHARED_PARSERS: dict = {}   # (max_bytes, allow_rsv1) -> SharedParser (one event loop per process)
+_SHARED_PARSERS: dict = {}   # (max_bytes, allow_rsv1, max_fragments) -> SharedParser (one event loop per process)
 
 
-def shared_parser(max_bytes: int, allow_rsv1: bool) -> SharedParser:
-    key = (max_bytes, allow_rsv1)
+def shared_parser(max_bytes: int, allow_rsv1: bool, max_fragments: int = MAX_FRAGMENTS) -> SharedParser:
+    key = (max_bytes, allow_rsv1, max_fragments)
     shared = _SHARED_PARSERS.get(key)
     if shared is None:
-        shared = _SHARED_PARSERS[key] = SharedParser(max_bytes, allow_rsv1)
+        shared = _SHARED_PARSERS[key] = SharedParser(max_bytes, allow_rsv1, max_fragments)
     return shared
 
 
@@ -88,25 +96,29 @@ class ServerProtocol:
     """One WebSocket connection's protocol state; see the module docstring."""
 
     __slots__ = (
-        "state", "_shared", "_parser", "_utf8", "_frag_opcode", "_frag_parts",
-        "_frag_size", "_out", "close_code", "close_reason", "close_sent", "close_received",
+        "state", "_shared", "_parser", "_utf8", "_frag_opcode", "_frag_buf",
+        "_frag_count", "_out", "close_code", "close_reason", "close_sent", "close_received",
         "failed", "pongs_received", "_pending_close", "deflate", "_frag_compressed",
         "_inflated", "_checked",
     )
 
-    def __init__(self, max_message_bytes: int = 1 << 20, deflate=None) -> None:
+    def __init__(self, max_message_bytes: int = 1 << 20, deflate=None, max_fragments: int = MAX_FRAGMENTS) -> None:
+        if max_fragments < 1:
+            raise ValueError("max_fragments must be at least 1")
         self.state = State.OPEN
         # A single frame can never be larger than the largest message. RFC 7692 section 6:
         # with permessage-deflate, RSV1 means "compressed".
-        self._shared = shared_parser(max_message_bytes, deflate is not None)
+        self._shared = shared_parser(max_message_bytes, deflate is not None, max_fragments)
         # This connection's own parser, only while a read has left a partial frame in it
         # (or it died); otherwise the shared one (see SharedParser).
         self._parser = None
         self._utf8 = None               # created on the first fragmented text message
         self._frag_opcode = 0           # opcode of the message being reassembled, 0 if none
-        # Both None until needed: an idle connection holds no empty lists (memory at 50k).
-        self._frag_parts: list | None = None
-        self._frag_size = 0
+        # The message being reassembled, in one buffer that grows (never a list of parts
+        # joined at the end: that costs an object per frame and a join peak per part);
+        # None until needed, so an idle connection holds no empty buffer (memory at 50k).
+        self._frag_buf: bytearray | None = None
+        self._frag_count = 0            # frames of that message so far (capped: max_fragments)
         self._out: list | None = None   # frames queued since the last data_to_send()
         self.close_code = ABNORMAL      # what the connection ended with (1006 until known)
         self.close_reason = ""
@@ -125,6 +137,10 @@ class ServerProtocol:
     @property
     def max_message_bytes(self) -> int:
         return self._shared.max_bytes
+
+    @property
+    def max_fragments(self) -> int:
+        return self._shared.max_fragments
 
     # -- receiving ----------------------------------------------------------------------
 
@@ -235,8 +251,8 @@ class ServerProtocol:
                 self._fail(INVALID_DATA, "text message is not valid UTF-8")
                 return False
         self._frag_opcode = opcode
-        self._frag_parts = [payload]
-        self._frag_size = len(payload)
+        self._frag_buf = bytearray(payload)
+        self._frag_count = 1
         return True
 
     def _start_compressed(self, opcode: int, fin: bool, payload: bytes, messages: list) -> bool:
@@ -246,8 +262,8 @@ class ServerProtocol:
             return self._finish_compressed(opcode, payload, messages)
         self._frag_opcode = opcode
         self._frag_compressed = True
-        self._frag_parts = [payload]
-        self._frag_size = len(payload)
+        self._frag_buf = bytearray(payload)
+        self._frag_count = 1
         return True
 
     def _finish_compressed(self, opcode: int, payload: bytes, messages: list) -> bool:
@@ -274,9 +290,13 @@ class ServerProtocol:
         if not opcode:
             self._fail(PROTOCOL_ERROR, "continuation frame without a message to continue")
             return False
-        self._frag_size += len(payload)
-        if self._frag_size > self.max_message_bytes:
-            self._fail(MESSAGE_TOO_BIG, f"message exceeds the {self.max_message_bytes}-byte limit")
+        shared = self._shared
+        self._frag_count += 1
+        if self._frag_count > shared.max_fragments:
+            self._fail(MESSAGE_TOO_BIG, f"message exceeds the {shared.max_fragments}-fragment limit")
+            return False
+        if len(self._frag_buf) + len(payload) > shared.max_bytes:
+            self._fail(MESSAGE_TOO_BIG, f"message exceeds the {shared.max_bytes}-byte limit")
             return False
         if self._frag_compressed:
             return self._continue_compressed(fin, payload, messages)
@@ -284,30 +304,32 @@ class ServerProtocol:
         if opcode == OP_TEXT and not self._utf8.feed(payload[checked:] if checked else payload):
             self._fail(INVALID_DATA, "text message is not valid UTF-8")
             return False
-        self._frag_parts.append(payload)
+        buf = self._frag_buf
+        buf += payload
         if fin:
             if opcode == OP_TEXT and not self._utf8.complete():
                 self._fail(INVALID_DATA, "text message ends inside a UTF-8 sequence")
                 return False
-            data = self._frag_parts[0] if len(self._frag_parts) == 1 else b"".join(self._frag_parts)
+            data = bytes(buf)   # the one copy: messages are bytes (the compiled twin resizes in place)
             self._frag_opcode = 0
-            self._frag_parts = None
-            self._frag_size = 0
+            self._frag_buf = None
+            self._frag_count = 0
             if not self.close_sent:
                 messages.append((opcode, data))
         return True
 
     def _continue_compressed(self, fin: bool, payload: bytes, messages: list) -> bool:
-        # The compressed size is bounded by the check above; the inflated size by the codec.
-        self._frag_parts.append(payload)
+        # The compressed size is bounded by the checks above; the inflated size by the codec.
+        buf = self._frag_buf
+        buf += payload
         if not fin:
             return True
-        opcode, parts = self._frag_opcode, self._frag_parts
+        opcode = self._frag_opcode
         self._frag_opcode = 0
         self._frag_compressed = False
-        self._frag_parts = None
-        self._frag_size = 0
-        return self._finish_compressed(opcode, b"".join(parts), messages)
+        self._frag_buf = None
+        self._frag_count = 0
+        return self._finish_compressed(opcode, buf, messages)
 
     def _receive_close(self, payload: bytes) -> None:
         # Section 5.5.1: a body, if present, starts with a 2-byte code; a 1-byte body is invalid.

@@ -51,6 +51,17 @@ def inflate_budget(max_message_bytes: int) -> int:
     return max(8 << 20, INFLATE_BUDGET_MESSAGES * max_message_bytes)
 
 
+# Frames one fragmented message may span (RFC 6455 section 5.4 sets no limit). Counting bytes
+# alone is not enough: empty continuation frames add nothing to the byte count, so without
+# this a message that never ends keeps the connection busy (and, before the fragments were
+# accumulated in one buffer, grew memory by every frame). Browsers send a message in one
+# frame; a client that fragments a 1 MiB message in 1 KiB pieces needs 1024. Past the cap
+# the connection closes with 1009 (section 7.4.1: "a message that is too big for it to
+# process"; 1008 is the generic code "when there is no other more suitable status code
+# (e.g., 1003 or 1009)"). Setting: `max_fragments` (--max-fragments).
+MAX_FRAGMENTS = 1024
+
+
 def is_valid_close_code(code: int) -> bool:
     """True when a peer may send `code` in a Close frame (RFC 6455 section 7.4).
 

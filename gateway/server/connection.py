@@ -439,8 +439,8 @@ class Connection(WebSocketStream, asyncio.Protocol):
                 log.info("permessage-deflate offer declined", extra={
                     "event": "extension_declined", "conn": self.id, "peer": self.peer, "reason": "; ".join(declined)})
             if codec is not None:
-                return ServerProtocol(gw.config.max_message_bytes, codec), answer
-        return ServerProtocol(gw.config.max_message_bytes), None
+                return ServerProtocol(gw.config.max_message_bytes, codec, gw.config.max_fragments), answer
+        return ServerProtocol(gw.config.max_message_bytes, None, gw.config.max_fragments), None
 
     def _reject(self, exc: HandshakeRejected) -> None:
         stats = self.gateway.stats

@@ -245,3 +245,12 @@ def test_history_settings_and_the_retired_redis_seq_ttl(tmp_path):
         path.write_text(bad + "\n")
         with pytest.raises(ConfigError, match=field):
             load_with_sources(str(path), env={})
+
+
+def test_max_fragments_default_matches_the_protocol_and_is_checked():
+    from gateway_ext.constants import MAX_FRAGMENTS
+    assert cfg.Config().max_fragments == MAX_FRAGMENTS   # config.py is a leaf: it keeps a copy
+    with pytest.raises(cfg.ConfigError) as err:
+        cfg.load(None, env={}, overrides={"max_fragments": 0})
+    assert "max_fragments" in str(err.value)
+    assert cfg.load(None, env={"WS_GATEWAY_MAX_FRAGMENTS": "65536"}).max_fragments == 65536

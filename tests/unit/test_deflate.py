@@ -362,3 +362,25 @@ def test_one_read_of_many_small_bombs_is_capped_per_read(proto):
     q = proto(limit)
     assert sum(len(q.receive_data(one)) for _ in range(12)) == 12
     assert not q.failed
+
+
+def test_compressed_fragments_are_capped_by_count(protocol):
+    # Issue 12, item 1 on the compressed path: empty continuations after an RSV1 first frame.
+    p = protocol.ServerProtocol(1 << 20, codec(1 << 20), max_fragments=8)
+    data = client_deflate(b"x" * 1000)
+    assert p.receive_data(encode_frame(1, data[:3], fin=False, rsv1=True, mask=MASK)
+                          + encode_frame(0, b"", fin=False, mask=MASK) * 7) == []
+    assert not p.failed
+    p.receive_data(encode_frame(0, b"", fin=False, mask=MASK))
+    assert close_code(p) == 1009
+
+
+def test_compressed_message_in_many_fragments(protocol):
+    text = os.urandom(3000).hex().encode()          # 6000 bytes, compresses a little
+    data = client_deflate(text)
+    p = protocol.ServerProtocol(1 << 20, codec(1 << 20), max_fragments=len(data))
+    wire = encode_frame(1, data[:1], fin=False, rsv1=True, mask=MASK)
+    wire += b"".join(encode_frame(0, data[i:i + 1], fin=False, mask=MASK) for i in range(1, len(data) - 1))
+    wire += encode_frame(0, data[-1:], mask=MASK)
+    assert p.receive_data(wire) == [(1, text)]
+    assert not p.failed

@@ -190,3 +190,60 @@ def test_binary_and_split_multibyte_characters_do_not_fail_early(protocol):
     wire = cf(1, "é".encode() * 3)                      # cut inside the second character
     assert q.receive_data(wire[:2 + 4 + 3]) == [] and not q.failed
     assert q.receive_data(wire[9:]) == [(1, "é".encode() * 3)]
+
+
+# -- fragment accounting: frames and bytes (issue 12, item 1) ---------------------------------
+
+def close_reason(frames):
+    (op, _, _, payload), = [f for f in frames if f[0] == 8]
+    return payload[2:].decode()
+
+
+def test_empty_continuation_frames_are_capped_by_count(protocol):
+    # Empty continuations add no bytes: only the frame count stops a message that never ends.
+    p = protocol.ServerProtocol(max_message_bytes=1 << 20, max_fragments=4)
+    assert p.max_fragments == 4
+    assert p.receive_data(cf(1, b"{", fin=False) + cf(0, b"", fin=False) * 2) == []
+    assert p.receive_data(cf(0, b"", fin=False)) == [] and not p.failed      # 4 frames: at the cap
+    assert p.receive_data(cf(0, b"", fin=False)) == []                         # the 5th
+    frames = sent(p)
+    assert close_code(frames) == 1009
+    assert close_reason(frames) == "message exceeds the 4-fragment limit"
+    assert p.failed
+
+
+def test_a_message_of_exactly_max_fragments_frames_is_delivered(protocol):
+    p = protocol.ServerProtocol(max_fragments=3)
+    data = cf(2, b"a", fin=False) + cf(0, b"b", fin=False) + cf(0, b"c")
+    assert p.receive_data(data * 2) == [(2, b"abc"), (2, b"abc")]   # the count restarts per message
+    assert not p.failed
+
+
+def test_max_fragments_must_be_positive(protocol):
+    with pytest.raises(ValueError):
+        protocol.ServerProtocol(max_fragments=0)
+
+
+def test_many_fragments_reassemble_into_one_buffer(protocol):
+    # Sizes that cross the buffer's growth steps (4 KiB first capacity, then doubling).
+    rnd = __import__("random").Random(7)
+    parts = [os.urandom(rnd.choice((0, 1, 7, 100, 4095, 4096, 9000))) for _ in range(300)]
+    message = b"".join(parts)
+    p = protocol.ServerProtocol(max_message_bytes=len(message), max_fragments=len(parts))
+    wire = cf(2, parts[0], fin=False) + b"".join(cf(0, x, fin=False) for x in parts[1:-1]) + cf(0, parts[-1])
+    got = []
+    for i in range(0, len(wire), 65536):           # across reads, as a socket delivers it
+        got += p.receive_data(wire[i:i + 65536])
+    assert got == [(2, message)] and type(got[0][1]) is bytes
+    assert not p.failed
+
+
+def test_byte_cap_across_fragments_is_exact(protocol):
+    p = protocol.ServerProtocol(max_message_bytes=300)
+    assert p.receive_data(cf(2, b"a" * 100, fin=False) + cf(0, b"b" * 100, fin=False) + cf(0, b"c" * 100)) == [
+        (2, b"a" * 100 + b"b" * 100 + b"c" * 100)]
+    p.receive_data(cf(2, b"a" * 100, fin=False) + cf(0, b"b" * 100, fin=False) + cf(0, b"c" * 101))
+    frames = sent(p)
+    assert close_code(frames) == 1009
+    assert close_reason(frames) == "message exceeds the 300-byte limit"
+

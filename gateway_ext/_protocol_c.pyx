@@ -25,7 +25,7 @@ from ._utf8_c cimport UTF8_ACCEPT, Utf8Validator, utf8_scan
 from ._encode_c import encode_frame
 from ._utf8_c import validate_utf8
 from .constants import (
-    MAX_FRAGMENTS, State, encode_close_payload, inflate_budget, is_valid_close_code,
+    MAX_FRAGMENTS, MAX_PENDING_PONGS, State, encode_close_payload, inflate_budget, is_valid_close_code,
 )
 
 cdef extern from "Python.h":
@@ -55,6 +55,7 @@ cdef enum:
 
 
 cdef tuple _STATES = (None, State.OPEN, State.CLOSING, State.CLOSED)
+cdef Py_ssize_t _MAX_PENDING_PONGS = MAX_PENDING_PONGS
 # First capacity of a fragment buffer (then grown four-fold as needed, up to max_message_bytes).
 cdef Py_ssize_t _FRAG_MIN_CAPACITY = 4096
 cdef bytes _EMPTY_PING = encode_ptr(OP_PING, NULL, 0, True, False, NULL)
@@ -144,6 +145,8 @@ cdef class ServerProtocol:
         cdef bytes payload
         cdef int opcode
         cdef bint fin
+        cdef Py_ssize_t pongs = 0, pong_at = -1   # pongs queued by this read; the last one's index
+        cdef bytes pong
         if self._state != S_OPEN and (self.close_received or self.failed or self._state == S_CLOSED):
             return []  # section 5.5.1: nothing after a close frame is processed
         self._inflated = 0
@@ -190,9 +193,16 @@ cdef class ServerProtocol:
                     break
             elif opcode == OP_PING:
                 if not self.close_sent:
-                    # Section 5.5.2: a pong with the ping's payload.
-                    self._queue(encode_ptr(OP_PONG, <const unsigned char*>PyBytes_AS_STRING(payload),
-                                           PyBytes_GET_SIZE(payload), True, False, NULL))
+                    # Section 5.5.2: a pong with the ping's payload; past MAX_PENDING_PONGS in
+                    # one read, only the latest ping is answered (section 5.5.3).
+                    pong = encode_ptr(OP_PONG, <const unsigned char*>PyBytes_AS_STRING(payload),
+                                      PyBytes_GET_SIZE(payload), True, False, NULL)
+                    if pongs < _MAX_PENDING_PONGS:
+                        pongs += 1
+                        self._queue(pong)
+                        pong_at = len(self._out) - 1
+                    else:
+                        self._out[pong_at] = pong
             elif opcode == OP_PONG:
                 self.pongs_received += 1
             else:  # OP_CLOSE

@@ -11,7 +11,8 @@ Theory of operation. The frame parser cuts frames and enforces per-frame rules; 
 enforces everything that spans frames: fragment sequencing (section 5.4), UTF-8 across
 fragments (section 8.1), the message caps, and the closing handshake (sections 5.5.1, 7).
 Pings are answered here (section 5.5.2); the answer joins the same corked write as the
-messages of that read.
+messages of that read, and a read full of pings queues at most `MAX_PENDING_PONGS` pongs
+(section 5.5.3: only the latest pending ping needs one).
 
 Memory (docs/security.md, "Memory model"): a fragmented message is accumulated in one
 growing buffer, capped by bytes (`max_message_bytes`) and by frames (`max_fragments`, so
@@ -39,7 +40,7 @@ from ._encode_py import encode_frame
 from ._frames_py import FrameParser
 from ._utf8_py import Utf8Validator, validate_utf8
 from .constants import (
-    MAX_FRAGMENTS, State, encode_close_payload, inflate_budget, is_valid_close_code,
+    MAX_FRAGMENTS, MAX_PENDING_PONGS, State, encode_close_payload, inflate_budget, is_valid_close_code,
 )
 from .errors import FrameError
 
@@ -164,6 +165,8 @@ class ServerProtocol:
         elif own is not None:
             self._parser = None   # drained: back to the shared parser, freeing this one and its buffer
         messages = []
+        pongs = 0        # pongs queued by this read, and where the last one sits in _out
+        pong_at = -1
         for opcode, fin, rsv1, payload in frames:
             if opcode == OP_TEXT or opcode == OP_BINARY:
                 if self._frag_opcode:
@@ -186,7 +189,14 @@ class ServerProtocol:
                     break
             elif opcode == OP_PING:
                 if not self.close_sent:
-                    self._queue(encode_frame(OP_PONG, payload))  # section 5.5.2
+                    # Section 5.5.2: a pong with the ping's payload; past MAX_PENDING_PONGS
+                    # in one read, only the latest ping is answered (section 5.5.3).
+                    if pongs < MAX_PENDING_PONGS:
+                        pongs += 1
+                        self._queue(encode_frame(OP_PONG, payload))
+                        pong_at = len(self._out) - 1
+                    else:
+                        self._out[pong_at] = encode_frame(OP_PONG, payload)
             elif opcode == OP_PONG:
                 self.pongs_received += 1
             else:  # OP_CLOSE

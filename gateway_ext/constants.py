@@ -61,6 +61,14 @@ def inflate_budget(max_message_bytes: int) -> int:
 # (e.g., 1003 or 1009)"). Setting: `max_fragments` (--max-fragments).
 MAX_FRAGMENTS = 1024
 
+# Pongs one read may queue (RFC 6455 section 5.5.3: "If an endpoint receives a Ping frame and
+# has not yet sent Pong frame(s) in response to previous Ping frame(s), the endpoint MAY elect
+# to send a Pong frame for only the most recently processed Ping frame."). Up to this many
+# pings of one read are answered one for one (Autobahn 2.10 sends 10 and expects 10 pongs);
+# past it, the last pending pong is replaced by the latest ping's, so a read full of pings
+# costs at most this many pongs, however many it holds.
+MAX_PENDING_PONGS = 16
+
 
 def is_valid_close_code(code: int) -> bool:
     """True when a peer may send `code` in a Close frame (RFC 6455 section 7.4).

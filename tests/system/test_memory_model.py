@@ -306,6 +306,27 @@ def test_inflated_bytes_four_times_the_cap():
     assert bounded(growth, cap)
 
 
+# -- finding 2: replies to a client that does not read --------------------------------------------
+
+def test_finding_pongs_for_a_client_that_never_reads():
+    """Issue 12, item 2: 64 MiB of 125-byte pings from a client that does not read grew RSS
+    by 91 MiB in about a second. Now a read answers at most MAX_PENDING_PONGS pings (then
+    only the latest) and the connection is not read while its transport is over the
+    high-water mark."""
+    cap = 1 * MIB
+    with GatewayProcess("--echo", "--write-buffer-high-bytes", str(cap), "--log-level", "warning") as gw:
+        sock, _ = connect(gw.port)
+        rss = PeakRss(gw.proc.pid)
+        ping = build_frame(9, b"p" * 125, mask=MASK)
+        sent, outcome, _ = push(sock, ping * 512, 64 * MIB // len(ping) * len(ping), read=False)
+        outcome = settle(sock, gw.port)       # what the gateway read of it, it has handled
+        growth = rss.growth()
+        alive = _healthy(gw.port)
+        sock.close()
+    assert alive
+    assert bounded(growth, cap), f"RSS grew by {growth >> 20} MiB after {sent >> 20} MiB of pings ({outcome})"
+
+
 def join(sock: socket.socket, rest: bytes, room: str, op: str = "join") -> bytes:
     """Join `room` on /ws and wait for the ack; returns what followed it."""
     import orjson

@@ -247,3 +247,31 @@ def test_byte_cap_across_fragments_is_exact(protocol):
     assert close_code(frames) == 1009
     assert close_reason(frames) == "message exceeds the 300-byte limit"
 
+
+
+# -- pongs: at most MAX_PENDING_PONGS per read, then only the latest (issue 12, item 2) ---------
+
+def test_each_ping_of_a_read_is_answered_up_to_the_cap(protocol):
+    from gateway_ext.constants import MAX_PENDING_PONGS
+    p = protocol.ServerProtocol()
+    pings = [f"payload-{i}".encode() for i in range(10)]       # Autobahn 2.10
+    assert MAX_PENDING_PONGS >= 10
+    p.receive_data(b"".join(cf(9, x) for x in pings))
+    assert [f[3] for f in sent(p)] == pings
+
+
+def test_a_read_full_of_pings_queues_a_bounded_number_of_pongs(protocol):
+    from gateway_ext.constants import MAX_PENDING_PONGS
+    p = protocol.ServerProtocol()
+    pings = [i.to_bytes(4, "big") * 31 for i in range(2000)]   # 124-byte payloads
+    data = b"".join(cf(9, x) for x in pings[:1000]) + cf(1, b"text") + b"".join(cf(9, x) for x in pings[1000:])
+    assert p.receive_data(data) == [(1, b"text")]
+    p.send(1, b"text")
+    frames = sent(p)
+    pongs = [f[3] for f in frames if f[0] == 10]
+    # RFC 6455 section 5.5.3: the first pings one for one, then only the most recent one.
+    assert pongs == pings[:MAX_PENDING_PONGS - 1] + [pings[-1]]
+    assert frames[-1] == (1, True, False, b"text")
+    # The next read starts a new budget.
+    p.receive_data(cf(9, b"again"))
+    assert sent(p) == [(10, True, False, b"again")]

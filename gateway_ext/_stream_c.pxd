@@ -39,13 +39,18 @@ cdef class WebSocketStream:
     # Python slots cost 8 bytes each (memory at 50k): keepalive ping outstanding, and the
     # closing handshake started.
     cdef public bint pinged
-    cdef public bint _closing
     # send_shared's direct send(2): the socket's fd for a plain uvloop TCP transport, -1 for
     # any other transport (TLS, tests' fakes, asyncio's), -2 not looked up yet. An int here
     # fits the struct's padding: no bytes per connection.
     cdef int _fd
+    # Two 1-byte flags (Python sees 0/1), so that with _fd the struct stays at 104 bytes:
+    # the closing handshake started (connection.py), and the endpoint holds reading
+    # (pause_reading; the transport reads only when neither this nor `paused` holds it).
+    cdef public char _closing
+    cdef public char _read_held
 
     cdef int _write(self, ServerProtocol ws) except -1
     cdef int _flush(self) except -1
     cdef int _send_frame(self, bytes frame) except -1
     cdef int _direct_fd(self) except -2
+    cdef int _update_reading(self) except -1

@@ -7,6 +7,8 @@ without a Python frame until the endpoint's `on_messages`, and the protocol call
 (`receive_data`, `data_to_send`) are C calls into `_protocol_c`. The Corker flushes its
 connections through C calls too. Hooks into Connection (`_receive_http`,
 `_after_close_sent`) are ordinary Python method calls: they run once per connection.
+Flow control (pause_writing/resume_writing, the endpoint's read holds) is the twin's: a
+transport over its high-water mark is not read, whatever filled it.
 Imports nothing from `gateway`.
 """
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
@@ -82,6 +84,7 @@ cdef class WebSocketStream:
         self.pinged = False
         self._closing = False
         self._fd = -2
+        self._read_held = False
 
     def data_received(self, data):
         cdef ServerProtocol ws = self.ws
@@ -211,6 +214,43 @@ cdef class WebSocketStream:
                 fd = sock.fileno()
         self._fd = fd
         return fd
+
+    # -- flow control (asyncio.Protocol callbacks and the endpoint's holds); see the twin ---
+
+    def pause_writing(self):
+        """The transport's buffer passed its high-water mark: stop reading this client."""
+        self.paused = True
+        self._update_reading()
+
+    def resume_writing(self):
+        """Drained below the low-water mark: the endpoint may write its backlog, then read again."""
+        self.paused = False
+        if self.endpoint is not None:
+            self.endpoint.on_writable(self)
+        self._update_reading()
+
+    def pause_reading(self):
+        """The endpoint holds reading (idempotent); see resume_reading."""
+        self._read_held = True
+        self._update_reading()
+
+    def resume_reading(self):
+        """The endpoint releases its hold; reading resumes unless the transport is still full."""
+        self._read_held = False
+        self._update_reading()
+
+    cdef int _update_reading(self) except -1:
+        cdef bint want
+        transport = self.transport
+        if transport is None or self.phase == _CLOSED or transport.is_closing():
+            return 0
+        want = not (self.paused or self._read_held)
+        if want != bool(transport.is_reading()):
+            if want:
+                transport.resume_reading()
+            else:
+                transport.pause_reading()
+        return 0
 
     # -- hooks the subclass provides ------------------------------------------------------
 

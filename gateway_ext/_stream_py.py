@@ -12,6 +12,14 @@ connection that got frames during one event-loop pass is flushed once, at its en
 publications in one pass cost one write per member, not W. `send_shared` writes the
 hub's per-pass batch (bytes shared by all members) straight to the transport.
 
+Flow control lives here too, for every kind of write (echoes, replies, pongs, broadcasts):
+when the transport's buffer passes its high-water mark (`pause_writing`) the connection
+stops being read until it drains below the low-water mark (`resume_writing`), so a client
+that does not read cannot make the gateway buffer replies to what it keeps sending
+(docs/security.md, "Memory model"). An endpoint may hold reading too (`pause_reading` /
+`resume_reading`, e.g. while a request waits on the broker); the transport reads only
+when neither holds it.
+
 Everything else -- the HTTP phase, closing, timers, logging -- stays in Connection, which
 supplies two hooks: `_receive_http(data)` (reads before the upgrade) and
 `_after_close_sent()` (a close frame just left).
@@ -73,7 +81,7 @@ class WebSocketStream:
     """Base of Connection: the read -> messages -> one-write path (module docstring)."""
 
     __slots__ = ("transport", "ws", "endpoint", "limiter", "stats", "corker", "phase", "last_seen", "paused",
-                 "_corked", "pinged", "_closing")
+                 "_corked", "pinged", "_closing", "_read_held")
 
     def __init__(self, stats: StreamStats, corker: Corker) -> None:
         self.transport = None
@@ -89,6 +97,7 @@ class WebSocketStream:
         # Connection's own flags (kept here so the compiled twin packs them into C ints):
         self.pinged = False       # a keepalive ping is outstanding (server.py's sweep)
         self._closing = False     # the closing handshake has started (connection.py)
+        self._read_held = False   # the endpoint asked not to be fed (pause_reading)
 
     def data_received(self, data) -> None:
         ws = self.ws
@@ -170,6 +179,42 @@ class WebSocketStream:
         stats = self.stats
         stats.frames_out += 1
         stats.bytes_out += len(data)
+
+    # -- flow control (asyncio.Protocol callbacks and the endpoint's holds) -----------------
+
+    def pause_writing(self) -> None:
+        """The transport's buffer passed its high-water mark: stop reading this client."""
+        self.paused = True
+        self._update_reading()
+
+    def resume_writing(self) -> None:
+        """Drained below the low-water mark: the endpoint may write its backlog, then read again."""
+        self.paused = False
+        endpoint = self.endpoint
+        if endpoint is not None:
+            endpoint.on_writable(self)
+        self._update_reading()
+
+    def pause_reading(self) -> None:
+        """The endpoint holds reading (idempotent); see resume_reading."""
+        self._read_held = True
+        self._update_reading()
+
+    def resume_reading(self) -> None:
+        """The endpoint releases its hold; reading resumes unless the transport is still full."""
+        self._read_held = False
+        self._update_reading()
+
+    def _update_reading(self) -> None:
+        transport = self.transport
+        if transport is None or self.phase == CLOSED or transport.is_closing():
+            return
+        want = not (self.paused or self._read_held)
+        if want != transport.is_reading():
+            if want:
+                transport.resume_reading()
+            else:
+                transport.pause_reading()
 
     # -- hooks the subclass provides ------------------------------------------------------
 

@@ -126,24 +126,11 @@ class Connection(WebSocketStream, asyncio.Protocol):
                 "code": ws.close_code, "reason": ws.close_reason or (str(exc) if exc else ""),
             })
 
-    def pause_writing(self) -> None:
-        self.paused = True
-
-    def resume_writing(self) -> None:
-        self.paused = False
-        if self.endpoint is not None:
-            self.endpoint.on_writable(self)
+    # pause_writing / resume_writing (asyncio's flow control) and the endpoint's
+    # pause_reading / resume_reading are the base class's: a transport over its high-water
+    # mark is not read, whatever kind of write filled it (docs/security.md, "Memory model").
 
     # -- output ---------------------------------------------------------------------------
-
-    def pause_reading(self) -> None:
-        """Stop reading this client (an endpoint applying backpressure); idempotent."""
-        if self.transport is not None and self.phase != CLOSED and self.transport.is_reading():
-            self.transport.pause_reading()
-
-    def resume_reading(self) -> None:
-        if self.transport is not None and self.phase != CLOSED and not self.transport.is_reading():
-            self.transport.resume_reading()
 
     def set_write_buffer_limits(self, high: int, sndbuf: int = 0) -> None:
         """Pause (pause_writing -> `paused`) above `high` buffered bytes, resume below a quarter;
@@ -380,6 +367,10 @@ class Connection(WebSocketStream, asyncio.Protocol):
         self.ws = ws
         self.endpoint = endpoint
         self.phase = OPEN
+        # Every endpoint's writes count against the same high-water mark (the rooms endpoint
+        # sets it again with its SO_SNDBUF): past it the client is not read until it drains.
+        self.transport.set_write_buffer_limits(high=gw.config.write_buffer_high_bytes,
+                                               low=gw.config.write_buffer_high_bytes // 4)
         # Nothing reads the request head after the 101 (auth keeps what it needs in
         # `principal`): its headers dict and strings are ~1 KB per idle connection.
         self.request = None

@@ -327,6 +327,24 @@ def test_finding_pongs_for_a_client_that_never_reads():
     assert bounded(growth, cap), f"RSS grew by {growth >> 20} MiB after {sent >> 20} MiB of pings ({outcome})"
 
 
+def test_echo_replies_for_a_client_that_never_reads_stop_its_reading():
+    """Every kind of write counts (not only broadcasts): echoes of a client that does not
+    read fill its transport to the high-water mark, then the gateway stops reading it."""
+    cap = 1 * MIB
+    with GatewayProcess("--echo", "--write-buffer-high-bytes", str(cap), "--log-level", "warning") as gw:
+        sock, _ = connect(gw.port, sndbuf=65536)
+        rss = PeakRss(gw.proc.pid)
+        message = build_frame(2, os.urandom(16384), mask=MASK)
+        sent, outcome, _ = push(sock, message * 16, 64 * MIB // (16 * len(message)) * 16 * len(message), read=False)
+        outcome = settle(sock, gw.port)
+        growth = rss.growth()
+        alive = _healthy(gw.port)
+        sock.close()
+    assert alive
+    assert outcome == "held", f"the gateway read all {sent >> 20} MiB of a client that reads nothing ({outcome})"
+    assert bounded(growth, cap), f"RSS grew by {growth >> 20} MiB"
+
+
 def join(sock: socket.socket, rest: bytes, room: str, op: str = "join") -> bytes:
     """Join `room` on /ws and wait for the ack; returns what followed it."""
     import orjson

@@ -517,6 +517,94 @@ def test_sends_before_the_upgrade_raise(h):
     assert h.stats.frames_out == 0
 
 
+# -- 8b. flow control: a transport over its high-water mark is not read (issue 12, item 2) -------
+
+class ReadingTransport(Transport):
+    """A Transport that also records pause_reading/resume_reading (asyncio's API)."""
+
+    def __init__(self):
+        super().__init__()
+        self.reading = True
+        self.closing = False
+        self.toggles = []
+
+    def is_reading(self):
+        return self.reading
+
+    def is_closing(self):
+        return self.closing
+
+    def pause_reading(self):
+        assert self.reading, "pause_reading on a paused transport"
+        self.reading = False
+        self.toggles.append("pause")
+
+    def resume_reading(self):
+        assert not self.reading, "resume_reading on a reading transport"
+        self.reading = True
+        self.toggles.append("resume")
+
+
+class WritableEndpoint(Endpoint):
+    def __init__(self, on_writable=None):
+        super().__init__()
+        self.writable = 0
+        self.hook = on_writable
+
+    def on_writable(self, conn):
+        self.writable += 1
+        if self.hook is not None:
+            self.hook(conn)
+
+
+def test_pause_writing_stops_reading_until_the_transport_drains(h):
+    conn = h.conn(WritableEndpoint())
+    conn.transport = t = ReadingTransport()
+    conn.pause_writing()                      # any write filled it: a pong, an echo, a broadcast
+    assert conn.paused and not t.reading
+    conn.pause_writing()                      # idempotent
+    conn.resume_writing()
+    assert not conn.paused and t.reading and conn.endpoint.writable == 1
+    assert t.toggles == ["pause", "resume"]
+
+
+def test_an_endpoint_hold_outlives_the_drain_and_the_drain_outlives_the_hold(h):
+    conn = h.conn(WritableEndpoint())
+    conn.transport = t = ReadingTransport()
+    conn.pause_reading()                      # e.g. a request waits on the broker
+    conn.pause_writing()
+    conn.resume_writing()
+    assert not t.reading                      # the endpoint still holds it
+    conn.resume_reading()
+    assert t.reading
+    conn.pause_writing()
+    conn.pause_reading()
+    conn.resume_reading()
+    assert not t.reading                      # still over the high-water mark
+    conn.resume_writing()
+    assert t.reading
+
+
+def test_on_writable_that_fills_the_transport_again_keeps_reading_paused(h):
+    conn = h.conn(WritableEndpoint(on_writable=lambda c: c.pause_writing()))
+    conn.transport = t = ReadingTransport()
+    conn.pause_writing()
+    conn.resume_writing()                     # the endpoint's backlog refilled it
+    assert conn.paused and not t.reading
+
+
+def test_flow_control_leaves_a_closing_or_closed_transport_alone(h):
+    conn = h.conn(WritableEndpoint())
+    conn.transport = t = ReadingTransport()
+    t.closing = True
+    conn.pause_writing()
+    assert t.toggles == []
+    t.closing = False
+    conn.phase = CLOSED
+    conn.pause_reading()
+    assert t.toggles == []
+
+
 # -- 9. the public surface --------------------------------------------------------------------------
 
 def _public(obj):
@@ -526,7 +614,8 @@ def _public(obj):
 def test_both_twins_have_the_same_public_surface():
     py = load_python("stream")
     c = load_cython("stream")
-    methods = {"data_received", "flush", "send", "send_frame", "send_shared"}
+    methods = {"data_received", "flush", "send", "send_frame", "send_shared",
+               "pause_writing", "resume_writing", "pause_reading", "resume_reading"}
     fields = {"transport", "ws", "endpoint", "limiter", "stats", "corker", "phase", "last_seen", "paused", "pinged"}
     assert _public(py.WebSocketStream) == _public(c.WebSocketStream) == methods | fields
     for name in methods | {"_receive_http", "_after_close_sent"}:
@@ -552,6 +641,7 @@ def test_fresh_stream_fields(h):
     assert conn.stats is h.stats and conn.corker is h.corker
     assert conn.phase == HEAD and conn.last_seen == 0.0
     assert not conn.paused and not conn._corked and not conn.pinged and not conn._closing
+    assert not conn._read_held
 
 
 def test_the_compiled_stream_only_drives_the_compiled_protocol():

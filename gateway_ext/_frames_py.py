@@ -96,7 +96,7 @@ class FrameParser:
         """The frame still incomplete in the buffer, as far as it has arrived.
 
         Returns `(opcode, rsv1, payload[start:])` -- the payload bytes received so far from
-        offset `start` on, unmasked -- or None when nothing is buffered, its header is not
+        offset `start` on (a negative `start` counts as 0), unmasked -- or None when nothing is buffered, its header is not
         complete yet, or the parser is dead. After a `feed()` the buffer holds at most that
         one frame, so a caller can validate a long text frame as it arrives (RFC 6455
         section 8.1: fail as soon as the text is known to be invalid), each byte once.
@@ -104,6 +104,8 @@ class FrameParser:
         buf = self._buf
         if len(buf) < 2 or self.error is not None:
             return None
+        if start < 0:
+            start = 0     # like the compiled twin: a negative offset means the whole payload
         b0, b1 = buf[0], buf[1]
         length = b1 & 0x7F
         header = 2 + (2 if length == 126 else 8 if length == 127 else 0) + (4 if b1 & 0x80 else 0)

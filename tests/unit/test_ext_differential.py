@@ -112,7 +112,7 @@ def run_parser(module, config, chunks, changes):
         except FrameError as exc:
             outcome = ("error", exc.code, exc.reason)
         error = None if parser.error is None else (parser.error.code, parser.error.reason)
-        peeks = [parser.peek_payload(start) for start in (0, 1, 5)]   # the frame still arriving
+        peeks = [parser.peek_payload(start) for start in (-2, 0, 1, 5)]   # the frame still arriving
         log.append((outcome, parser.buffered, error, peeks))
     return log
 

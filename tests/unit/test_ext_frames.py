@@ -312,6 +312,17 @@ def test_peek_payload_of_the_incomplete_frame(frames):
             assert p.peek_payload(start) == (1, False, payload[start:max(start, got)])
 
 
+@pytest.mark.parametrize("start", [-1, -2, -4, -5, -(1 << 40)])
+def test_peek_payload_clamps_a_negative_start_to_zero(frames, start):
+    # Both twins alike (the Python one used to slice into the header and unmask it with the
+    # wrong key phase): a negative offset means "from the start of the payload".
+    payload = b"hello, world"
+    for mask in (b"\x11\x22\x33\x44", None):
+        p = frames.FrameParser(require_mask=mask is not None)
+        p.feed(build_frame(1, payload, mask=mask)[:-3])
+        assert p.peek_payload(start) == p.peek_payload(0) == (1, False, payload[:-3])
+
+
 def test_peek_payload_sees_only_the_frame_after_the_complete_ones(frames):
     first = build_frame(2, b"done", mask=b"abcd")
     second = build_frame(0, b"\xff\xfe rest", fin=True, mask=b"wxyz")

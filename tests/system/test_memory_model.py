@@ -306,6 +306,45 @@ def test_inflated_bytes_four_times_the_cap():
     assert bounded(growth, cap)
 
 
+# -- the HTTP phase ------------------------------------------------------------------------------
+
+def test_handshake_head_four_times_the_cap():
+    from gateway.ws.handshake import MAX_HEADER_BYTES
+    with GatewayProcess("--echo", "--log-level", "warning") as gw:
+        rss = PeakRss(gw.proc.pid)
+        sock = socket.create_connection(("127.0.0.1", gw.port))
+        line = b"X-Filler: " + b"a" * 100 + b"\r\n"
+        data = b"GET /echo HTTP/1.1\r\nHost: 127.0.0.1\r\n" + line * (4 * MAX_HEADER_BYTES // len(line))
+        sent, outcome, received = push(sock, data, len(data))
+        answer = received + http_answer(sock)
+        growth = rss.growth()
+        sock.close()
+    assert answer.startswith(b"HTTP/1.1 431"), answer[:100]
+    assert bounded(growth, MAX_HEADER_BYTES)
+
+
+@pytest.mark.parametrize("declared", ["four_times", "within"])
+def test_http_body_four_times_the_cap(declared):
+    cap = 1 * MIB
+    key = "k" * 32
+    with GatewayProcess("--max-message-bytes", str(cap), "--api-key", key, "--log-level", "warning") as gw:
+        rss = PeakRss(gw.proc.pid)
+        sock = socket.create_connection(("127.0.0.1", gw.port))
+        length = 4 * cap if declared == "four_times" else cap
+        head = (f"POST /api/publish HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {key}\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {length}\r\n\r\n").encode()
+        sock.sendall(head)
+        # Four times the cap goes out whatever was declared: the rest must not be buffered.
+        sent, outcome, received = push(sock, b"x" * 65536, 4 * cap)
+        answer = received + http_answer(sock)
+        growth = rss.growth()
+        sock.close()
+    # Declared past the cap: 413 before any body byte is kept. Within it: the body is read
+    # up to its length (and refused as invalid JSON), the excess ignored.
+    assert answer.startswith(b"HTTP/1.1 413" if declared == "four_times" else b"HTTP/1.1 400"), answer[:100]
+    assert bounded(growth, cap)
+
+
 # -- finding 2: replies to a client that does not read --------------------------------------------
 
 def test_finding_pongs_for_a_client_that_never_reads():
@@ -343,6 +382,30 @@ def test_echo_replies_for_a_client_that_never_reads_stop_its_reading():
     assert alive
     assert outcome == "held", f"the gateway read all {sent >> 20} MiB of a client that reads nothing ({outcome})"
     assert bounded(growth, cap), f"RSS grew by {growth >> 20} MiB"
+
+
+def test_outbound_queue_four_times_the_cap():
+    """/ws slow consumer: broadcasts past the transport's high-water mark queue up to
+    max_queue_bytes, then the disconnect policy closes with 4000."""
+    import orjson
+    cap = 1 * MIB
+    with GatewayProcess("--max-queue-bytes", str(cap), "--rate-limit", "0", "--close-timeout", "60",
+                        "--log-level", "warning") as gw:
+        slow, slow_rest = connect(gw.port, "/ws", rcvbuf=4096)
+        slow_rest = join(slow, slow_rest, "r")
+        publisher, rest = connect(gw.port, "/ws")     # not a member: it gets no copies back
+        rss = PeakRss(gw.proc.pid)
+        data = "y" * 16000
+        msg = build_frame(1, orjson.dumps({"op": "publish", "room": "r", "data": data}), mask=MASK)
+        sent, outcome, rest = push(publisher, msg * 16, (4 * cap // len(msg) + 16) // 16 * 16 * len(msg))
+        # Requests are handled in order: once this one is acknowledged, all of them were.
+        publish_and_wait(publisher, rest, "r")
+        growth = rss.growth()
+        code = read_close(slow, slow_rest, timeout=30)
+        publisher.close()
+        slow.close()
+    assert code == 4000
+    assert bounded(growth, cap)
 
 
 def join(sock: socket.socket, rest: bytes, room: str, op: str = "join") -> bytes:

@@ -19,7 +19,9 @@ string is mostly valid frames / requests, with the odd broken one), then checks:
   (another exception, a 5xx) is a bug;
 - `http`: the HTTP phase of a real `Connection` on a fake transport, in front of a Gateway
   with every route installed (open mode and JWT + Origin + trusted proxies): the bytes are fed
-  in chunks; an exception out of data_received, a 500 answer or an ERROR log line is a bug.
+  in chunks; an exception out of data_received, an unexpected exception caught in the HTTP
+  phase (answered 400 and counted in `stats.http_errors`), a 500 answer or an ERROR log line
+  is a bug.
 
 Imports gateway and gateway_ext (and the tests' frame builder); no sockets.
 """
@@ -379,6 +381,7 @@ def http(data: bytes) -> None:
     root.addHandler(errors)
     conn = Connection(gw)
     transport = FakeTransport()
+    unexpected = gw.stats.http_errors        # exceptions nobody anticipated, answered 400
     try:
         conn.connection_made(transport)
         pos = 0
@@ -392,6 +395,7 @@ def http(data: bytes) -> None:
         assert not status.startswith(b"HTTP/1.1 5") or status.startswith((b"HTTP/1.1 503", b"HTTP/1.1 501")), \
             bytes(transport.out[:200])
         assert not errors.records, [r.getMessage() for r in errors.records]
+        assert gw.stats.http_errors == unexpected, bytes(transport.out[:200])
     finally:
         root.removeHandler(errors)
         if conn.phase != 4:

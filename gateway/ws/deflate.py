@@ -353,8 +353,15 @@ class PerMessageDeflate:
                 self._inflater = inflater
         limit = self.max_bytes
         try:
-            # max_length bounds what zlib allocates: a zip bomb stops at limit + 1 bytes.
-            data = inflater.decompress(payload + _TAIL if payload else _TAIL, limit + 1)
+            # max_length bounds what zlib allocates: a zip bomb stops at limit + 1 bytes. The
+            # payload and the 4-byte tail (section 7.2.2) go in two calls, not `payload + tail`:
+            # that copy would hold one more message-sized buffer at the peak (memory model).
+            data = inflater.decompress(payload, limit + 1) if payload else b""
+            if len(data) <= limit:
+                # Output below max_length means zlib consumed all of the payload.
+                rest = inflater.decompress(_TAIL, limit + 1 - len(data))
+                if rest:
+                    data += rest
         except zlib.error as exc:
             raise FrameError(PROTOCOL_ERROR, f"invalid compressed data ({exc})") from None
         if len(data) > limit:

@@ -39,12 +39,18 @@ async def start_gateway(config: Config, sock=None, worker: int = 0) -> Gateway:
     gateway.set_worker(worker, config.workers)
     # Origin, per-IP, token checks before the 101; expiry, refresh, rate limit after it.
     defences.install(gateway, config)
-    api.install(gateway, config)          # POST /api/publish (off unless api_keys are configured)
+    api.install(gateway, config)          # POST /api/<method> (off unless api_keys are configured)
     hub = install_rooms(gateway, config)
     install_backend_hooks(gateway, config)
-    await hub.start()
+    tracker = install_presence(gateway, config, hub)
+    # Concurrently: each connects to the broker (Redis) on its own connections.
+    await asyncio.gather(hub.start(), tracker.start())
     if gateway.webhooks is not None:
         await gateway.webhooks.start()
+    try:
+        await gateway.control.load_revocations()
+    except Exception as exc:  # noqa: BLE001 - Redis down at start: loaded when it connects
+        log.warning("revocations not loaded yet", extra={"event": "revocations_error", "error": str(exc)[:200]})
     await gateway.start(sock)
     return gateway
 
@@ -67,6 +73,42 @@ def install_backend_hooks(gateway: Gateway, config: Config) -> None:
             backend = RedisEvents(config.broker, node=gateway.node_id, prefix=config.redis_prefix,
                                   timeout=config.redis_timeout)
         gateway.webhooks = webhooks.install(gateway, config, backend)
+
+
+def install_presence(gateway: Gateway, config: Config, hub):
+    """Presence and join/leave events (presence / join_leave in [[rooms.policy]]), the control channel behind the
+    server API's cross-process methods, revocations and the per-user connection cap."""
+    from gateway.api.control import ClusterControl
+    from gateway.broker import create_presence
+    from gateway.rooms.presence import PresenceTracker, rules_from_config
+    from gateway.security.user_limit import UserConnectionLimit
+
+    options = {} if config.broker.startswith("memory") or not config.broker else {
+        "prefix": config.redis_prefix, "timeout": config.redis_timeout, "debounce": config.join_leave_debounce}
+    backend = create_presence(config.broker, **options)
+    node = getattr(gateway, "node_id", None)
+    if node:
+        backend.node = node   # one id per process: presence's "client" ids match the backend hooks'
+    rules = rules_from_config(config)
+    tracker = PresenceTracker(backend, hub, rules, ttl=config.presence_ttl, debounce=config.join_leave_debounce,
+                              info_claim=config.presence_info_claim, page_size=config.presence_page_size,
+                              loop=gateway.loop)
+    endpoint = gateway.endpoints.get("/ws")
+    if rules and endpoint is not None:
+        endpoint.presence = tracker      # None otherwise: joins and leaves skip presence entirely
+    gateway.presence = tracker
+    limits = getattr(gateway, "limits", None)
+    gateway.control = ClusterControl(gateway, tracker, getattr(limits, "revocations", None))
+    cap = UserConnectionLimit(gateway, backend, config.max_connections_per_user, tracker.conn_key)
+    if config.max_connections_per_user > 0:
+        cap.install()
+        tracker.heartbeat_hooks.append(cap.heartbeat)
+    gateway.metric_sources["user_limit"] = cap.stats    # zeros while the cap is off
+    gateway.metric_sources["presence"] = tracker.stats
+    gateway.metric_sources["presence_state"] = tracker
+    # Before the hub's shutdown hook: a drained process takes its members out of presence at once.
+    gateway.on_shutdown.insert(0, tracker.close)
+    return tracker
 
 
 def install_rooms(gateway: Gateway, config: Config):
@@ -121,8 +163,8 @@ async def _serve(config: Config, sock=None, reload=None, worker: int = 0, on_rea
                     "pid": os.getpid(), "implementation": gateway_ext.IMPLEMENTATION,
                     "tls": bool(config.certfile), "metrics_port": gateway.metrics_port,
                     "endpoints": sorted(gateway.endpoints), "worker": worker,
-                    # /api/publish answers 404 "configure api_keys" while off: not listed then
-                    "routes": [r for r in gateway.routes() if r != api.PATH or config.api_keys]})
+                    # /api/<method> answers 404 "configure api_keys" while off: not listed then
+                    "routes": [r for r in gateway.routes() if not r.startswith(api.PREFIX) or config.api_keys]})
     if config.workers > 1 and not config.metrics_port:
         log.warning("workers share the main port, so /metrics there answers for a random worker; "
                     "set metrics_port (worker i listens on metrics_port + i)", extra={"event": "metrics_port"})

@@ -39,8 +39,12 @@ _FLAGS: list[tuple[str, list[tuple]]] = [
     ("endpoints", [
         ("--echo", "echo", "flag", "serve a raw echo endpoint at /echo (conformance tests, benchmarks)"),
         ("--demo", "demo", "flag", "serve the demo page at / (open it in a browser)"),
-        ("--api-key", "api_keys", "append", "key for POST /api/publish, at least 16 characters (repeatable; "
-                                            "the variable takes a comma-separated list: keep keys out of `ps`)"),
+        ("--api-key", "api_keys", "append", "key for POST /api/<method> (docs/api.md), at least 16 characters "
+                                            "(repeatable; the variable takes a comma-separated list: keep keys out "
+                                            "of `ps`)"),
+        ("--api-port", "api_port", "PORT", "serve the server API (/api/*) only on this private listener "
+                                           "(0: on the main port)"),
+        ("--api-host", "api_host", "ADDR", "address of the --api-port listener"),
         ("--metrics-port", "metrics_port", "PORT", "serve /metrics, /healthz, /readyz on a separate listener "
                                                    "(0: /metrics on the main port)"),
         ("--metrics-host", "metrics_host", "ADDR", "address of the --metrics-port listener (keep it private)"),
@@ -82,6 +86,15 @@ _FLAGS: list[tuple[str, list[tuple]]] = [
         ("--redis-prefix", "redis_prefix", "PREFIX", "prefix of Redis channels and keys (gateways sharing a Redis "
                                                      "see each other only with the same prefix)"),
         ("--redis-timeout", "redis_timeout", "S", "Redis connect/command timeout; silent this long counts as down"),
+    ]),
+    ("presence, join/leave, cluster-wide limits (docs/api.md; per room: [[rooms.policy]] presence, join_leave)", [
+        ("--presence-ttl", "presence_ttl", "S", "a crashed process's room members disappear within S seconds"),
+        ("--join-leave-debounce", "join_leave_debounce", "S", "a user back within S seconds emits no leave/join"),
+        ("--presence-info-claim", "presence_info_claim", "CLAIM", "token claim shown as a user's presence info"),
+        ("--presence-page-size", "presence_page_size", "N", "members per presence answer"),
+        ("--max-connections-per-user", "max_connections_per_user", "N",
+         "concurrent connections per token sub across every process; 0: unlimited"),
+        ("--revocation-ttl", "revocation_ttl", "S", "keep revocations without an explicit until this long"),
     ]),
     ("authentication (docs/security.md)", [
         ("--jwt-secret", "jwt_secret", "SECRET", "HS256 secret, >= 32 bytes; visible in `ps`: prefer "

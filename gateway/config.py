@@ -72,6 +72,8 @@ class RoomPolicy:
     max_queue_bytes: int | None = _rule(int, minimum=1)              # this room's share of a connection's queue
     history_size: int | None = _rule(int, minimum=0)                 # publications kept for recovery (0: none)
     history_ttl: int | None = _rule(int, minimum=1)                  # seconds they live after the last publication
+    presence: bool | None = _rule(bool)      # who is here: {"op":"presence"}, presence_stats (rooms/presence.py)
+    join_leave: bool | None = _rule(bool)    # {"op":"presence_diff"} events to the room's members
 
 
 @dataclass(slots=True)
@@ -152,7 +154,7 @@ class Config:
     token_cookie: str = ""             # also read the token from this cookie (then cross-origin requests are refused)
     default_rooms: tuple = ("*",)      # join patterns for tokens without a `rooms` claim
     default_publish: tuple = ("*",)    # publish patterns for tokens with neither `publish` nor `rooms`
-    api_keys: tuple = ()               # bearer keys for POST /api/publish; none: the API is off
+    api_keys: tuple = ()               # bearer keys for POST /api/<method> (docs/api.md); none: the API is off
     # backend hooks (gateway/api/proxy.py, gateway/api/webhooks.py, docs/backend.md); need aiohttp
     connect_proxy_url: str = ""        # POST each /ws handshake's chosen headers here; the answer admits or refuses
     join_proxy_url: str = ""           # POST joins of rooms matching join_proxy_rooms here: allow or deny
@@ -175,6 +177,16 @@ class Config:
     webhook_max_age: float = 86400.0   # an event undelivered this long is dropped (counted)
     webhook_debounce: float = 3.0      # a user/room back within this emits neither offline/vacated nor online/occupied
     webhook_ttl: float = 30.0          # a crashed process's users go offline (rooms vacated) within this
+    api_port: int = 0                  # >0: the server API (/api/*) only on this private listener
+    api_host: str = "127.0.0.1"        # address of that listener (keep it private)
+    # presence, join/leave events, cluster-wide limits (gateway/rooms/presence.py, docs/api.md);
+    # which rooms: presence / join_leave in the [[rooms.policy]] rules (RoomPolicy) of the config file
+    presence_ttl: float = 30.0         # a crashed process's members disappear within this; heartbeat every ttl/3
+    join_leave_debounce: float = 3.0   # a user back within this many seconds causes no leave/join events
+    presence_info_claim: str = ""      # token claim shown as each user's "info" in presence (<= 1 KiB JSON)
+    presence_page_size: int = 1000     # members per {"op":"presence"} answer; the rest by "after" cursor
+    max_connections_per_user: int = 0  # concurrent connections per token `sub`, across every process; 0: unlimited
+    revocation_ttl: float = 86400.0    # revocations without "until" are kept this long (your longest token lifetime)
     # defences (gateway/security/limits.py, gateway/security/defences.py)
     allowed_origins: tuple = ()        # Origin allow-list: https://app.example.com, https://*.example.com, null, *
     trusted_proxies: tuple = ()        # addresses/CIDRs whose X-Forwarded-For / X-Real-IP are believed
@@ -442,6 +454,20 @@ def _problems(config: Config) -> list[tuple[str, str]]:
                  "write_buffer_high_bytes", "max_queue_bytes"):
         if getattr(config, name) < 1:
             out.append((name, "must be at least 1"))
+    if not 0 <= config.api_port <= 65535:
+        out.append(("api_port", f"{config.api_port} is not a TCP port (0-65535)"))
+    elif config.api_port and config.api_port in (config.port, config.metrics_port):
+        out.append(("api_port", "must differ from port and metrics_port (0 serves /api on the main port)"))
+    if not config.presence_ttl >= 1:
+        out.append(("presence_ttl", "must be at least 1 second"))
+    if config.join_leave_debounce < 0:
+        out.append(("join_leave_debounce", "must be >= 0 seconds"))
+    if config.presence_page_size < 1:
+        out.append(("presence_page_size", "must be at least 1"))
+    if config.max_connections_per_user < 0:
+        out.append(("max_connections_per_user", "must be >= 0 (0: unlimited)"))
+    if not config.revocation_ttl > 0:
+        out.append(("revocation_ttl", "must be positive"))
     if config.send_buffer_bytes < 0:
         out.append(("send_buffer_bytes", "must be >= 0 (0 keeps the kernel's autotuning)"))
     if config.slow_consumer_policy not in SLOW_CONSUMER_POLICIES:

@@ -56,6 +56,10 @@ class GatewayCloseCode(IntEnum):
     RATE_LIMITED = 4002         # you sent messages faster than the per-connection rate limit
     TOO_MANY_ERRORS = 4003      # too many invalid requests in a row (malformed JSON, unknown ops, ...)
     POLICY = 4004               # the server's policy closed you (e.g. an operator kicked the user)
+    DISCONNECTED = 4005         # the backend disconnected you (server API); reconnecting is fine
+    DISCONNECTED_FOR_GOOD = 4006  # the backend disconnected you and asks you NOT to reconnect
+    # Server API `disconnect` may also send its own code: 4005-4499 mean "you may reconnect",
+    # 4500-4999 "do not reconnect" (docs/api.md); SDKs act on the range.
 
 
 CLOSE_REASONS = {
@@ -64,4 +68,6 @@ CLOSE_REASONS = {
     GatewayCloseCode.RATE_LIMITED: "message rate limit exceeded",
     GatewayCloseCode.TOO_MANY_ERRORS: "too many invalid requests",
     GatewayCloseCode.POLICY: "closed by server policy",
+    GatewayCloseCode.DISCONNECTED: "disconnected by the server",
+    GatewayCloseCode.DISCONNECTED_FOR_GOOD: "disconnected by the server; do not reconnect",
 }

@@ -21,4 +21,13 @@ def create_broker(url: str, *, retention=None, max_history_bytes: int | None = N
     return RedisBroker(url, retention=retention, **redis_options)
 
 
-__all__ = ["Broker", "BrokerHandler", "BrokerUnavailable", "History", "Retention", "create_broker"]
+def create_presence(url: str, **options):
+    """The presence backend (broker.base.PresenceBackend) for the same `--broker` URL."""
+    if url in ("", "memory", "memory://"):
+        from gateway.broker.memory_presence import MemoryPresence
+        return MemoryPresence()
+    from gateway.broker.redis_presence import RedisPresence   # lazily, like the broker
+    return RedisPresence(url, **options)
+
+
+__all__ = ["Broker", "BrokerHandler", "BrokerUnavailable", "History", "Retention", "create_broker", "create_presence"]

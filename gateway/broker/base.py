@@ -166,3 +166,104 @@ class Broker(abc.ABC):
     def stats(self) -> dict:
         """Counters for metrics (publishes, errors, reconnects, ...)."""
         return {}
+
+
+# -- presence and cross-process commands (issue 16) -----------------------------------------
+#
+# A second, independent backend next to the Broker: who is in which room (user level, across
+# processes), the cluster's control channel (disconnect, unsubscribe, revoke, queries), the
+# per-user connection cap and the revocation list. Memory: gateway/broker/memory_presence.py;
+# Redis: gateway/broker/redis_presence.py (+ presence.lua). Both are created only when a
+# feature needs them, so a gateway without presence pays nothing on any path.
+
+#: One presence operation of a batch: ("a", conn_key, user, info_json, "") adds or refreshes a
+#: connection in a room, ("r", conn_key, "", "", "") removes it. `user` is the token's `sub`,
+#: or ANONYMOUS_PREFIX + conn_key for a connection without a user.
+PresenceOp = tuple
+
+#: Prefix of the user key of an anonymous connection: a control character, so no `sub` (auth
+#: refuses control characters in `sub`) can collide with it.
+ANONYMOUS_PREFIX = "\x1f"
+
+
+class PresenceHandler(Protocol):
+    def handle_presence_events(self, room: str, joins: list, leaves: list) -> None:
+        """User-level diffs for `room` decided by any process: joins [(user, info_json)],
+        leaves [user]. Called from the event loop, never inline with `update`."""
+
+    def handle_control(self, message: dict) -> None:
+        """A control-channel message (every process gets every message, its own included)."""
+
+    def handle_control_state(self, connected: bool) -> None:
+        """The control channel was (re)connected or lost: reload state that may have been missed."""
+
+
+@runtime_checkable
+class PresenceBackend(Protocol):
+    """Where presence, the control channel, per-user caps and revocations live.
+
+    Rooms are tracked by connection key (`<node>.<connection id>`); a user is "in" a room while
+    at least one of their connections is. The first connection in (count 0 -> 1) is a join,
+    the last one out (1 -> 0) a leave, decided atomically by the backend however many
+    processes race. With `events`, a leave is first recorded as pending (returned with a
+    token); `confirm_leaves` publishes it later unless the user came back meanwhile (debounce),
+    and a join that cancels a pending leave publishes nothing.
+    """
+
+    node: str          # this process's id (unique per process start)
+    connected: bool
+
+    async def start(self, handler: PresenceHandler, ttl: float) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def update(self, room: str, ops: list, events: bool, cleanup: bool = False) -> list:
+        """Apply `ops` atomically; return [(user, token)] of leaves now pending (events only).
+        `cleanup`: also drop connections whose TTL passed (a dead process's) and stale pending
+        leaves, publishing those leaves at once. Raises BrokerUnavailable."""
+
+    async def update_many(self, batch: list) -> list:
+        """[(room, ops, events, cleanup)] at once (Redis: one pipeline); per item its pending
+        leaves, or the BrokerUnavailable it met. Raises BrokerUnavailable if nothing got through."""
+
+    async def confirm_leaves(self, room: str, pending: list) -> None:
+        """Publish the leaves in `pending` [(user, token)] whose user did not come back."""
+
+    async def watch(self, room: str) -> None:
+        """Receive `room`'s presence events (handle_presence_events)."""
+
+    async def unwatch(self, room: str) -> None: ...
+
+    async def members(self, room: str, after: str, limit: int, clients: bool = False) -> tuple[list, str | None]:
+        """([(user, connections, info_json)], next cursor or None), users in code-point order;
+        with `clients`, each row also lists the user's connection keys (costs O(room))."""
+
+    async def counts(self, room: str) -> tuple[int, int]:
+        """(connections, users) present in `room`."""
+
+    async def send_control(self, message: dict) -> None:
+        """Publish a control message to every process (this one included)."""
+
+    async def register_node(self, info: dict) -> None:
+        """Announce this process (refreshed every heartbeat; gone after 3 missed ones)."""
+
+    async def nodes(self) -> list[dict]:
+        """The live processes' last announcements."""
+
+    async def acquire_user_slot(self, user: str, conn_key: str, limit: int) -> bool:
+        """Count `conn_key` towards `user`'s connections unless `limit` are already open."""
+
+    async def acquire_user_slots(self, requests: list) -> list:
+        """Many [(user, conn_key, limit)] at once (Redis: one pipeline); per request a bool or
+        the exception it met."""
+
+    async def release_user_slot(self, user: str, conn_key: str) -> None: ...
+
+    async def refresh_user_slots(self, slots: list) -> None:
+        """Keep [(user, conn_key)] of this process alive (heartbeat)."""
+
+    async def store_revocation(self, key: str, value: str, until: float) -> None:
+        """Persist one revocation (`jti:<id>` or `user:<sub>` -> value) until Unix time `until`."""
+
+    async def load_revocations(self) -> dict:
+        """Every unexpired revocation: {key: (value, until)}."""

@@ -157,7 +157,7 @@ METRICS: tuple[Metric, ...] = (
     M("connections_rejected", COUNTER, "gateway", "rejected",
       "HTTP requests / upgrades refused, by status or reason", ("reason",)),
     M("connections_closed_by_code", COUNTER, "gateway", "close_codes",
-      "WebSocket connections closed, by close code (codes outside RFC 6455/IANA and 4000-4004: other)", ("code",)),
+      "WebSocket connections closed, by close code (codes outside RFC 6455/IANA and the gateway's 4000-4006: other)", ("code",)),
     M("handshake_seconds", HISTOGRAM, "gateway", "handshake", "time from TCP accept to the 101 response"),
     M("http_errors", COUNTER, "gateway", "http_errors",
       "unexpected errors while handling a request before the 101, answered 400 (tracebacks at debug)"),
@@ -284,9 +284,15 @@ METRICS: tuple[Metric, ...] = (
     M("limits_refreshed", COUNTER, "limits", "refreshed", "accepted token refreshes"),
     M("limits_refresh_rejected", COUNTER, "limits", "refresh_rejected", "refused token refreshes"),
     M("limits_auth_rejected", COUNTER, "limits", "auth_rejected", "upgrades refused 401/400, by reason", ("reason",)),
+    M("limits_revoked", COUNTER, "limits", "revoked", "upgrades refused 401 and refreshes refused: token revoked"),
+    # -- the per-user connection cap (security/user_limit.py UserLimitStats) -------------------
+    M("user_limit_rejected", COUNTER, "user_limit", "rejected", "upgrades refused 429: max_connections_per_user"),
+    M("user_limit_unchecked", COUNTER, "user_limit", "unchecked",
+      "upgrades admitted without the per-user check (the presence backend was unavailable)"),
     # -- the backend API (api/methods.py ApiStats) ----------------------------------------------
-    M("api_published", COUNTER, "api", "published", "POST /api/publish requests published"),
-    M("api_rejected", COUNTER, "api", "rejected", "POST /api/publish requests refused, by reason", ("reason",)),
+    M("api_published", COUNTER, "api", "published", "publications made by the server API (publish, broadcast)"),
+    M("api_rejected", COUNTER, "api", "rejected", "server API requests refused, by reason", ("reason",)),
+    M("api_calls", COUNTER, "api", "calls", "server API calls answered 200, by method", ("method",)),
     M("api_history_reads", COUNTER, "api", "history_reads", "POST /api/history requests answered"),
     # -- Server-Sent Events (server/sse.py SseStats) --------------------------------------------
     M("sse_opened", COUNTER, "sse", "opened", "GET /sse streams started"),
@@ -315,6 +321,20 @@ METRICS: tuple[Metric, ...] = (
     M("webhook_delivery_lag_seconds", HISTOGRAM, "webhook", "lag", "event time -> the backend acknowledged it"),
     M("webhook_tracking_dropped", COUNTER, "webhook", "tracking_dropped",
       "user/room transitions not reported: queued past 100,000 while Redis was down"),
+    # -- presence and join/leave events (rooms/presence.py PresenceStats, PresenceTracker) -------
+    M("presence_updates", COUNTER, "presence", "updates", "room updates sent to the presence backend"),
+    M("presence_update_errors", COUNTER, "presence", "update_errors", "room updates the presence backend refused"),
+    M("presence_diffs_sent", COUNTER, "presence", "diffs_sent", "presence_diff frames built (one per room per pass)"),
+    M("presence_joins_received", COUNTER, "presence", "joins_received", "user joins received for local rooms"),
+    M("presence_leaves_received", COUNTER, "presence", "leaves_received", "user leaves received for local rooms"),
+    M("presence_queries", COUNTER, "presence", "queries", "presence and presence_stats queries (/ws and API)"),
+    M("presence_heartbeats", COUNTER, "presence", "heartbeats", "presence heartbeats (every presence_ttl / 3)"),
+    M("presence_leave_checks", COUNTER, "presence", "leave_checks",
+      "pending leaves checked after the debounce (published, or cancelled by a return)"),
+    M("presence_pending_leaves", GAUGE, "presence", "pending_leaves", "leaves waiting out join_leave_debounce"),
+    M("presence_tracked_rooms", GAUGE, "presence_state", "tracked_rooms", "rooms with presence tracked here"),
+    M("presence_tracked_connections", GAUGE, "presence_state", "tracked_connections",
+      "memberships with presence tracked here"),
 )
 del M
 

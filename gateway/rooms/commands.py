@@ -27,6 +27,10 @@ client -> server (each may carry "id", a string or an integer; the server then a
                                             if it has one): a liveness probe a browser can
                                             see; WebSocket pings are answered by browsers
                                             without telling the page's script
+    {"op":"presence","room":R,"after":U,"limit":N}   who is in R (rooms with presence on; the
+                                            ack carries "members" and "next": the cursor of
+                                            the next page, or null). "after"/"limit" optional
+    {"op":"presence_stats","room":R}        the ack carries "connections" and "users"
 
 server -> client:
 
@@ -38,18 +42,24 @@ server -> client:
                                                  came before cannot be recovered; continue from (E, N)
     {"op":"ack","id":I}  /  {"op":"error","id":I,"code":C,"message":M}
     {"op":"pong"}                                the answer to a ping
+    {"op":"presence_diff","room":R,"joins":[{"user":U,"info":X}],"leaves":[{"user":U}]}
+                                                 users who came / went (rooms with join_leave
+                                                 on); anonymous ones as {"user":null,"client":C}
+    {"op":"unsubscribed","room":R,"reason":T}    the server removed you from R (server API)
 
 Error codes (stable: clients may switch on them; "message" is for humans):
 
     bad_json            the frame is not a JSON object (or, with msgpack, not a msgpack map);
                         binary frames without the msgpack subprotocol also get this
     bad_request         a field is missing or has the wrong type ("message" names it)
-    unknown_op          "op" is none of join, leave, publish, refresh, ping
+    unknown_op          "op" is none of join, leave, publish, refresh, ping, presence, presence_stats
     bad_room            the room name is empty or contains control characters
     room_name_too_long  the room name has more than max_room_name_bytes UTF-8 bytes
     too_many_rooms      the join would exceed max_rooms_per_connection
     not_member          leave of a room this connection has not joined
-    forbidden           the authenticated principal may not join / publish to this room
+    forbidden           the authenticated principal may not join / publish to / see the
+                        presence of this room
+    presence_disabled   presence / presence_stats for a room no presence rule enables
     unauthorized        refresh: the new token was rejected
     unsupported         refresh on a server without an auth layer
     broker_unavailable  the broker cannot take the request now (retry later)
@@ -78,7 +88,7 @@ MSGPACK_SUBPROTOCOL = "ws-gateway.msgpack"
 # Client-fault codes: they count towards max_consecutive_errors.
 CLIENT_ERRORS = frozenset({
     "bad_json", "bad_request", "unknown_op", "bad_room", "room_name_too_long", "too_many_rooms",
-    "not_member", "forbidden", "unauthorized", "unsupported",
+    "not_member", "forbidden", "unauthorized", "unsupported", "presence_disabled",
 })
 
 MAX_ID_CHARS = 128          # an "id" is echoed back: keep it small
@@ -100,9 +110,10 @@ class CommandError(Exception):
 class Command:
     """One validated client request. `data` (publish) is already-serialised JSON bytes."""
 
-    __slots__ = ("op", "id", "room", "data", "token", "since", "epoch", "last", "key")
+    __slots__ = ("op", "id", "room", "data", "token", "since", "epoch", "last", "key", "after", "limit")
 
-    def __init__(self, op: str, id=None, room: str = "", data: bytes = b"", token: str = "") -> None:
+    def __init__(self, op: str, id=None, room: str = "", data: bytes = b"", token: str = "", after: str = "",
+                 limit: int = 0) -> None:
         self.op = op
         self.id = id
         self.room = room
@@ -112,6 +123,8 @@ class Command:
         self.epoch: str | None = None   # ... of this epoch
         self.last = False               # join: the most recent message only
         self.key: str | None = None     # publish: idempotency key
+        self.after = after          # presence: the cursor ("next" of the previous page)
+        self.limit = limit          # presence: page size wanted (0: the server's)
 
     def __repr__(self) -> str:  # for test failures; never logs data or tokens
         return f"Command({self.op!r}, id={self.id!r}, room={self.room!r})"
@@ -181,8 +194,9 @@ def serialize_data(value, id=None) -> bytes:
 
 # The fields each op needs; any other field is ignored (forward compatible), except that a
 # missing field's error names an unknown one that looks like a typo of it ("rom" -> "room").
-FIELDS = {"publish": ("room", "data"), "join": ("room",), "leave": ("room",), "refresh": ("token",), "ping": ()}
-_KNOWN = frozenset({"op", "id", "since", "last", "idempotency_key"}).union(*FIELDS.values())   # optional ones too
+FIELDS = {"publish": ("room", "data"), "join": ("room",), "leave": ("room",), "refresh": ("token",), "ping": (),
+          "presence": ("room",), "presence_stats": ("room",)}
+_KNOWN = frozenset({"op", "id", "since", "last", "idempotency_key", "after", "limit"}).union(*FIELDS.values())   # optional ones too
 
 
 def require_fields(obj: dict, op: str, rid=None) -> None:
@@ -254,7 +268,19 @@ def parse(obj: dict, max_room_name_bytes: int) -> Command:
         return Command("refresh", rid, token=token)
     if op == "ping":
         return Command("ping", rid)
-    raise CommandError("unknown_op", f"unknown op {op[:40]!r}; expected join, leave, publish, refresh or ping", rid)
+    if op == "presence" or op == "presence_stats":
+        require_fields(obj, op, rid)
+        room = validate_room(obj["room"], max_room_name_bytes, rid)
+        after, limit = obj.get("after", ""), obj.get("limit", 0)
+        if after is None:
+            after = ""
+        if not isinstance(after, str) or len(after) > 512:
+            raise CommandError("bad_request", "\"after\" must be a string (the \"next\" of the previous page)", rid)
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+            raise CommandError("bad_request", "\"limit\" must be a non-negative integer", rid)
+        return Command(op, rid, room, after=after, limit=limit)
+    raise CommandError("unknown_op", f"unknown op {op[:40]!r}; expected join, leave, publish, refresh, ping, "
+                                     "presence or presence_stats", rid)
 
 
 def idempotency_key(value, rid=None) -> str:
@@ -304,6 +330,10 @@ def pong(rid=None) -> dict:
 
 def dropped(room: str, count: int) -> dict:
     return {"op": "dropped", "room": room, "count": count}
+
+
+def unsubscribed(room: str, reason: str) -> dict:
+    return {"op": "unsubscribed", "room": room, "reason": reason}
 
 
 def encode_json(doc: dict) -> bytes:

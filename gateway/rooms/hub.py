@@ -964,6 +964,29 @@ class Hub:
                 log.exception("member delivery failed; removing the member", extra={"room": room.name})
                 self.leave_all(member)
 
+    def broadcast_local(self, name: str, doc: dict) -> int:
+        """One server event (e.g. a presence diff) to this process's members of `name`.
+
+        Encoded once per encoding, the same frame for every member (compressed members get
+        it uncompressed: RFC 7692 section 6 lets a message go without RSV1), through each
+        member's slow-consumer path like any broadcast. Returns the members reached.
+        """
+        room = self.rooms.get(name)
+        if room is None:
+            return 0
+        reached = 0
+        if room.members or room.z_members:
+            frame = encode_frame(OP_TEXT, commands.encode_json(doc))
+            for members in (room.members, *room.z_members.values()):
+                if members:
+                    reached += len(members)
+                    self._deliver(room, members, [frame], frame)
+        if room.mp_members:
+            frame = encode_frame(OP_BINARY, commands.encode_msgpack(doc))
+            reached += len(room.mp_members)
+            self._deliver(room, room.mp_members, [frame], frame)
+        return reached
+
     def _deliver(self, room: Room, members: dict, frames: list, batch: bytes) -> None:
         # A copy: deliver() may make a member leave (slow-consumer disconnect).
         targets = tuple(members)

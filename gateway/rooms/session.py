@@ -161,6 +161,9 @@ class RoomsEndpoint:
         # client_published webhooks (api/webhooks.py): (conn, room, data) -> None, or None.
         self.on_published = None
         self.publish_hooked = False      # either of the two above: one test per publish
+        # presence.PresenceTracker when some room pattern enables presence or join/leave
+        # events; None otherwise, and then joins and leaves pay one attribute test.
+        self.presence = None
 
     # -- endpoint interface -----------------------------------------------------------------
 
@@ -247,6 +250,8 @@ class RoomsEndpoint:
         session.closed = True
         self.sessions -= 1
         self.hub.leave_all(session)
+        if self.presence is not None:
+            self.presence.left_all(session)
         if session.queue is not None:
             session.queue.clear()
             session.queue = None
@@ -304,6 +309,8 @@ class RoomsEndpoint:
             self.stats.leaves += 1
             if not self.hub.leave(session, cmd.room):
                 raise CommandError("not_member", f"not a member of {cmd.room!r}", cmd.id)
+            if self.presence is not None:
+                self.presence.left(session, cmd.room)
             self._ack(session, cmd)
             return None
         if op == "ping":
@@ -311,7 +318,9 @@ class RoomsEndpoint:
             self.stats.pings += 1
             session.reply(commands.pong(cmd.id))
             return None
-        return self._refresh(session, cmd)
+        if op == "refresh":
+            return self._refresh(session, cmd)
+        return self._presence_query(session, cmd)
 
     def _ack(self, session: Session, cmd, seq=None) -> None:
         if cmd.id is not None:
@@ -395,6 +404,8 @@ class RoomsEndpoint:
             position = hub.position(room)   # joining twice is harmless
             if cmd.id is not None:
                 session.reply(commands.join_ack(cmd.id, *position) if position else commands.ack(cmd.id))
+        if joined and self.presence is not None:
+            self.presence.joined(session, room)
         return None
 
     def _join_ack(self, session: Session, cmd, seq: int, epoch: str, recovered) -> None:
@@ -420,6 +431,43 @@ class RoomsEndpoint:
         if joined is False and cmd.id is not None:
             position = self.hub.position(cmd.room)
             session.reply(commands.join_ack(cmd.id, *position) if position else commands.ack(cmd.id))
+        if joined and self.presence is not None:
+            self.presence.joined(session, cmd.room)
+
+    def force_leave(self, session: Session, room: str, reason: str) -> bool:
+        """The server API's `unsubscribe`: out of `room`, and told so."""
+        if session.closed or not self.hub.leave(session, room):
+            return False
+        if self.presence is not None:
+            self.presence.left(session, room)
+        session.reply(commands.unsubscribed(room, reason))
+        session.conn.flush()
+        return True
+
+    def _presence_query(self, session: Session, cmd):
+        tracker = self.presence
+        rule = tracker.rule_for(cmd.room) if tracker is not None else None
+        if rule is None or not rule.presence:
+            raise CommandError("presence_disabled", f"presence is not enabled for {cmd.room!r}", cmd.id)
+        principal = session.conn.principal
+        if principal is not None and not principal.can_see_presence(cmd.room):
+            raise CommandError("forbidden", f"not allowed to see who is in {cmd.room!r}", cmd.id)
+        return self._presence_async(session, cmd, tracker)
+
+    async def _presence_async(self, session: Session, cmd, tracker) -> None:
+        doc = {"op": "ack"}
+        if cmd.id is not None:
+            doc["id"] = cmd.id
+        doc["room"] = cmd.room
+        try:
+            if cmd.op == "presence":
+                doc["members"], doc["next"] = await tracker.members(cmd.room, cmd.after, cmd.limit or None)
+            else:
+                doc.update(await tracker.counts(cmd.room))
+        except BrokerUnavailable as exc:
+            raise CommandError("broker_unavailable", f"presence unavailable now: {exc}"[:200], cmd.id) from None
+        if not session.closed:
+            session.reply(doc)
 
     def _refresh(self, session: Session, cmd):
         self.stats.refreshes += 1

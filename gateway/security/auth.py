@@ -22,6 +22,10 @@ Claim defaults (documented in docs/security.md):
 - `publish` absent -> the token's `rooms` patterns when it has a `rooms` claim, else the
   configured `default_publish` (default `*`). A token limited to some rooms therefore never
   gains the right to publish elsewhere by omission.
+- `presence` absent -> the token's join patterns: whoever may join a room may see who is in
+  it (`{"op":"presence"}` / `presence_stats`, where the room's rule enables presence). A
+  `presence` claim (patterns, possibly `[]`) narrows or widens that, e.g. a lobby page that
+  lists a room's members without joining it.
 """
 from __future__ import annotations
 
@@ -90,20 +94,26 @@ class Principal:
     rooms: tuple[str, ...] = ("*",)
     publish: tuple[str, ...] = ("*",)
     claims: dict = field(default_factory=dict, repr=False)
+    presence: tuple[str, ...] | None = None      # None: the join patterns (see the module docstring)
     _can_join: Callable = field(default=None, repr=False)
     _can_publish: Callable = field(default=None, repr=False)
+    _can_presence: Callable = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.rooms = tuple(self.rooms)
         self.publish = tuple(self.publish)
         self._can_join = _matcher(self.rooms)
         self._can_publish = _matcher(self.publish)
+        self._can_presence = self._can_join if self.presence is None else _matcher(tuple(self.presence))
 
     def can_join(self, room: str) -> bool:
         return self._can_join(room)
 
     def can_publish(self, room: str) -> bool:
         return self._can_publish(room)
+
+    def can_see_presence(self, room: str) -> bool:
+        return self._can_presence(room)
 
     @property
     def grants_anything(self) -> bool:
@@ -113,7 +123,9 @@ class Principal:
         """Take a refreshed token's expiry and permissions, in place (the session holds this object)."""
         self.expires_at = other.expires_at
         self.rooms, self.publish, self.claims = other.rooms, other.publish, other.claims
+        self.presence = other.presence
         self._can_join, self._can_publish = other._can_join, other._can_publish
+        self._can_presence = other._can_presence
 
 
 # -- key material -----------------------------------------------------------------------------
@@ -295,7 +307,9 @@ class Authenticator:
             rooms = self.default_rooms
         if publish is None:
             publish = rooms if "rooms" in claims else self.default_publish
-        return Principal(user=sub, expires_at=float(claims["exp"]), rooms=rooms, publish=publish, claims=claims)
+        presence = _patterns(claims, "presence")
+        return Principal(user=sub, expires_at=float(claims["exp"]), rooms=rooms, publish=publish, claims=claims,
+                         presence=presence)
 
     def refresh(self, current: Principal, token: str) -> Principal:
         """Verify a replacement token for a live connection: same `sub`, later `exp`.

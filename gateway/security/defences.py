@@ -26,6 +26,7 @@ import math
 import time
 
 from gateway.security import auth as auth_mod
+from gateway.security.revocation import RevocationList
 from gateway.errors import CLOSE_REASONS, ConfigError, GatewayCloseCode, HandshakeRejected
 from gateway.security.limits import ClientAddress, ConnectionCounter, OriginPolicy, TokenBucket, ip_key
 
@@ -47,6 +48,7 @@ class DefenceStats:
         self.refreshed = 0             # accepted {"op":"refresh"}
         self.refresh_rejected = 0
         self.auth_rejected: collections.Counter = collections.Counter()   # 401/400 by reason
+        self.revoked = 0               # 401: token revoked (handshake) or refresh refused for it
 
 
 def _list(value) -> tuple[str, ...]:
@@ -73,6 +75,9 @@ class Defences:
         if self.rate < 0 or self.burst < 1:
             raise ConfigError("rate_limit must be >= 0 and rate_limit_burst >= 1")
         self.stats = DefenceStats()
+        # Revoked tokens (revocation.py): filled by the server API / control channel; while
+        # empty the handshake pays one truth test.
+        self.revocations = RevocationList()
         self._leeway = self.auth.leeway if self.auth else 0.0
         self._wheel: dict[int, set] = {}          # expiry second -> connections
         self._wheel_next = int(time.time())
@@ -165,6 +170,12 @@ class Defences:
             if not principal.grants_anything:
                 stats.forbidden += 1
                 raise HandshakeRejected(403, "token grants no rooms (empty rooms and publish claims)")
+            if self.revocations:
+                reason = self.revocations.check(principal)
+                if reason is not None:
+                    stats.revoked += 1
+                    error = auth_mod.TokenRejected(reason)
+                    raise HandshakeRejected(401, reason, {"WWW-Authenticate": self.auth.challenge(error)})
             conn.principal = principal
 
         if self.rate > 0:
@@ -235,6 +246,14 @@ class Defences:
         if not new.grants_anything:
             self.stats.refresh_rejected += 1
             raise auth_mod.TokenRejected("token grants no rooms")
+        if self.revocations:
+            reason = self.revocations.check(new)
+            if reason is not None:
+                self.stats.refresh_rejected += 1
+                self.stats.revoked += 1
+                log.info("token refresh rejected", extra={"event": "refresh_rejected", "conn": conn.id,
+                                                          "user": conn.user, "reason": reason})
+                raise auth_mod.TokenRejected(reason)
         old_slot = self._slot(current.expires_at) if current.expires_at is not None else None
         if old_slot is not None and old_slot in self._wheel:
             self._wheel[old_slot].discard(conn)

@@ -37,6 +37,16 @@ log = logging.getLogger("gateway.server.connection")
 lifecycle = LifecycleLog("gateway.server.connection")   # open/close/reject lines, once per connection
 
 
+def _http_handler(site, path: str):
+    """The HTTP route for `path`: an exact route, else the first matching prefix route (/api/)."""
+    handler = site.http_routes.get(path)
+    if handler is None:
+        for prefix, candidate in site.http_prefixes.items():
+            if path.startswith(prefix):
+                return candidate
+    return handler
+
+
 def _retrieve(task: asyncio.Task) -> None:
     if not task.cancelled():
         task.exception()
@@ -241,7 +251,7 @@ class Connection(WebSocketStream, asyncio.Protocol):
         if stream is not None:
             self._stream(request, stream)
             return
-        if request.path not in gw.http_routes:
+        if _http_handler(gw, request.path) is None:
             # A browser asks for /favicon.ico by itself (the demo page, a dashboard): nothing an
             # operator can act on, so not an INFO line per page load.
             raise HandshakeRejected(404, f"no endpoint at {request.path[:100]}", quiet=request.path == "/favicon.ico")
@@ -263,7 +273,7 @@ class Connection(WebSocketStream, asyncio.Protocol):
         self._head = bytearray()
         request = self.request
         try:
-            result = self.gateway.http_routes[request.path](request, body)
+            result = _http_handler(self.gateway, request.path)(request, body)
         except HandshakeRejected as exc:
             self._reject(exc)
             return

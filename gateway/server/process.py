@@ -96,6 +96,11 @@ class Gateway:
         self.http_routes = {"/healthz": self._healthz, "/readyz": self._readyz}
         # Long-lived HTTP responses (Server-Sent Events): path -> endpoint with prepare/on_open/...
         self.stream_routes: dict[str, object] = {}
+        # Routes by path prefix (the server API: /api/<method>), tried after the exact ones.
+        self.http_prefixes: dict = {}
+        self.listed_routes: list = []      # paths a prefix route serves, for the listening line
+        self.api_routes: dict = {}         # prefix routes of the private api_port listener
+        self._api_server: asyncio.AbstractServer | None = None
         self.metrics = Metrics(self, self.loop)
         # Unexpected exceptions before the 101 (connection.py): one WARNING per 10 s at most.
         self.http_error_log = logs.RateLimitedLog(logging.getLogger("gateway.server.connection"), interval=10.0)
@@ -155,8 +160,9 @@ class Gateway:
         self._ids = itertools.count(index + 1, max(1, count))
 
     def routes(self) -> list[str]:
-        """Every path this listener answers: WebSocket endpoints and HTTP routes."""
-        return sorted(set(self.endpoints) | set(self.http_routes))
+        """Every path this listener answers: WebSocket endpoints, HTTP routes and the paths
+        served by prefix routes (the server API's methods, `listed_routes`)."""
+        return sorted(set(self.endpoints) | set(self.http_routes) | set(self.listed_routes))
 
     @property
     def clock(self) -> float:
@@ -252,6 +258,8 @@ class Gateway:
         self._servers.append(server)
         if self.config.metrics_port and self._metrics_server is None:
             await self._start_metrics_listener()
+        if getattr(self.config, "api_port", 0) and self._api_server is None and self.api_routes:
+            await self._start_api_listener()
         self._schedule_sweep()
         self.metrics.start()
         self.ready = True
@@ -265,6 +273,22 @@ class Gateway:
         sock = listen_socket(self.config.metrics_host, self.config.metrics_port + self.worker_index,
                              self.config.backlog, reuse_port=False, what="metrics_port")
         self._metrics_server = await self.loop.create_server(lambda: Connection(site), sock=sock)
+
+    async def _start_api_listener(self) -> None:
+        """The server API (/api/*) on a private port only. Workers share it like the main port
+        (SO_REUSEPORT only then): any process can serve any method, the cross-process ones go
+        over the control channel."""
+        c = self.config
+        site = _PrivateSite(self, {"/healthz": self._healthz}, dict(self.api_routes))
+        sock = listen_socket(c.api_host, c.api_port, c.backlog, reuse_port=c.workers > 1 or c.reuse_port,
+                             what="api_port")
+        self._api_server = await self.loop.create_server(lambda: Connection(site), sock=sock)
+
+    @property
+    def api_port(self) -> int | None:
+        if self._api_server is None:
+            return None
+        return self._api_server.sockets[0].getsockname()[1]
 
     @property
     def metrics_port(self) -> int | None:
@@ -397,6 +421,9 @@ class Gateway:
         if self._metrics_server is not None:
             self._metrics_server.close()
             self._metrics_server = None
+        if self._api_server is not None:
+            self._api_server.close()
+            self._api_server = None
 
     def reload(self) -> set[str]:
         """SIGHUP: apply the reloadable part of a fresh configuration; return the fields applied."""
@@ -551,13 +578,14 @@ class _PrivateSite:
     Its own Stats, so scrapes do not count as client traffic; no endpoints, so no upgrades.
     """
 
-    def __init__(self, gateway: Gateway, routes: dict) -> None:
+    def __init__(self, gateway: Gateway, routes: dict, prefixes: dict | None = None) -> None:
         self.gateway = gateway
         self.loop = gateway.loop
         self.stats = Stats()
         self.endpoints: dict = {}
         self.http_routes = routes
         self.stream_routes: dict = {}
+        self.http_prefixes = prefixes or {}
         self.corker = gateway.corker
         self.handshaking = gateway.handshaking   # expired by the gateway's sweep
         self.http_error_log = gateway.http_error_log

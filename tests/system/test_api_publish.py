@@ -104,7 +104,7 @@ def test_api_off_without_keys_and_oversized_body(run):
         async with serve() as gw:
             status, _, body = await post(gw, {"room": "r", "data": 1})
             assert status == 404 and orjson.loads(body) == {"ok": False, "error": "api_off",
-                                                            "detail": "the publish API is off: configure api_keys"}
+                                                            "detail": "the server API is off: configure api_keys"}
         async with serve(api_keys=KEY, max_message_bytes=1000) as gw:
             status, _, _ = await post(gw, {"room": "r", "data": "x" * 2000})
             assert status == 413

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import re
+import time
 import urllib.error
 import urllib.request
 
@@ -282,6 +283,13 @@ def test_workers_share_one_port_and_one_redis(run, redis_for_cluster):
     room = new_room("workers")
     channel = f"ws:{{{room}}}"
     with GatewayProcess("--broker", redis_for_cluster.url, "--workers", "2", "--rate-limit", "0") as gw:
+        # /healthz answers as soon as ONE worker listens; on a loaded machine the other may
+        # start listening a second later, and every connection made meanwhile lands on the first.
+        for _ in range(600):
+            if gw.output().count('"event":"listen"') >= 2:
+                break
+            time.sleep(0.05)
+
         async def main():
             clients = []
             try:

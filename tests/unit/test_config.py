@@ -117,7 +117,8 @@ def test_room_policy_errors_name_the_rule_and_the_line(tmp_path):
         f"{path}:6: rooms.policy[1].policy: 'latst' is not one of disconnect, drop_oldest, drop_newest, latest "
         "(did you mean 'latest'?)",
         f"{path}:7: rooms.policy[1].max_queue_bytes: expected an integer, got the string 'big'",
-        f"{path}:8: rooms.policy[1].colour: unknown key; a rule has pattern, policy, max_queue_bytes, history_size, history_ttl",
+        f"{path}:8: rooms.policy[1].colour: unknown key; a rule has pattern, policy, max_queue_bytes, history_size, "
+        "history_ttl, presence, join_leave",
     ]
 
 

@@ -17,6 +17,7 @@ from tests.auth_tokens import SECRET, hs256
 from tests.helpers import ROOT, raw_request, serve
 
 GOLDEN = [
+    'ws_gateway_api_calls_total counter method',
     'ws_gateway_api_history_reads_total counter',
     'ws_gateway_api_published_total counter',
     'ws_gateway_api_rejected_total counter reason',
@@ -108,10 +109,22 @@ GOLDEN = [
     'ws_gateway_limits_rate_limited_total counter',
     'ws_gateway_limits_refresh_rejected_total counter',
     'ws_gateway_limits_refreshed_total counter',
+    'ws_gateway_limits_revoked_total counter',
     'ws_gateway_limits_token_expired_total counter',
     'ws_gateway_max_connections gauge',
     'ws_gateway_messages_in_total counter',
     'ws_gateway_paused_connections gauge',
+    'ws_gateway_presence_diffs_sent_total counter',
+    'ws_gateway_presence_heartbeats_total counter',
+    'ws_gateway_presence_joins_received_total counter',
+    'ws_gateway_presence_leave_checks_total counter',
+    'ws_gateway_presence_leaves_received_total counter',
+    'ws_gateway_presence_pending_leaves gauge',
+    'ws_gateway_presence_queries_total counter',
+    'ws_gateway_presence_tracked_connections gauge',
+    'ws_gateway_presence_tracked_rooms gauge',
+    'ws_gateway_presence_update_errors_total counter',
+    'ws_gateway_presence_updates_total counter',
     'ws_gateway_proxy_breaker_open gauge hook',
     'ws_gateway_proxy_breaker_opened_total counter hook',
     'ws_gateway_proxy_calls_total counter hook',
@@ -135,6 +148,8 @@ GOLDEN = [
     'ws_gateway_sse_resumed_total counter',
     'ws_gateway_sse_slow_disconnects_total counter',
     'ws_gateway_transport_buffer_bytes gauge',
+    'ws_gateway_user_limit_rejected_total counter',
+    'ws_gateway_user_limit_unchecked_total counter',
     'ws_gateway_webhook_backend_errors_total counter',
     'ws_gateway_webhook_batches_total counter',
     'ws_gateway_webhook_claimed_total counter',
@@ -197,6 +212,8 @@ async def _traffic_and_scrape(gw) -> str:
         await ws.recv()
     await raw_request(gw.port, b"GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n")   # connections_rejected{reason}
     await raw_request(gw.port, b"POST /api/publish HTTP/1.1\r\nHost: x\r\n\r\n")   # api_rejected{reason}
+    await raw_request(gw.port, b"POST /api/info HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + b"k" * 32
+                      + b"\r\n\r\n")                                                # api_calls{method}
     await raw_request(gw.port, b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                                b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
     while gw.stats.closed < 1:

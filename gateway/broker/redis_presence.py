@@ -19,6 +19,9 @@ with skewed clocks agree on who is alive. A process refreshes its entries every 
 process's heartbeat, a presence query) removes them and publishes their leaves: they are gone
 within the TTL.
 
+Sentinel. `redis+sentinel://` URLs get redis-py's Sentinel clients (master_for: the primary is
+found again after a failover) and the redis-py script calls instead of the fast pipe.
+
 Cluster. The command client is a RedisCluster for `redis+cluster://` URLs (every script's
 keys share a slot); the reader uses classic SUBSCRIBE on one node, which receives every
 PUBLISH of the cluster (classic pub/sub is broadcast). Presence events are rare next to
@@ -81,6 +84,20 @@ def _client(url: str, timeout: float, reader: bool = False):
     reader is a plain client on that node (classic pub/sub reaches every node)."""
     parsed = broker_url.parse(url)
     first = parsed.nodes[0]
+    if parsed.sentinel:
+        # The primary the sentinels name, found again after a failover (redis-py's Sentinel).
+        from redis.asyncio.sentinel import Sentinel
+        node = parse_url(first)
+        for key in ("host", "port", "connection_class"):
+            node.pop(key, None)
+        if parsed.tls:
+            node["ssl"] = True
+        asked = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
+        if parsed.params.get("sentinel_password"):
+            asked["password"] = parsed.params["sentinel_password"]
+        sentinel = Sentinel(list(parsed.sentinels), sentinel_kwargs=asked)
+        return sentinel.master_for(parsed.service, socket_timeout=None if reader else timeout,
+                                   socket_connect_timeout=timeout, **node)
     if reader:   # no read timeout: the reader waits for messages indefinitely
         return aioredis.Redis.from_url(first, socket_connect_timeout=timeout)
     if parsed.cluster:
@@ -235,7 +252,8 @@ class RedisPresence:
         self._scripts = {name: self._cmd.register_script(body) for name, body in bodies.items()}
         self._bodies = {name: (hashlib.sha1(body.encode()).hexdigest().encode(), body.encode())
                         for name, body in bodies.items()}
-        if not broker_url.parse(self.url).cluster:
+        parsed = broker_url.parse(self.url)
+        if not parsed.cluster and not parsed.sentinel:   # the pipe holds one fixed address
             self._pipe = _ScriptPipe(self.url, self.timeout)
         ready = asyncio.get_running_loop().create_future()
         self._reader = asyncio.get_running_loop().create_task(self._read_loop(ready))

@@ -14,7 +14,7 @@ import pytest
 from gateway.broker.base import ANONYMOUS_PREFIX, BrokerUnavailable, PresenceBackend
 from gateway.broker.memory_presence import MemoryPresence
 from gateway.broker.redis_presence import RedisPresence
-from tests.redis_server import REDIS_SERVER, RedisServer, redis_cluster, redis_server  # noqa: F401 - fixtures
+from tests.redis_server import REDIS_SERVER, RedisSentinels, RedisServer, redis_cluster, redis_server  # noqa: F401
 
 pytestmark = [pytest.mark.timeout(60),
               pytest.mark.skipif(not os.path.exists(REDIS_SERVER), reason="needs redis-server")]
@@ -51,7 +51,7 @@ class Handler:
 async def backend(kind, server=None, prefix=None, ttl=30.0, debounce=3.0):
     if kind == "memory":
         b = MemoryPresence()
-    elif kind == "cluster":
+    elif kind in ("cluster", "sentinel"):
         b = RedisPresence(server.url, prefix=prefix or f"t{uuid.uuid4().hex[:6]}:", debounce=debounce, timeout=2.0)
     else:
         b = RedisPresence(server.url, prefix=prefix or f"t{uuid.uuid4().hex[:6]}:", debounce=debounce, timeout=2.0)
@@ -82,11 +82,15 @@ def server_for(request):
             class Url:
                 url = cluster.url
             return Url
+        if kind == "sentinel":
+            sentinels = RedisSentinels().start()
+            request.addfinalizer(sentinels.close)
+            return sentinels
         return request.getfixturevalue("redis_server") if kind == "redis" else None
     return get
 
 
-@pytest.mark.parametrize("kind", ["memory", "redis", "cluster"])
+@pytest.mark.parametrize("kind", ["memory", "redis", "cluster", "sentinel"])
 def test_contract(run, kind, server_for):
     async def main():
         async with backend(kind, server_for(kind)) as b:
